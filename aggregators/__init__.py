@@ -1,0 +1,1 @@
+"""Differentially private `tff.aggregators` factories, one module each."""

@@ -1,0 +1,138 @@
+"""Execution contexts whose TFF worker processes are owned and always stopped.
+
+TFF's own local C++ context starts `worker_binary` lazily and stops it only in
+a `__del__`, which often does not run at interpreter exit: the worker then
+lives on as an orphan (~200 MB), and because it inherits the caller's stdout it
+also holds a `| grep` pipeline open. Here the worker is started by us, its
+output goes to a log file, it is stopped on context exit and at interpreter
+exit, and on Linux the kernel kills it if our process dies without cleaning up
+(PR_SET_PDEATHSIG).
+"""
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator, Optional
+
+import grpc
+import portpicker
+import tensorflow_federated as tff
+# The compiler and argument transforms that TFF's own local context uses; they
+# are not exported at the top level.
+from tensorflow_federated.python.core.backends.native import compiler as native_compiler
+from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+
+_WORKER_BINARY = os.path.join(
+    os.path.dirname(tff.__file__), 'data', 'worker_binary'
+)
+_STARTUP_TIMEOUT_SECONDS = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+  if sys.platform.startswith('linux'):
+    libc = ctypes.CDLL('libc.so.6', use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class LocalWorker:
+  """One `worker_binary` process serving TFF's C++ runtime on localhost."""
+
+  def __init__(self, max_concurrent_computation_calls: int = -1):
+    if not os.path.isfile(_WORKER_BINARY):
+      raise RuntimeError(
+          f'TFF worker binary not found at {_WORKER_BINARY}; reinstall '
+          'tensorflow-federated (see BUILD.md).'
+      )
+    self.port = portpicker.pick_unused_port()
+    self.log_path = os.path.join(
+        tempfile.gettempdir(), f'dp_fedavg_worker_{os.getpid()}_{self.port}.log'
+    )
+    with open(self.log_path, 'wb') as log:
+      self._process = subprocess.Popen(
+          [
+              _WORKER_BINARY,
+              f'--port={self.port}',
+              f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
+          ],
+          stdin=subprocess.DEVNULL,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          preexec_fn=_die_with_parent,
+      )
+    atexit.register(self.stop)
+    channel = grpc.insecure_channel(
+        f'localhost:{self.port}',
+        options=[('grpc.max_receive_message_length', -1),
+                 ('grpc.max_send_message_length', -1)],
+    )
+    self.stub = tff.framework.RemoteExecutorGrpcStub(channel)
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
+    while not self.stub.is_ready:
+      if self._process.poll() is not None or time.monotonic() > deadline:
+        self.stop()
+        raise RuntimeError(
+            f'TFF worker on port {self.port} did not start; see {self.log_path}'
+        )
+      time.sleep(0.05)
+
+  @property
+  def pid(self) -> int:
+    return self._process.pid
+
+  def stop(self) -> None:
+    if self._process.poll() is None:
+      self._process.send_signal(signal.SIGINT)
+      try:
+        self._process.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        self._process.kill()
+        self._process.wait()
+    atexit.unregister(self.stop)
+
+
+def _context_for(worker: LocalWorker) -> tff.framework.SyncExecutionContext:
+  def stack_fn(cardinalities):
+    # Computations with no CLIENTS-placed argument (initialize) still need a
+    # clients cardinality on the worker; TFF's local context uses 0 too.
+    cardinalities.setdefault(tff.CLIENTS, 0)
+    executor = tff.framework.RemoteExecutor(worker.stub)
+    executor.set_cardinalities(cardinalities)
+    return executor
+
+  return tff.framework.SyncExecutionContext(
+      executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
+      compiler_fn=native_compiler.desugar_and_transform_to_native,
+      transform_args=tensorflow_computation.transform_args,
+      transform_result=tensorflow_computation.transform_result,
+  )
+
+
+@contextlib.contextmanager
+def local_execution(
+    max_concurrent_computation_calls: int = -1,
+) -> Iterator[LocalWorker]:
+  """Runs TFF computations in a local worker for the duration of the block.
+
+  Args:
+    max_concurrent_computation_calls: passed to the worker; nonpositive means
+      no limit.
+
+  Yields:
+    The running `LocalWorker`; it is stopped when the block exits.
+  """
+  worker = LocalWorker(max_concurrent_computation_calls)
+  context_stack = tff.framework.get_context_stack()
+  previous: Optional[object] = context_stack.current
+  context_stack.set_default_context(_context_for(worker))
+  try:
+    yield worker
+  finally:
+    context_stack.set_default_context(previous)
+    worker.stop()

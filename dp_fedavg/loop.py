@@ -1,0 +1,137 @@
+"""The training loop: sample a cohort, run a round, account, evaluate, report.
+
+The loop knows nothing of flags or files: it takes built pieces and hands each
+round's `RoundResult` to a callback (see `dp_fedavg.outputs`).
+"""
+
+import collections.abc
+import dataclasses
+import datetime
+import math
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import dp_accounting
+import numpy as np
+import tensorflow_federated as tff
+
+from dp_fedavg import accounting
+from dp_fedavg import sampling
+from dp_fedavg.tasks import base
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+  """What one round produced.
+
+  `train_loss` is the clients' mean training loss: a diagnostic that is *not*
+  privatized. `epsilon` is the privacy spent by all rounds so far, at `delta`.
+  `eval_*` are None on rounds without evaluation.
+  """
+
+  round: int
+  cohort_size: int
+  train_loss: float
+  eval_loss: Optional[float]
+  eval_accuracy: Optional[float]
+  epsilon: float
+  delta: float
+  seconds: float
+  aggregator: dict[str, Any]
+
+
+def _scalar_measurements(measurements, prefix: str = '') -> dict[str, Any]:
+  """Flattens nested measurements to {'a/b': scalar}, dropping empty ones."""
+  flat = {}
+  for name, value in measurements.items():
+    if isinstance(value, collections.abc.Mapping):
+      flat.update(_scalar_measurements(value, f'{prefix}{name}/'))
+    elif np.size(value) == 1:
+      flat[f'{prefix}{name}'] = np.asarray(value).item()
+  return flat
+
+
+def _format_duration(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _log_round(result: RoundResult, total_rounds: int, eta_seconds: float):
+  accuracy = (
+      '   -  ' if result.eval_accuracy is None else f'{result.eval_accuracy:.4f}'
+  )
+  logging.info(
+      'round %*d/%d  clients %3d  train_loss %.4f  eval_acc %s  '
+      'epsilon %.4g  %.2fs  ETA %s',
+      len(str(total_rounds)), result.round, total_rounds, result.cohort_size,
+      result.train_loss, accuracy, result.epsilon, result.seconds,
+      _format_duration(eta_seconds),
+  )
+
+
+def run_training(
+    process: tff.learning.templates.LearningProcess,
+    task: base.FederatedTask,
+    sampler: sampling.ClientSampler,
+    accountant: accounting.PrivacyAccountant,
+    dp_event_fn: Callable[[Any], dp_accounting.DpEvent],
+    rounds: int,
+    local_epochs: int,
+    batch_size: int,
+    eval_every: int = 1,
+    seed: int = 0,
+    on_round: Callable[[RoundResult], None] = lambda result: None,
+) -> tff.learning.templates.LearningAlgorithmState:
+  """Trains for `rounds` rounds and returns the final process state.
+
+  Args:
+    process: a `tff.learning` process (see `dp_fedavg.process`).
+    task: the task whose `train_data` the sampler's indices refer to.
+    sampler: draws each round's cohort.
+    accountant: composes each round's event under the sampling.
+    dp_event_fn: maps the aggregator's state after a round to that round's
+      DpEvent (before sampling).
+    rounds: number of rounds, >= 1.
+    local_epochs: passes over each client's data per round, >= 1.
+    batch_size: client batch size, >= 1.
+    eval_every: evaluate every this many rounds, and after the last one.
+    seed: seed of the clients' shuffling.
+    on_round: called with every round's result, in order.
+  """
+  client_ids = task.train_data.client_ids
+  state = process.initialize()
+  elapsed = 0.0
+  for round_num in range(1, rounds + 1):
+    start = time.monotonic()
+    cohort = sampler.sample()
+    client_datasets = [
+        task.preprocess(
+            task.train_data.create_tf_dataset_for_client(client_ids[i]),
+            local_epochs, batch_size, seed=seed * 1_000_003 + round_num,
+        )
+        for i in cohort
+    ]
+    output = process.next(state, client_datasets)
+    state = output.state
+    accountant.compose_round(dp_event_fn(state.aggregator))
+    aggregator_measurements = _scalar_measurements(output.metrics['aggregator'])
+    evaluation = {}
+    if round_num % eval_every == 0 or round_num == rounds:
+      evaluation = task.evaluate(process.get_model_weights(state))
+    seconds = time.monotonic() - start
+    elapsed += seconds
+    result = RoundResult(
+        round=round_num,
+        cohort_size=len(cohort),
+        train_loss=float(output.metrics['client_work']['train']['loss'])
+        if len(cohort) else math.nan,
+        eval_loss=evaluation.get('loss'),
+        eval_accuracy=evaluation.get('accuracy'),
+        epsilon=accountant.epsilon(),
+        delta=accountant.delta,
+        seconds=seconds,
+        aggregator=aggregator_measurements,
+    )
+    _log_round(result, rounds, elapsed / round_num * (rounds - round_num))
+    on_round(result)
+  return state

@@ -1,0 +1,60 @@
+"""Where a run's results go: config.json and metrics.csv in the output dir.
+
+metrics.csv is written through `tff.program.CSVFileReleaseManager`, keyed by
+round; each row is written as soon as its round ends, so a killed run keeps
+every finished round.
+"""
+
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+from typing import Any
+
+import tensorflow_federated as tff
+
+from dp_fedavg import loop
+
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.csv'
+
+
+class RunOutputs:
+  """Writes one run's config and per-round metrics under `output_dir`."""
+
+  def __init__(self, output_dir: str, overwrite: bool = False):
+    metrics_path = os.path.join(output_dir, METRICS_FILE)
+    if os.path.exists(metrics_path) and not overwrite:
+      raise FileExistsError(
+          f'{metrics_path} exists; choose another output directory or allow '
+          'overwriting it.'
+      )
+    os.makedirs(output_dir, exist_ok=True)
+    if os.path.exists(metrics_path):
+      os.remove(metrics_path)
+    self.output_dir = output_dir
+    self._metrics = tff.program.CSVFileReleaseManager(
+        file_path=metrics_path,
+        save_mode=tff.program.CSVSaveMode.APPEND,
+        key_fieldname='round',
+    )
+
+  def write_config(self, config: dict[str, Any]) -> None:
+    with open(os.path.join(self.output_dir, CONFIG_FILE), 'w') as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+      f.write('\n')
+
+  def release_round(self, result: loop.RoundResult) -> None:
+    row = collections.OrderedDict(
+        (field.name, getattr(result, field.name))
+        for field in dataclasses.fields(result)
+        if field.name not in ('round', 'aggregator')
+    )
+    row.update(
+        (f'aggregator_{name}', value) for name, value in result.aggregator.items()
+    )
+    row = collections.OrderedDict(
+        (name, '' if value is None else value) for name, value in row.items()
+    )
+    asyncio.run(self._metrics.release(row, key=result.round))

@@ -1,0 +1,1 @@
+"""DP-FedAvg: process, sampling, accounting, execution and training loop."""

@@ -18,10 +18,16 @@ actually used and composes the rounds with dp-accounting's RDP accountant:
 
 Every parameter is cast to a Python float first: dp-accounting 0.4.3's RDP
 accountant silently mis-composes numpy float32 parameters.
+
+RDP composes by addition, so the RDP vector of each distinct round event is
+computed once and added per round. Recomposing it each round would cost a full
+RDP evaluation per round: 0.25 s for a without-replacement Gaussian over the
+default orders (measured here), as long as a training round.
 """
 
 import attr
 import dp_accounting
+from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
 
 from dp_fedavg import sampling
@@ -92,9 +98,9 @@ class PrivacyAccountant:
         if self.scheme is sampling.SamplingScheme.POISSON
         else _NeighborRel.REPLACE_ONE
     )
-    self._accountant = dp_accounting.rdp.RdpAccountant(
-        neighboring_relation=self.neighboring_relation
-    )
+    self._orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    self._rdp = np.zeros_like(self._orders, dtype=np.float64)
+    self._rdp_of_round_event: dict[str, np.ndarray] = {}
     self.rounds = 0
 
   def round_event(self, event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
@@ -110,10 +116,28 @@ class PrivacyAccountant:
         self.num_clients, self.clients_per_round, _for_replace_one(event)
     )
 
+  def _rdp_of(self, round_event: dp_accounting.DpEvent) -> np.ndarray:
+    key = repr(round_event)
+    if key not in self._rdp_of_round_event:
+      single = dp_accounting.rdp.RdpAccountant(
+          self._orders, neighboring_relation=self.neighboring_relation
+      )
+      single.compose(round_event)  # Raises for events RDP cannot account.
+      # RdpAccountant keeps its RDP vector private; composition adds these
+      # vectors, which is what compose() itself does.
+      self._rdp_of_round_event[key] = single._rdp  # pylint: disable=protected-access
+    return self._rdp_of_round_event[key]
+
   def compose_round(self, event: dp_accounting.DpEvent) -> None:
-    self._accountant.compose(self.round_event(event))
+    """Adds one round whose aggregator emitted `event` (before sampling)."""
+    self._rdp = self._rdp + self._rdp_of(self.round_event(event))
     self.rounds += 1
 
   def epsilon(self) -> float:
     """Epsilon at `delta` after the composed rounds (inf if none is private)."""
-    return float(self._accountant.get_epsilon(self.delta))
+    if self.rounds == 0:
+      return 0.0
+    epsilon, _ = rdp_privacy_accountant.compute_epsilon(
+        self._orders, self._rdp, self.delta
+    )
+    return float(epsilon)

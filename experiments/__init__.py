@@ -1,0 +1,7 @@
+"""Experiment binaries (absl): `python -m experiments.<name>`."""
+
+import os
+
+# TensorFlow's C++ INFO and WARNING lines (CUDA probing, CPU features) drown
+# the per-round progress lines; errors still show. Set before TF is imported.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

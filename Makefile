@@ -1,0 +1,43 @@
+# make demo: a DP-FedAvg run on the embedded digits task.
+# make test: the whole test suite.
+# Both create .venv (python3.11) and install the locked versions first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+INSTALLED := $(VENV)/.installed-stamp
+LOCK := requirements/lock.txt
+
+.PHONY: install demo test lock clean
+
+install: $(INSTALLED)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(UV): | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# The lock is complete and carries the jax/jaxlib override, so it is installed
+# as it is, not re-resolved (TFF still asks for jax 0.4.14; see BUILD.md).
+$(INSTALLED): $(LOCK) setup.cfg pyproject.toml | $(UV)
+	$(UV) pip install --python $(PY) --no-deps -r $(LOCK)
+	$(UV) pip install --python $(PY) --no-deps -e .
+	touch $@
+
+demo: $(INSTALLED)
+	$(PY) -m experiments.train --output_dir=runs/demo --overwrite
+
+test: $(INSTALLED)
+	$(PY) -m pytest
+
+# Re-resolves every version; see BUILD.md before committing a new lock.
+lock: | $(UV)
+	$(UV) pip compile setup.cfg --extra test \
+	  --override requirements/overrides.txt \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_31 \
+	  -o $(LOCK)
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

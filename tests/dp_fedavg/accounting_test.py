@@ -1,0 +1,163 @@
+from absl.testing import absltest
+from absl.testing import parameterized
+import dp_accounting
+import numpy as np
+
+from dp_fedavg import accounting
+from dp_fedavg import sampling
+
+_POISSON = sampling.SamplingScheme.POISSON
+_UNIFORM = sampling.SamplingScheme.UNIFORM
+
+
+def _direct_epsilon(event, rounds, delta, relation):
+  accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+  accountant.compose(event, rounds)
+  return accountant.get_epsilon(delta)
+
+
+def _two_gaussians(number):
+  """Adaptive clipping's event shape: the update and the count mechanisms."""
+  return dp_accounting.ComposedDpEvent([
+      dp_accounting.GaussianDpEvent(number(1.0041)),
+      dp_accounting.GaussianDpEvent(number(10.0)),
+  ])
+
+
+def _compose(accountant, event, rounds):
+  for _ in range(rounds):
+    accountant.compose_round(event)
+  return accountant.epsilon()
+
+
+class PrivacyAccountantTest(parameterized.TestCase):
+
+  def test_tff_tutorial_setting_poisson(self):
+    # TFF's DP tutorial: z=1.2, expected 120 of 3,383 clients, 100 rounds.
+    accountant = accounting.PrivacyAccountant(_POISSON, 3383, 120, 1e-5)
+    epsilon = _compose(accountant, dp_accounting.GaussianDpEvent(1.2), 100)
+    expected = _direct_epsilon(
+        dp_accounting.PoissonSampledDpEvent(
+            120 / 3383, dp_accounting.GaussianDpEvent(1.2)
+        ),
+        100, 1e-5, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    )
+    self.assertAlmostEqual(epsilon, expected, places=12)
+    self.assertAlmostEqual(epsilon, 1.99, delta=0.01)
+    self.assertEqual(accountant.rounds, 100)
+
+  @parameterized.parameters(_POISSON, _UNIFORM)
+  def test_float32_parameters_give_same_epsilon_as_python_floats(self, scheme):
+    as_float = accounting.PrivacyAccountant(scheme, 3400, 50, 1e-5)
+    as_float32 = accounting.PrivacyAccountant(scheme, 3400, 50, 1e-5)
+    # The same values, once as Python floats and once as numpy float32.
+    epsilon = _compose(
+        as_float, _two_gaussians(lambda v: float(np.float32(v))), 30
+    )
+    epsilon32 = _compose(as_float32, _two_gaussians(np.float32), 30)
+    self.assertEqual(epsilon, epsilon32)
+
+  def test_dp_accounting_alone_miscomposes_float32(self):
+    # Guards the test above: if dp-accounting stops mis-composing float32
+    # parameters, the conversion is no longer needed and this fails.
+    def raw_epsilon(number):
+      return _direct_epsilon(
+          dp_accounting.PoissonSampledDpEvent(50 / 3400, _two_gaussians(number)),
+          30, 1e-5, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+      )
+
+    self.assertLess(raw_epsilon(np.float32), 0.99 * raw_epsilon(float))
+
+  def test_as_python_floats_converts_nested_numpy_values(self):
+    event = dp_accounting.ComposedDpEvent([
+        dp_accounting.GaussianDpEvent(np.float32(0.5)),
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(np.float64(2.0)), np.int32(3)
+        ),
+    ])
+    converted = accounting.as_python_floats(event)
+    self.assertIs(type(converted.events[0].noise_multiplier), float)
+    self.assertIs(type(converted.events[1].event.noise_multiplier), float)
+    self.assertIs(type(converted.events[1].count), int)
+
+  def test_uniform_sampling_uses_replace_one_sensitivity(self):
+    # Replace-one moves a sum of clip-bounded updates by up to 2 * clip, so the
+    # noise relative to that sensitivity is z / 2.
+    z, num_clients, cohort, rounds = 1.0, 1000, 50, 40
+    accountant = accounting.PrivacyAccountant(_UNIFORM, num_clients, cohort, 1e-5)
+    epsilon = _compose(accountant, dp_accounting.GaussianDpEvent(z), rounds)
+    relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+    expected = _direct_epsilon(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            num_clients, cohort, dp_accounting.GaussianDpEvent(z / 2)
+        ),
+        rounds, 1e-5, relation,
+    )
+    understated = _direct_epsilon(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            num_clients, cohort, dp_accounting.GaussianDpEvent(z)
+        ),
+        rounds, 1e-5, relation,
+    )
+    self.assertAlmostEqual(epsilon, expected, places=12)
+    self.assertGreater(epsilon, understated)
+    self.assertIs(accountant.neighboring_relation, relation)
+
+  def test_full_participation_uniform_is_gaussian_at_half_noise(self):
+    accountant = accounting.PrivacyAccountant(_UNIFORM, 10, 10, 1e-5)
+    epsilon = _compose(accountant, dp_accounting.GaussianDpEvent(2.0), 5)
+    expected = _direct_epsilon(
+        dp_accounting.GaussianDpEvent(1.0), 5, 1e-5,
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    )
+    self.assertAlmostEqual(epsilon, expected, places=9)
+
+  @parameterized.parameters(_POISSON, _UNIFORM)
+  def test_non_private_rounds_have_infinite_epsilon(self, scheme):
+    accountant = accounting.PrivacyAccountant(scheme, 100, 10, 1e-5)
+    accountant.compose_round(dp_accounting.NonPrivateDpEvent())
+    self.assertEqual(accountant.epsilon(), float('inf'))
+
+  def test_cached_composition_matches_plain_accountant_for_mixed_rounds(self):
+    events = [dp_accounting.GaussianDpEvent(z) for z in (1.0, 2.0, 1.0, 0.7)]
+    for scheme in (_POISSON, _UNIFORM):
+      accountant = accounting.PrivacyAccountant(scheme, 500, 25, 1e-6)
+      plain = dp_accounting.rdp.RdpAccountant(
+          neighboring_relation=accountant.neighboring_relation
+      )
+      for event in events:
+        accountant.compose_round(event)
+        plain.compose(accountant.round_event(event))
+        self.assertAlmostEqual(
+            accountant.epsilon(), plain.get_epsilon(1e-6), places=10
+        )
+
+  def test_no_rounds_spend_nothing(self):
+    self.assertEqual(
+        accounting.PrivacyAccountant(_POISSON, 10, 1, 1e-5).epsilon(), 0.0
+    )
+
+  def test_epsilon_grows_with_rounds(self):
+    accountant = accounting.PrivacyAccountant(_POISSON, 100, 20, 1e-5)
+    epsilons = [
+        _compose(accountant, dp_accounting.GaussianDpEvent(1.0), 1)
+        for _ in range(5)
+    ]
+    self.assertEqual(epsilons, sorted(epsilons))
+    self.assertLess(epsilons[0], epsilons[-1])
+
+  @parameterized.named_parameters(
+      ('delta_zero', dict(delta=0.0), 'delta'),
+      ('delta_one', dict(delta=1.0), 'delta'),
+      ('cohort_too_large', dict(clients_per_round=11), 'clients_per_round'),
+      ('cohort_zero', dict(clients_per_round=0), 'clients_per_round'),
+  )
+  def test_invalid_arguments_raise(self, overrides, message):
+    kwargs = dict(scheme=_POISSON, num_clients=10, clients_per_round=5, delta=1e-5)
+    kwargs.update(overrides)
+    with self.assertRaisesRegex(ValueError, message):
+      accounting.PrivacyAccountant(**kwargs)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,64 @@
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+from dp_fedavg import sampling
+
+
+class ClientSamplerTest(parameterized.TestCase):
+
+  def test_uniform_draws_exact_distinct_sorted_cohorts(self):
+    sampler = sampling.ClientSampler('uniform', 50, 7, seed=1)
+    for _ in range(20):
+      cohort = sampler.sample()
+      self.assertLen(cohort, 7)
+      self.assertLen(set(cohort.tolist()), 7)
+      self.assertTrue(np.all(np.diff(cohort) > 0))
+      self.assertTrue(np.all((cohort >= 0) & (cohort < 50)))
+
+  def test_uniform_covers_population_evenly(self):
+    num_clients, cohort, rounds = 20, 5, 4000
+    sampler = sampling.ClientSampler('uniform', num_clients, cohort, seed=2)
+    counts = np.bincount(
+        np.concatenate([sampler.sample() for _ in range(rounds)]),
+        minlength=num_clients,
+    )
+    q = cohort / num_clients
+    standard_error = np.sqrt(rounds * q * (1 - q))
+    self.assertLess(np.max(np.abs(counts - rounds * q)), 5 * standard_error)
+
+  def test_poisson_cohort_size_is_binomial(self):
+    num_clients, expected, rounds = 200, 10, 2000
+    sampler = sampling.ClientSampler('poisson', num_clients, expected, seed=3)
+    sizes = np.array([len(sampler.sample()) for _ in range(rounds)])
+    q = expected / num_clients
+    self.assertAlmostEqual(sampler.sampling_probability, q)
+    self.assertLess(
+        abs(sizes.mean() - expected),
+        5 * np.sqrt(num_clients * q * (1 - q) / rounds),
+    )
+    self.assertGreater(sizes.std(), 0)
+
+  @parameterized.parameters('uniform', 'poisson')
+  def test_same_seed_same_cohorts(self, scheme):
+    first = sampling.ClientSampler(scheme, 30, 5, seed=4)
+    second = sampling.ClientSampler(scheme, 30, 5, seed=4)
+    for _ in range(5):
+      np.testing.assert_array_equal(first.sample(), second.sample())
+
+  @parameterized.named_parameters(
+      ('no_clients', 0, 1, 'num_clients'),
+      ('cohort_above_population', 5, 6, 'clients_per_round'),
+      ('empty_cohort', 5, 0, 'clients_per_round'),
+  )
+  def test_invalid_arguments_raise(self, num_clients, cohort, message):
+    with self.assertRaisesRegex(ValueError, message):
+      sampling.ClientSampler('uniform', num_clients, cohort, seed=0)
+
+  def test_unknown_scheme_raises(self):
+    with self.assertRaisesRegex(ValueError, 'shuffle'):
+      sampling.ClientSampler('shuffle', 5, 1, seed=0)
+
+
+if __name__ == '__main__':
+  absltest.main()

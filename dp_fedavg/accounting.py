@@ -55,6 +55,19 @@ def as_python_floats(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
   )
 
 
+def _adds_no_noise(event: dp_accounting.DpEvent) -> bool:
+  """Whether some part of `event` releases its input without noise."""
+  if isinstance(event, dp_accounting.NonPrivateDpEvent):
+    return True
+  if isinstance(event, dp_accounting.GaussianDpEvent):
+    return event.noise_multiplier == 0
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return _adds_no_noise(event.event)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return any(_adds_no_noise(e) for e in event.events)
+  return False
+
+
 def _for_replace_one(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
   """Restates an add/remove event in replace-one terms (sensitivity doubles)."""
   if isinstance(event, dp_accounting.GaussianDpEvent):
@@ -106,8 +119,10 @@ class PrivacyAccountant:
   def round_event(self, event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
     """One round's aggregator event wrapped in this run's sampling."""
     event = as_python_floats(event)
-    if isinstance(event, dp_accounting.NonPrivateDpEvent):
-      return event  # No sampling makes a non-private release private.
+    if _adds_no_noise(event):
+      # No sampling makes a noiseless release private; and dp-accounting
+      # divides by the noise multiplier for without-replacement sampling.
+      return dp_accounting.NonPrivateDpEvent()
     if self.scheme is sampling.SamplingScheme.POISSON:
       return dp_accounting.PoissonSampledDpEvent(
           self.clients_per_round / self.num_clients, event

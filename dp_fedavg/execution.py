@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 import grpc
 import portpicker
@@ -97,6 +97,20 @@ class LocalWorker:
     atexit.unregister(self.stop)
 
 
+class _OutsideLocalExecution(tff.framework.SyncContext):
+  """Installed after the last `local_execution` block: refuses to run."""
+
+  def invoke(self, comp, arg):
+    raise RuntimeError(
+        'TFF computations run only inside dp_fedavg.execution.local_execution()'
+        ', which starts and stops their worker.'
+    )
+
+
+# Our contexts that are active now, innermost last.
+_active_contexts: list[tff.framework.SyncExecutionContext] = []
+
+
 def _context_for(worker: LocalWorker) -> tff.framework.SyncExecutionContext:
   def stack_fn(cardinalities):
     # Computations with no CLIENTS-placed argument (initialize) still need a
@@ -128,11 +142,17 @@ def local_execution(
     The running `LocalWorker`; it is stopped when the block exits.
   """
   worker = LocalWorker(max_concurrent_computation_calls)
+  context = _context_for(worker)
   context_stack = tff.framework.get_context_stack()
-  previous: Optional[object] = context_stack.current
-  context_stack.set_default_context(_context_for(worker))
+  context_stack.set_default_context(context)
+  _active_contexts.append(context)
   try:
     yield worker
   finally:
-    context_stack.set_default_context(previous)
+    _active_contexts.remove(context)
+    # TFF's import-time context is not restored: it would start a worker of
+    # its own that nothing stops.
+    context_stack.set_default_context(
+        _active_contexts[-1] if _active_contexts else _OutsideLocalExecution()
+    )
     worker.stop()

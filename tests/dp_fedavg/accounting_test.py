@@ -112,10 +112,21 @@ class PrivacyAccountantTest(parameterized.TestCase):
     )
     self.assertAlmostEqual(epsilon, expected, places=9)
 
-  @parameterized.parameters(_POISSON, _UNIFORM)
-  def test_non_private_rounds_have_infinite_epsilon(self, scheme):
+  @parameterized.product(
+      scheme=(_POISSON, _UNIFORM),
+      event=(
+          dp_accounting.NonPrivateDpEvent(),
+          dp_accounting.GaussianDpEvent(0.0),
+          dp_accounting.ComposedDpEvent([
+              dp_accounting.GaussianDpEvent(1.0),
+              dp_accounting.GaussianDpEvent(0.0),
+          ]),
+      ),
+  )
+  def test_noiseless_rounds_have_infinite_epsilon(self, scheme, event):
     accountant = accounting.PrivacyAccountant(scheme, 100, 10, 1e-5)
-    accountant.compose_round(dp_accounting.NonPrivateDpEvent())
+    accountant.compose_round(dp_accounting.GaussianDpEvent(1.0))
+    accountant.compose_round(event)
     self.assertEqual(accountant.epsilon(), float('inf'))
 
   def test_cached_composition_matches_plain_accountant_for_mixed_rounds(self):

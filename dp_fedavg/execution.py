@@ -110,6 +110,11 @@ class _OutsideLocalExecution(tff.framework.SyncContext):
 # Our contexts that are active now, innermost last.
 _active_contexts: list[tff.framework.SyncExecutionContext] = []
 
+# Replaces the context TFF installs when it is imported. That one starts a
+# worker that nothing stops, and its leftover manager raises in `__del__`
+# during interpreter shutdown ("'NoneType' object has no attribute 'Popen'").
+tff.framework.get_context_stack().set_default_context(_OutsideLocalExecution())
+
 
 def _context_for(worker: LocalWorker) -> tff.framework.SyncExecutionContext:
   def stack_fn(cardinalities):
@@ -150,8 +155,6 @@ def local_execution(
     yield worker
   finally:
     _active_contexts.remove(context)
-    # TFF's import-time context is not restored: it would start a worker of
-    # its own that nothing stops.
     context_stack.set_default_context(
         _active_contexts[-1] if _active_contexts else _OutsideLocalExecution()
     )

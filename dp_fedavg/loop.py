@@ -75,6 +75,7 @@ def run_training(
     sampler: sampling.ClientSampler,
     accountant: accounting.PrivacyAccountant,
     dp_event_fn: Callable[[Any], dp_accounting.DpEvent],
+    evaluate: Callable[[tff.learning.models.ModelWeights], dict[str, float]],
     rounds: int,
     local_epochs: int,
     batch_size: int,
@@ -91,6 +92,7 @@ def run_training(
     accountant: composes each round's event under the sampling.
     dp_event_fn: maps the aggregator's state after a round to that round's
       DpEvent (before sampling).
+    evaluate: held-out metrics (at least 'loss' and 'accuracy') of weights.
     rounds: number of rounds, >= 1.
     local_epochs: passes over each client's data per round, >= 1.
     batch_size: client batch size, >= 1.
@@ -117,7 +119,7 @@ def run_training(
     aggregator_measurements = _scalar_measurements(output.metrics['aggregator'])
     evaluation = {}
     if round_num % eval_every == 0 or round_num == rounds:
-      evaluation = task.evaluate(process.get_model_weights(state))
+      evaluation = evaluate(process.get_model_weights(state))
     seconds = time.monotonic() - start
     elapsed += seconds
     result = RoundResult(

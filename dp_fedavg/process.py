@@ -50,3 +50,32 @@ def build_process(
       ),
       model_aggregator=aggregator or tff.aggregators.UnweightedMeanFactory(),
   )
+
+
+class FederatedEvaluator:
+  """Evaluates model weights on held-out clients (`tff.learning` fed_eval).
+
+  Metrics are summed over all clients' examples before they are finalized, so
+  accuracy and loss are example-weighted over the held-out clients.
+  """
+
+  def __init__(
+      self,
+      model_fn: Callable[[], tff.learning.models.VariableModel],
+      client_datasets: list,
+  ):
+    if not client_datasets:
+      raise ValueError('evaluation needs at least one held-out client dataset.')
+    self._process = tff.learning.algorithms.build_fed_eval(model_fn)
+    self._client_datasets = client_datasets
+    self._state = None
+
+  def __call__(
+      self, model_weights: tff.learning.models.ModelWeights
+  ) -> dict[str, float]:
+    if self._state is None:
+      self._state = self._process.initialize()
+    state = self._process.set_model_weights(self._state, model_weights)
+    output = self._process.next(state, self._client_datasets)
+    metrics = output.metrics['client_work']['eval']['current_round_metrics']
+    return {name: float(value) for name, value in metrics.items()}

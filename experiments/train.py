@@ -175,6 +175,9 @@ def main(argv):
         server_learning_rate=_SERVER_LR.value,
         server_momentum=_SERVER_MOMENTUM.value,
     )
+    evaluator = process.FederatedEvaluator(
+        task.model_fn, task.eval_client_datasets()
+    )
     loop.run_training(
         learning_process,
         task,
@@ -183,6 +186,7 @@ def main(argv):
         ),
         accountant,
         dp_event_fn,
+        evaluator,
         rounds=_ROUNDS.value,
         local_epochs=_LOCAL_EPOCHS.value,
         batch_size=_BATCH_SIZE.value,

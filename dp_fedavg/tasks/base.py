@@ -20,8 +20,8 @@ class FederatedTask:
     train_data: one client per training participant; elements are (x, y)
       examples, unbatched. Datasets are built only for clients that are asked
       for.
-    eval_data: the pooled, unbatched examples of the held-out clients. Their
-      pooled accuracy equals the example-weighted average over those clients.
+    eval_data: the held-out clients, never sampled for training; same
+      elements.
   """
 
   name: str
@@ -29,7 +29,7 @@ class FederatedTask:
   loss_fn: Callable[[], tf.keras.losses.Loss]
   metrics_fn: Callable[[], list[tf.keras.metrics.Metric]]
   train_data: tff.simulation.datasets.ClientData
-  eval_data: tf.data.Dataset
+  eval_data: tff.simulation.datasets.ClientData
 
   def preprocess(
       self, dataset: tf.data.Dataset, local_epochs: int, batch_size: int, seed: int
@@ -47,7 +47,7 @@ class FederatedTask:
     # inside TFF's graph tracing, where an eager dataset cannot be captured.
     return tf.nest.map_structure(
         lambda spec: tf.TensorSpec([None, *spec.shape], spec.dtype),
-        self.eval_data.element_spec,
+        self.eval_data.element_type_structure,
     )
 
   def model_fn(self) -> tff.learning.models.VariableModel:
@@ -55,21 +55,16 @@ class FederatedTask:
         self.keras_model_fn(),
         input_spec=self.input_spec,
         loss=self.loss_fn(),
-        metrics=self.metrics_fn(),
+        # Named here so TFF does not add (and log adding) them itself.
+        metrics=self.metrics_fn() + [
+            tff.learning.metrics.NumExamplesCounter(),
+            tff.learning.metrics.NumBatchesCounter(),
+        ],
     )
 
-  def evaluate(
-      self, model_weights: tff.learning.models.ModelWeights
-  ) -> dict[str, float]:
-    """Loss and metrics of `model_weights` on the held-out clients."""
-    # A fresh model each time, built eagerly: Keras rewrites the base classes
-    # of Sequential/Functional process-wide (keras version_utils.swap_class)
-    # to its v1 graph-mode classes whenever TFF builds a model while tracing,
-    # so a model kept from earlier would evaluate with the v1 code path.
-    model = self.keras_model_fn()
-    model.compile(loss=self.loss_fn(), metrics=self.metrics_fn())
-    model_weights.assign_weights_to(model)
-    results = model.evaluate(
-        self.eval_data.batch(512), verbose=0, return_dict=True
-    )
-    return {name: float(value) for name, value in results.items()}
+  def eval_client_datasets(self, batch_size: int = 256) -> list[tf.data.Dataset]:
+    """Every held-out client's data, batched for evaluation."""
+    return [
+        self.eval_data.create_tf_dataset_for_client(client_id).batch(batch_size)
+        for client_id in self.eval_data.client_ids
+    ]

@@ -1,8 +1,8 @@
 """The embedded default task: scikit-learn's handwritten digits.
 
 1,797 real 8x8 grey-scale digit images (installed with scikit-learn, so no
-download). A held-out fraction of the examples forms the evaluation clients;
-the rest is split over `num_clients` training clients, either IID or with
+download). A held-out fraction of the examples forms the evaluation clients
+(IID); the rest is split over `num_clients` training clients, either IID or with
 Dirichlet(alpha) label skew (Hsu et al. 2019): for each class, the class's
 examples are shared among clients in proportions drawn from Dir(alpha).
 Smaller alpha means more skew.
@@ -36,6 +36,30 @@ def _dirichlet_partition(
       largest = max(range(num_clients), key=lambda c: len(shares[c]))
       shares[client].append(shares[largest].pop())
   return [np.asarray(s, dtype=np.int64) for s in shares]
+
+
+def _sliced_client_data(
+    images: np.ndarray, labels: np.ndarray, shares: list[np.ndarray]
+) -> tff.simulation.datasets.ClientData:
+  """Client i holds examples shares[i]; its dataset is built when asked for."""
+  # Clients' examples laid end to end; a client is a (start, count) slice.
+  flat = np.concatenate(shares)
+  counts = np.array([len(s) for s in shares], np.int64)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  all_images = tf.constant(images[flat])
+  all_labels = tf.constant(labels[flat])
+
+  def client_dataset(client_id: tf.Tensor) -> tf.data.Dataset:
+    index = tf.strings.to_number(client_id, tf.int64)
+    start = tf.gather(starts, index)
+    end = start + tf.gather(counts, index)
+    return tf.data.Dataset.from_tensor_slices(
+        (all_images[start:end], all_labels[start:end])
+    )
+
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
+      [str(c) for c in range(len(shares))], client_dataset
+  )
 
 
 def build_task(
@@ -83,27 +107,12 @@ def build_task(
     local = _dirichlet_partition(labels[train], num_clients, dirichlet_alpha, rng)
     shares = [train[s] for s in local]
 
-  # Clients' examples laid end to end; a client is a (start, count) slice, so a
-  # client's dataset is built only when that client is asked for.
-  flat = np.concatenate(shares)
-  counts = np.array([len(s) for s in shares], np.int64)
-  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  all_images = tf.constant(images[flat])
-  all_labels = tf.constant(labels[flat])
-
-  def client_dataset(client_id: tf.Tensor) -> tf.data.Dataset:
-    index = tf.strings.to_number(client_id, tf.int64)
-    start = tf.gather(starts, index)
-    end = start + tf.gather(counts, index)
-    return tf.data.Dataset.from_tensor_slices(
-        (all_images[start:end], all_labels[start:end])
-    )
-
-  train_data = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-      [str(c) for c in range(num_clients)], client_dataset
-  )
-  eval_data = tf.data.Dataset.from_tensor_slices(
-      (images[heldout], labels[heldout])
+  # Held-out clients are IID with as many examples per client as training
+  # clients have on average.
+  num_heldout_clients = max(1, round(num_heldout * num_clients / len(train)))
+  train_data = _sliced_client_data(images, labels, shares)
+  eval_data = _sliced_client_data(
+      images, labels, np.array_split(heldout, num_heldout_clients)
   )
 
   def keras_model_fn() -> tf.keras.Model:

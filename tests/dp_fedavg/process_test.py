@@ -40,6 +40,9 @@ class DpFedAvgProcessTest(tf.test.TestCase):
         sampling.ClientSampler('uniform', _NUM_CLIENTS, _COHORT, seed=0),
         accountant,
         gaussian.dp_event_from_state,
+        process.FederatedEvaluator(
+            self.task.model_fn, self.task.eval_client_datasets()
+        ),
         rounds=30,
         local_epochs=2,
         batch_size=8,

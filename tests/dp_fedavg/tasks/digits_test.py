@@ -8,11 +8,15 @@ from dp_fedavg.tasks import digits
 _DIGITS_EXAMPLES = 1797
 
 
-def _client_sizes(task):
+def _client_sizes_of(client_data):
   return [
-      sum(1 for _ in task.train_data.create_tf_dataset_for_client(c))
-      for c in task.train_data.client_ids
+      sum(1 for _ in client_data.create_tf_dataset_for_client(c))
+      for c in client_data.client_ids
   ]
+
+
+def _client_sizes(task):
+  return _client_sizes_of(task.train_data)
 
 
 class DigitsTaskTest(tf.test.TestCase, parameterized.TestCase):
@@ -23,11 +27,13 @@ class DigitsTaskTest(tf.test.TestCase, parameterized.TestCase):
         num_clients=40, partition=partition, dirichlet_alpha=0.05, seed=1
     )
     sizes = _client_sizes(task)
-    num_eval = sum(1 for _ in task.eval_data)
+    num_eval = sum(_client_sizes_of(task.eval_data))
     self.assertLen(sizes, 40)
     self.assertEqual(sum(sizes) + num_eval, _DIGITS_EXAMPLES)
     self.assertEqual(num_eval, round(0.2 * _DIGITS_EXAMPLES))
     self.assertGreater(min(sizes), 0)
+    self.assertGreater(min(_client_sizes_of(task.eval_data)), 0)
+    self.assertLen(task.eval_data.client_ids, 10)  # 40 * 359 / 1438 clients.
 
   def test_dirichlet_skews_labels_more_than_iid(self):
     def mean_distinct_labels(partition):
@@ -52,7 +58,7 @@ class DigitsTaskTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_model_fn_matches_input_spec(self):
     task = digits.build_task(num_clients=5)
-    batch = next(iter(task.preprocess(task.eval_data, 1, 4, seed=0)))
+    batch = next(iter(task.eval_client_datasets(batch_size=4)[0]))
     self.assertTrue(task.input_spec[0].is_compatible_with(batch[0]))
     self.assertEqual(task.keras_model_fn()(batch[0]).shape, (4, 10))
 

@@ -1,0 +1,159 @@
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+from absl import flags
+from absl.testing import absltest
+from absl.testing import flagsaver
+from absl.testing import parameterized
+import dp_accounting
+
+from experiments import train
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+_WORKER_BINARY = 'worker_binary'
+
+
+def _run_train(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, '-m', 'experiments.train', *args],
+      cwd=_REPO_ROOT, capture_output=True, text=True, timeout=300,
+  )
+
+
+def _worker_pids() -> set[int]:
+  pids = set()
+  for entry in os.listdir('/proc'):
+    if entry.isdigit():
+      try:
+        with open(f'/proc/{entry}/cmdline', 'rb') as f:
+          if _WORKER_BINARY.encode() in f.read():
+            pids.add(int(entry))
+      except OSError:
+        pass
+  return pids
+
+
+class FlagValidationTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS(['train'])
+
+  def test_defaults_are_valid(self):
+    with flagsaver.flagsaver(output_dir=self.create_tempdir().full_path):
+      self.assertIsNone(train.flag_error())
+
+  @parameterized.named_parameters(
+      ('negative_clip', dict(clip=-1.0), '--clip=-1.0'),
+      ('zero_clip', dict(clip=0.0), '--clip=0.0'),
+      ('negative_noise', dict(noise_multiplier=-0.5), '--noise_multiplier'),
+      ('negative_rounds', dict(rounds=-3), '--rounds=-3'),
+      ('zero_rounds', dict(rounds=0), '--rounds=0'),
+      ('unknown_task', dict(task='imagenet'), '--task=imagenet'),
+      ('unknown_aggregator', dict(aggregator='laplace'), '--aggregator'),
+      ('unknown_sampling', dict(sampling='shuffle'), '--sampling'),
+      ('cohort_above_population',
+       dict(clients_per_round=101, num_clients=100), '--clients_per_round=101'),
+      ('zero_cohort', dict(clients_per_round=0), '--clients_per_round=0'),
+      ('zero_population', dict(num_clients=0), '--num_clients=0'),
+      ('delta_one', dict(delta=1.0), '--delta'),
+      ('momentum_one', dict(server_momentum=1.0), '--server_momentum'),
+      ('zero_batch', dict(batch_size=0), '--batch_size'),
+      ('zero_epochs', dict(local_epochs=0), '--local_epochs'),
+      ('zero_client_lr', dict(client_lr=0.0), '--client_lr'),
+      ('bad_alpha', dict(dirichlet_alpha=0.0), '--dirichlet_alpha'),
+  )
+  def test_out_of_range_flag_is_named(self, overrides, flag_text):
+    overrides.setdefault('output_dir', self.create_tempdir().full_path)
+    with flagsaver.flagsaver(**overrides):
+      error = train.flag_error()
+    self.assertIsNotNone(error)
+    self.assertIn(flag_text, error)
+    self.assertIn('must be', error)
+    self.assertNotIn('\n', error)
+
+  def test_cohort_message_states_the_sampling_rate_range(self):
+    with flagsaver.flagsaver(
+        clients_per_round=200, output_dir=self.create_tempdir().full_path
+    ):
+      self.assertIn('(0, 1]', train.flag_error())
+
+  def test_existing_results_need_overwrite(self):
+    output_dir = self.create_tempdir()
+    output_dir.create_file('metrics.csv', 'round\n')
+    with flagsaver.flagsaver(output_dir=output_dir.full_path):
+      self.assertIn('--overwrite', train.flag_error())
+    with flagsaver.flagsaver(output_dir=output_dir.full_path, overwrite=True):
+      self.assertIsNone(train.flag_error())
+
+
+class TrainBinaryTest(absltest.TestCase):
+
+  def test_bad_flag_exits_2_with_one_line(self):
+    result = _run_train('--rounds=-3')
+    self.assertEqual(result.returncode, 2)
+    lines = result.stderr.strip().splitlines()
+    self.assertEqual(
+        lines[-1], 'train.py: error: --rounds=-3 is out of range: must be an '
+        'integer >= 1.'
+    )
+    self.assertNotIn('round 1/', result.stderr)
+
+  def test_run_writes_metrics_config_and_exact_epsilon(self):
+    output_dir = self.create_tempdir().full_path
+    workers_before = _worker_pids()
+    result = _run_train(
+        f'--output_dir={output_dir}', '--rounds=3', '--eval_every=2',
+        '--num_clients=50', '--clients_per_round=10', '--noise_multiplier=1.1',
+        '--clip=0.5', '--sampling=poisson', '--delta=1e-4', '--seed=5',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertLen(re.findall(r'round \d/3 ', result.stderr), 3, result.stderr)
+    self.assertIn('ETA', result.stderr)
+
+    with open(os.path.join(output_dir, 'metrics.csv')) as f:
+      rows = list(csv.DictReader(f))
+    self.assertLen(rows, 3)
+    for column in ('round', 'train_loss', 'eval_accuracy', 'epsilon', 'delta',
+                   'seconds', 'aggregator_clipped_count'):
+      self.assertIn(column, rows[0])
+    self.assertEqual([r['round'] for r in rows], ['1', '2', '3'])
+    self.assertEqual(rows[0]['eval_accuracy'], '')  # Evaluated on 2 and 3.
+    self.assertBetween(float(rows[2]['eval_accuracy']), 0.0, 1.0)
+
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for row in rows:
+      accountant.compose(
+          dp_accounting.PoissonSampledDpEvent(
+              10 / 50, dp_accounting.GaussianDpEvent(1.1)
+          )
+      )
+      self.assertAlmostEqual(
+          float(row['epsilon']), accountant.get_epsilon(1e-4), places=10
+      )
+      self.assertEqual(float(row['delta']), 1e-4)
+
+    with open(os.path.join(output_dir, 'config.json')) as f:
+      config = json.load(f)
+    self.assertEqual(config['noise_multiplier'], 1.1)
+    self.assertEqual(config['rounds'], 3)
+    for name in ('task', 'aggregator', 'clip', 'clients_per_round', 'sampling',
+                 'local_epochs', 'batch_size', 'client_lr', 'server_lr',
+                 'server_momentum', 'delta', 'seed', 'output_dir'):
+      self.assertIn(name, config)
+    # The run stopped its TFF worker before exiting.
+    self.assertEmpty(_worker_pids() - workers_before)
+
+    rerun = _run_train(f'--output_dir={output_dir}', '--rounds=1')
+    self.assertEqual(rerun.returncode, 2)
+    self.assertIn('--overwrite', rerun.stderr)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -76,7 +76,7 @@ class LocalWorker:
     deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
     while not self.stub.is_ready:
       if self._process.poll() is not None or time.monotonic() > deadline:
-        self.stop()
+        self.stop(keep_log=True)
         raise RuntimeError(
             f'TFF worker on port {self.port} did not start; see {self.log_path}'
         )
@@ -86,7 +86,8 @@ class LocalWorker:
   def pid(self) -> int:
     return self._process.pid
 
-  def stop(self) -> None:
+  def stop(self, keep_log: bool = False) -> None:
+    """Stops the worker; its log is removed unless `keep_log`."""
     if self._process.poll() is None:
       self._process.send_signal(signal.SIGINT)
       try:
@@ -95,6 +96,8 @@ class LocalWorker:
         self._process.kill()
         self._process.wait()
     atexit.unregister(self.stop)
+    if not keep_log and os.path.exists(self.log_path):
+      os.remove(self.log_path)
 
 
 class _OutsideLocalExecution(tff.framework.SyncContext):

@@ -44,6 +44,7 @@ class LocalExecutionTest(absltest.TestCase):
       self.assertEqual(_add_one(41), 42)
       self.assertTrue(_alive(worker.pid))
     self.assertTrue(_wait_until_dead(worker.pid))
+    self.assertFalse(os.path.exists(worker.log_path))
     # The outer (session) context is back in force.
     self.assertEqual(_add_one(1), 2)
 
@@ -58,6 +59,8 @@ class LocalExecutionTest(absltest.TestCase):
     parent = subprocess.Popen(
         [sys.executable, '-c', script], cwd=_REPO_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        # A killed parent leaves its worker's log for diagnosis; keep it here.
+        env=dict(os.environ, TMPDIR=self.create_tempdir().full_path),
     )
     try:
       worker_pid = int(parent.stdout.readline())

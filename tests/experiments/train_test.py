@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 
-from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
 from absl.testing import parameterized
@@ -38,12 +37,6 @@ def _worker_pids() -> set[int]:
 
 
 class FlagValidationTest(parameterized.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS(['train'])
 
   def test_defaults_are_valid(self):
     with flagsaver.flagsaver(output_dir=self.create_tempdir().full_path):

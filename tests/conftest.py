@@ -13,6 +13,7 @@ from dp_fedavg import execution  # pylint: disable=g-import-not-at-top
 # which pytest does not parse.
 flags.FLAGS.mark_as_parsed()
 
+
 @pytest.fixture(scope='session', autouse=True)
 def tff_worker():
   with execution.local_execution() as worker:

@@ -209,6 +209,11 @@ class GaussianFixedClipFactory(tff.aggregators.UnweightedAggregationFactory):
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
+def round_dp_event(noise_multiplier: float) -> dp_accounting.DpEvent:
+  """One round of the mechanism with noise multiplier z, before sampling."""
+  return dp_accounting.GaussianDpEvent(float(noise_multiplier))
+
+
 def dp_event_from_state(state) -> dp_accounting.DpEvent:
   """The per-round DpEvent of a `GaussianFixedClipFactory` process state.
 
@@ -219,4 +224,4 @@ def dp_event_from_state(state) -> dp_accounting.DpEvent:
   Returns:
     `GaussianDpEvent` with a Python-float noise multiplier, before sampling.
   """
-  return dp_accounting.GaussianDpEvent(float(state['noise_multiplier']))
+  return round_dp_event(state['noise_multiplier'])

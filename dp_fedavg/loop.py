@@ -26,7 +26,8 @@ class RoundResult:
   """What one round produced.
 
   `train_loss` is the clients' mean training loss: a diagnostic that is *not*
-  privatized. `epsilon` is the privacy spent by all rounds so far, at `delta`.
+  privatized. `epsilon` is the privacy spent by all rounds so far, at `delta`,
+  by the named `accountant` ('rdp' or 'pld').
   `eval_*` are None on rounds without evaluation.
   """
 
@@ -36,9 +37,19 @@ class RoundResult:
   eval_loss: Optional[float]
   eval_accuracy: Optional[float]
   epsilon: float
+  accountant: str
   delta: float
   seconds: float
   aggregator: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOutcome:
+  """How training ended: the final state and why it stopped."""
+
+  state: tff.learning.templates.LearningAlgorithmState
+  rounds_completed: int
+  stop_reason: str
 
 
 def _scalar_measurements(measurements, prefix: str = '') -> dict[str, Any]:
@@ -81,9 +92,10 @@ def run_training(
     batch_size: int,
     eval_every: int = 1,
     seed: int = 0,
+    target_epsilon: Optional[float] = None,
     on_round: Callable[[RoundResult], None] = lambda result: None,
-) -> tff.learning.templates.LearningAlgorithmState:
-  """Trains for `rounds` rounds and returns the final process state.
+) -> TrainingOutcome:
+  """Trains for `rounds` rounds, or until the privacy budget would run out.
 
   Args:
     process: a `tff.learning` process (see `dp_fedavg.process`).
@@ -98,12 +110,26 @@ def run_training(
     batch_size: client batch size, >= 1.
     eval_every: evaluate every this many rounds, and after the last one.
     seed: seed of the clients' shuffling.
+    target_epsilon: if set, training stops before the first round whose
+      composition would take epsilon above it; a round is never run first.
     on_round: called with every round's result, in order.
   """
   client_ids = task.train_data.client_ids
   state = process.initialize()
   elapsed = 0.0
   for round_num in range(1, rounds + 1):
+    if target_epsilon is not None:
+      # The aggregator's state before the round fixes the round's event.
+      next_epsilon = accountant.epsilon_after_round(
+          dp_event_fn(state.aggregator)
+      )
+      if next_epsilon > target_epsilon:
+        reason = (
+            f'stopped before round {round_num}: it would take epsilon to '
+            f'{next_epsilon:.4g}, above the target {target_epsilon:g}'
+        )
+        logging.info('%s', reason)
+        return TrainingOutcome(state, round_num - 1, reason)
     start = time.monotonic()
     cohort = sampler.sample()
     client_datasets = [
@@ -122,6 +148,7 @@ def run_training(
       evaluation = evaluate(process.get_model_weights(state))
     seconds = time.monotonic() - start
     elapsed += seconds
+    epsilon, accountant_name = accountant.epsilon_and_accountant()
     result = RoundResult(
         round=round_num,
         cohort_size=len(cohort),
@@ -129,11 +156,12 @@ def run_training(
         if len(cohort) else math.nan,
         eval_loss=evaluation.get('loss'),
         eval_accuracy=evaluation.get('accuracy'),
-        epsilon=accountant.epsilon(),
+        epsilon=epsilon,
+        accountant=accountant_name,
         delta=accountant.delta,
         seconds=seconds,
         aggregator=aggregator_measurements,
     )
     _log_round(result, rounds, elapsed / round_num * (rounds - round_num))
     on_round(result)
-  return state
+  return TrainingOutcome(state, rounds, 'all rounds completed')

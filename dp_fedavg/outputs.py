@@ -15,9 +15,11 @@ from typing import Any
 import tensorflow_federated as tff
 
 from dp_fedavg import loop
+from dp_fedavg.tasks import base
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.csv'
+MODEL_FILE = 'final_model.keras'
 
 
 class RunOutputs:
@@ -58,3 +60,15 @@ class RunOutputs:
         (name, '' if value is None else value) for name, value in row.items()
     )
     asyncio.run(self._metrics.release(row, key=result.round))
+
+  def save_model(
+      self,
+      task: base.FederatedTask,
+      model_weights: tff.learning.models.ModelWeights,
+  ) -> str:
+    """Saves the weights as a whole Keras model; returns the file's path."""
+    model = task.keras_model_fn()
+    model_weights.assign_weights_to(model)
+    path = os.path.join(self.output_dir, MODEL_FILE)
+    model.save(path)
+    return path

@@ -17,6 +17,8 @@ class SamplingScheme(enum.Enum):
   UNIFORM = 'uniform'
   # Each client independently with probability q = clients_per_round / N.
   POISSON = 'poisson'
+  # Every client, every round (clients_per_round is ignored).
+  FULL = 'full'
 
 
 class ClientSampler:
@@ -33,14 +35,16 @@ class ClientSampler:
       clients_per_round: int,
       seed: int,
   ):
+    self.scheme = SamplingScheme(scheme)
     if num_clients < 1:
       raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
+    if self.scheme is SamplingScheme.FULL:
+      clients_per_round = num_clients
     if not 1 <= clients_per_round <= num_clients:
       raise ValueError(
           f'clients_per_round must be in [1, num_clients={num_clients}], got '
           f'{clients_per_round}.'
       )
-    self.scheme = SamplingScheme(scheme)
     self.num_clients = num_clients
     self.clients_per_round = clients_per_round
     self._rng = np.random.default_rng(seed)
@@ -52,6 +56,8 @@ class ClientSampler:
 
   def sample(self) -> np.ndarray:
     """The next round's cohort, sorted client indices (may be empty if Poisson)."""
+    if self.scheme is SamplingScheme.FULL:
+      return np.arange(self.num_clients)
     if self.scheme is SamplingScheme.UNIFORM:
       cohort = self._rng.choice(
           self.num_clients, size=self.clients_per_round, replace=False

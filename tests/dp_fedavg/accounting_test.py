@@ -8,6 +8,7 @@ from dp_fedavg import sampling
 
 _POISSON = sampling.SamplingScheme.POISSON
 _UNIFORM = sampling.SamplingScheme.UNIFORM
+_FULL = sampling.SamplingScheme.FULL
 
 
 def _direct_epsilon(event, rounds, delta, relation):
@@ -34,17 +35,32 @@ class PrivacyAccountantTest(parameterized.TestCase):
 
   def test_tff_tutorial_setting_poisson(self):
     # TFF's DP tutorial: z=1.2, expected 120 of 3,383 clients, 100 rounds.
-    accountant = accounting.PrivacyAccountant(_POISSON, 3383, 120, 1e-5)
-    epsilon = _compose(accountant, dp_accounting.GaussianDpEvent(1.2), 100)
-    expected = _direct_epsilon(
-        dp_accounting.PoissonSampledDpEvent(
-            120 / 3383, dp_accounting.GaussianDpEvent(1.2)
-        ),
-        100, 1e-5, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    event = dp_accounting.PoissonSampledDpEvent(
+        120 / 3383, dp_accounting.GaussianDpEvent(1.2)
     )
-    self.assertAlmostEqual(epsilon, expected, places=12)
-    self.assertAlmostEqual(epsilon, 1.99, delta=0.01)
+    accountant = accounting.PrivacyAccountant(_POISSON, 3383, 120, 1e-5)
+    _compose(accountant, dp_accounting.GaussianDpEvent(1.2), 100)
+    epsilons = accountant.epsilons()
+    rdp = _direct_epsilon(
+        event, 100, 1e-5, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(event, 100)
+    self.assertAlmostEqual(epsilons['rdp'], rdp, places=12)
+    self.assertAlmostEqual(epsilons['rdp'], 1.99, delta=0.01)
+    self.assertAlmostEqual(epsilons['pld'], pld.get_epsilon(1e-5), places=6)
+    self.assertAlmostEqual(epsilons['pld'], 1.71, delta=0.01)
+    self.assertEqual(accountant.epsilon_and_accountant(), (epsilons['pld'], 'pld'))
     self.assertEqual(accountant.rounds, 100)
+
+  @parameterized.parameters(
+      (accounting.AccountantKind.RDP, 'rdp'), (accounting.AccountantKind.PLD, 'pld')
+  )
+  def test_chosen_accountant_is_the_one_reported(self, kind, name):
+    accountant = accounting.PrivacyAccountant(_POISSON, 3383, 120, 1e-5, kind)
+    _compose(accountant, dp_accounting.GaussianDpEvent(1.2), 10)
+    self.assertEqual(list(accountant.epsilons()), [name])
+    self.assertEqual(accountant.epsilon_and_accountant()[1], name)
 
   @parameterized.parameters(_POISSON, _UNIFORM)
   def test_float32_parameters_give_same_epsilon_as_python_floats(self, scheme):
@@ -129,19 +145,33 @@ class PrivacyAccountantTest(parameterized.TestCase):
     accountant.compose_round(event)
     self.assertEqual(accountant.epsilon(), float('inf'))
 
-  def test_cached_composition_matches_plain_accountant_for_mixed_rounds(self):
+  @parameterized.parameters(_POISSON, _UNIFORM, _FULL)
+  def test_cached_composition_matches_plain_accountants_for_mixed_rounds(
+      self, scheme
+  ):
     events = [dp_accounting.GaussianDpEvent(z) for z in (1.0, 2.0, 1.0, 0.7)]
-    for scheme in (_POISSON, _UNIFORM):
-      accountant = accounting.PrivacyAccountant(scheme, 500, 25, 1e-6)
-      plain = dp_accounting.rdp.RdpAccountant(
-          neighboring_relation=accountant.neighboring_relation
+    accountant = accounting.PrivacyAccountant(scheme, 500, 25, 1e-6)
+    plain_rdp = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=accountant.neighboring_relation
+    )
+    plain_pld = dp_accounting.pld.PLDAccountant(
+        value_discretization_interval=1e-4
+    )
+    for event in events:
+      accountant.compose_round(event)
+      plain_rdp.compose(accountant.round_event(event))
+      epsilons = accountant.epsilons()
+      self.assertAlmostEqual(
+          epsilons['rdp'], plain_rdp.get_epsilon(1e-6), places=10
       )
-      for event in events:
-        accountant.compose_round(event)
-        plain.compose(accountant.round_event(event))
+      if scheme is _UNIFORM:
+        self.assertNotIn('pld', epsilons)  # PLD has no without-replacement.
+      else:
+        plain_pld.compose(accountant.round_event(event))
         self.assertAlmostEqual(
-            accountant.epsilon(), plain.get_epsilon(1e-6), places=10
+            epsilons['pld'], plain_pld.get_epsilon(1e-6), places=4
         )
+      self.assertEqual(accountant.epsilon(), min(epsilons.values()))
 
   def test_no_rounds_spend_nothing(self):
     self.assertEqual(

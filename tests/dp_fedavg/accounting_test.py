@@ -25,6 +25,12 @@ def _two_gaussians(number):
   ])
 
 
+def _epsilon_after(accountant, event, rounds):
+  for _ in range(rounds - 1):
+    accountant.compose_round(event)
+  return accountant.epsilon()
+
+
 def _compose(accountant, event, rounds):
   for _ in range(rounds):
     accountant.compose_round(event)
@@ -186,6 +192,99 @@ class PrivacyAccountantTest(parameterized.TestCase):
     ]
     self.assertEqual(epsilons, sorted(epsilons))
     self.assertLess(epsilons[0], epsilons[-1])
+
+  @parameterized.parameters(
+      (_POISSON, accounting.AccountantKind.RDP),
+      (_UNIFORM, accounting.AccountantKind.RDP),
+      (_POISSON, accounting.AccountantKind.AUTO),
+  )
+  def test_calibrated_noise_meets_target_and_is_minimal(self, scheme, kind):
+    target, rounds = 2.0, 100
+
+    def epsilon_for(z):
+      accountant = accounting.PrivacyAccountant(scheme, 3383, 120, 1e-5, kind)
+      accountant.compose_round(dp_accounting.GaussianDpEvent(z))
+      return accountant.epsilon() if rounds == 1 else _epsilon_after(
+          accountant, dp_accounting.GaussianDpEvent(z), rounds
+      )
+
+    z = accounting.PrivacyAccountant(
+        scheme, 3383, 120, 1e-5, kind
+    ).calibrate_noise_multiplier(dp_accounting.GaussianDpEvent, target, rounds)
+    self.assertLessEqual(epsilon_for(z), target)
+    self.assertGreaterEqual(epsilon_for(z), 0.99 * target)
+    self.assertGreater(epsilon_for(0.99 * z), target)
+
+  def test_unreachable_target_raises(self):
+    accountant = accounting.PrivacyAccountant(_POISSON, 100, 100, 1e-5)
+    with self.assertRaisesRegex(ValueError, 'no noise multiplier'):
+      accountant.calibrate_noise_multiplier(
+          lambda z: dp_accounting.NonPrivateDpEvent(), 1.0, 10
+      )
+
+  @parameterized.parameters((_POISSON, 1.0), (_UNIFORM, 5.0))
+  def test_rounds_within_budget_matches_round_by_round(self, scheme, target):
+    event = dp_accounting.GaussianDpEvent(2.0)
+    accountant = accounting.PrivacyAccountant(scheme, 200, 20, 1e-5)
+    accountant.compose_round(event)  # Counts from the rounds already spent.
+    allowed = accountant.rounds_within_budget(event, target, max_rounds=60)
+    for _ in range(allowed):
+      accountant.compose_round(event)
+    self.assertLessEqual(accountant.epsilon(), target)
+    self.assertGreater(accountant.epsilon_after_round(event), target)
+    self.assertBetween(allowed, 1, 59)
+
+  def test_epsilon_after_round_does_not_compose(self):
+    accountant = accounting.PrivacyAccountant(_POISSON, 100, 10, 1e-5)
+    event = dp_accounting.GaussianDpEvent(1.0)
+    accountant.compose_round(event)
+    before = accountant.epsilon()
+    peek = accountant.epsilon_after_round(event)
+    self.assertEqual(accountant.epsilon(), before)
+    self.assertEqual(accountant.rounds, 1)
+    accountant.compose_round(event)
+    self.assertEqual(accountant.epsilon(), peek)
+
+  def test_full_participation_is_unsampled_add_remove_gaussian(self):
+    accountant = accounting.PrivacyAccountant(_FULL, 50, 1, 1e-5)
+    self.assertEqual(accountant.clients_per_round, 50)
+    _compose(accountant, dp_accounting.GaussianDpEvent(5.0), 20)
+    epsilons = accountant.epsilons()
+    self.assertAlmostEqual(
+        epsilons['rdp'],
+        _direct_epsilon(
+            dp_accounting.GaussianDpEvent(5.0), 20, 1e-5,
+            dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        ),
+        places=10,
+    )
+    self.assertLess(epsilons['pld'], epsilons['rdp'])
+
+  def test_pld_collapses_poisson_sampled_composed_gaussians(self):
+    # PLD rejects Poisson(Composed(Gaussians)); one Gaussian with
+    # z_eff = (sum z_i^-2)^(-1/2) is the same mechanism.
+    accountant = accounting.PrivacyAccountant(
+        _POISSON, 3400, 50, 1e-5, accounting.AccountantKind.PLD
+    )
+    _compose(accountant, _two_gaussians(float), 50)
+    z_eff = (1.0041**-2 + 10.0**-2) ** -0.5
+    reference = dp_accounting.pld.PLDAccountant(
+        value_discretization_interval=1e-4
+    )
+    reference.compose(
+        dp_accounting.PoissonSampledDpEvent(
+            50 / 3400, dp_accounting.GaussianDpEvent(z_eff)
+        ),
+        50,
+    )
+    self.assertAlmostEqual(accountant.epsilon(), reference.get_epsilon(1e-5), 6)
+
+  def test_pld_with_uniform_sampling_is_refused_with_the_alternative(self):
+    accountant = accounting.PrivacyAccountant(
+        _UNIFORM, 100, 10, 1e-5, accounting.AccountantKind.PLD
+    )
+    with self.assertRaisesRegex(ValueError, 'use one of: rdp'):
+      accountant.check_supported(dp_accounting.GaussianDpEvent(1.0))
 
   @parameterized.named_parameters(
       ('delta_zero', dict(delta=0.0), 'delta'),

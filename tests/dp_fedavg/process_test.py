@@ -34,7 +34,7 @@ class DpFedAvgProcessTest(tf.test.TestCase):
     accountant = accounting.PrivacyAccountant(
         sampling.SamplingScheme.UNIFORM, _NUM_CLIENTS, _COHORT, 1e-5
     )
-    loop.run_training(
+    outcome = loop.run_training(
         self.process,
         self.task,
         sampling.ClientSampler('uniform', _NUM_CLIENTS, _COHORT, seed=0),
@@ -50,6 +50,7 @@ class DpFedAvgProcessTest(tf.test.TestCase):
         on_round=results.append,
     )
     self.assertLen(results, 30)
+    self.assertEqual(outcome.rounds_completed, 30)
     self.assertEqual([r.round for r in results], list(range(1, 31)))
     self.assertGreaterEqual(results[-1].eval_accuracy, 0.85)
     self.assertIsNone(results[0].eval_accuracy)
@@ -88,6 +89,40 @@ class DpFedAvgProcessTest(tf.test.TestCase):
         any(not np.array_equal(b, a) for b, a in zip(before, after)),
         'the healthy clients should still move the model',
     )
+
+  def test_target_epsilon_stops_before_the_round_that_would_exceed_it(self):
+    # The loop decides from the accountant and the round's event alone; an
+    # event of z=2 is given for this noiseless process to exercise it.
+    event = dp_accounting.GaussianDpEvent(2.0)
+    accountant = accounting.PrivacyAccountant(
+        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5
+    )
+    reference = accounting.PrivacyAccountant(
+        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5
+    )
+    target = 0.9
+    allowed = reference.rounds_within_budget(event, target, max_rounds=10)
+    self.assertBetween(allowed, 1, 9)
+    results = []
+    outcome = loop.run_training(
+        self.process,
+        self.task,
+        sampling.ClientSampler('poisson', _NUM_CLIENTS, _COHORT, seed=1),
+        accountant,
+        lambda state: event,
+        lambda weights: {'loss': 0.0, 'accuracy': 0.0},
+        rounds=10,
+        local_epochs=1,
+        batch_size=8,
+        eval_every=10,
+        target_epsilon=target,
+        on_round=results.append,
+    )
+    self.assertEqual(outcome.rounds_completed, allowed)
+    self.assertLen(results, allowed)
+    self.assertIn(f'before round {allowed + 1}', outcome.stop_reason)
+    self.assertLessEqual(results[-1].epsilon, target)
+    self.assertGreater(accountant.epsilon_after_round(event), target)
 
   def test_dp_event_is_the_factorys_noise_multiplier(self):
     state = self.process.initialize()

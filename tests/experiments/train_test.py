@@ -9,6 +9,7 @@ from absl.testing import absltest
 from absl.testing import flagsaver
 from absl.testing import parameterized
 import dp_accounting
+import tensorflow as tf
 
 from experiments import train
 
@@ -61,6 +62,9 @@ class FlagValidationTest(parameterized.TestCase):
       ('zero_epochs', dict(local_epochs=0), '--local_epochs'),
       ('zero_client_lr', dict(client_lr=0.0), '--client_lr'),
       ('bad_alpha', dict(dirichlet_alpha=0.0), '--dirichlet_alpha'),
+      ('unknown_accountant', dict(accountant='gdp'), '--accountant=gdp'),
+      ('negative_target', dict(target_epsilon=-1.0), '--target_epsilon'),
+      ('unknown_calibration', dict(calibrate='clip'), '--calibrate=clip'),
   )
   def test_out_of_range_flag_is_named(self, overrides, flag_text):
     overrides.setdefault('output_dir', self.create_tempdir().full_path)
@@ -70,6 +74,24 @@ class FlagValidationTest(parameterized.TestCase):
     self.assertIn(flag_text, error)
     self.assertIn('must be', error)
     self.assertNotIn('\n', error)
+
+  @parameterized.named_parameters(
+      ('calibrate_without_target', dict(calibrate='noise'), '--target_epsilon'),
+      ('target_without_privacy', dict(aggregator='none', target_epsilon=1.0),
+       '--aggregator=none'),
+  )
+  def test_inconsistent_flags_are_named(self, overrides, flag_text):
+    with flagsaver.flagsaver(
+        output_dir=self.create_tempdir().full_path, **overrides
+    ):
+      self.assertIn(flag_text, train.flag_error())
+
+  def test_full_participation_ignores_clients_per_round(self):
+    with flagsaver.flagsaver(
+        sampling='full', clients_per_round=1000,
+        output_dir=self.create_tempdir().full_path,
+    ):
+      self.assertIsNone(train.flag_error())
 
   def test_cohort_message_states_the_sampling_rate_range(self):
     with flagsaver.flagsaver(
@@ -105,6 +127,7 @@ class TrainBinaryTest(absltest.TestCase):
         f'--output_dir={output_dir}', '--rounds=3', '--eval_every=2',
         '--num_clients=50', '--clients_per_round=10', '--noise_multiplier=1.1',
         '--clip=0.5', '--sampling=poisson', '--delta=1e-4', '--seed=5',
+        '--accountant=rdp',
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertLen(re.findall(r'round \d/3 ', result.stderr), 3, result.stderr)
@@ -113,8 +136,8 @@ class TrainBinaryTest(absltest.TestCase):
     with open(os.path.join(output_dir, 'metrics.csv')) as f:
       rows = list(csv.DictReader(f))
     self.assertLen(rows, 3)
-    for column in ('round', 'train_loss', 'eval_accuracy', 'epsilon', 'delta',
-                   'seconds', 'aggregator_clipped_count'):
+    for column in ('round', 'train_loss', 'eval_accuracy', 'epsilon',
+                   'accountant', 'delta', 'seconds', 'aggregator_clipped_count'):
       self.assertIn(column, rows[0])
     self.assertEqual([r['round'] for r in rows], ['1', '2', '3'])
     self.assertEqual(rows[0]['eval_accuracy'], '')  # Evaluated on 2 and 3.
@@ -131,10 +154,16 @@ class TrainBinaryTest(absltest.TestCase):
           float(row['epsilon']), accountant.get_epsilon(1e-4), places=10
       )
       self.assertEqual(float(row['delta']), 1e-4)
+      self.assertEqual(row['accountant'], 'rdp')
 
     with open(os.path.join(output_dir, 'config.json')) as f:
       config = json.load(f)
     self.assertEqual(config['noise_multiplier'], 1.1)
+    self.assertEqual(config['noise_multiplier_used'], 1.1)
+    model = tf.keras.models.load_model(
+        os.path.join(output_dir, 'final_model.keras')
+    )
+    self.assertEqual(model.output_shape, (None, 10))
     self.assertEqual(config['rounds'], 3)
     for name in ('task', 'aggregator', 'clip', 'clients_per_round', 'sampling',
                  'local_epochs', 'batch_size', 'client_lr', 'server_lr',
@@ -146,6 +175,24 @@ class TrainBinaryTest(absltest.TestCase):
     rerun = _run_train(f'--output_dir={output_dir}', '--rounds=1')
     self.assertEqual(rerun.returncode, 2)
     self.assertIn('--overwrite', rerun.stderr)
+
+  def test_calibrated_run_uses_the_noise_that_meets_the_target(self):
+    output_dir = self.create_tempdir().full_path
+    result = _run_train(
+        f'--output_dir={output_dir}', '--rounds=2', '--eval_every=2',
+        '--num_clients=100', '--clients_per_round=10', '--sampling=uniform',
+        '--target_epsilon=3', '--calibrate=noise',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('calibrated noise multiplier', result.stderr)
+    with open(os.path.join(output_dir, 'config.json')) as f:
+      noise_multiplier = json.load(f)['noise_multiplier_used']
+    with open(os.path.join(output_dir, 'metrics.csv')) as f:
+      rows = list(csv.DictReader(f))
+    self.assertLen(rows, 2)
+    self.assertBetween(float(rows[-1]['epsilon']), 0.99 * 3, 3.0)
+    self.assertEqual(rows[-1]['accountant'], 'rdp')  # Uniform: RDP only.
+    self.assertGreater(noise_multiplier, 1.0)
 
 
 if __name__ == '__main__':

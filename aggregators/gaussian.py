@@ -1,65 +1,124 @@
-"""Gaussian mechanism with a fixed, flat L2 clip, as a TFF aggregation factory.
+"""Gaussian mechanism with fixed or adaptive, flat or per-layer clipping.
 
-Privacy guarantee. Each client's update is clipped to L2 norm `clip`, taken
-over all of its tensors at once. An update that holds a NaN or an Inf is
-replaced by zeros and counted, never clipped into the sum. Adding or removing
-one client therefore moves the sum by at most `clip` in L2 norm. Noise drawn
-from N(0, (noise_multiplier * clip)^2) is added to every coordinate of the sum,
-so each round is the Gaussian mechanism with noise multiplier
-`noise_multiplier` under add/remove-one-client adjacency, which is
-`dp_accounting.GaussianDpEvent(noise_multiplier)`. The sum is then divided by
-the *expected* number of clients per round. That denominator is a constant: it
-does not depend on who was sampled, so the division is post-processing.
-Amplification by client sampling is not part of this event; the accountant
-wraps the event in the event for the sampling that was actually used.
+Privacy guarantee, per round, under add/remove-one-client adjacency:
 
-The noise multiplier is kept in the state as float64, so the event built from
-the state carries the exact Python float the factory was given. dp-accounting
-0.4.3 mis-composes events with numpy float32 parameters, so
-`dp_event_from_state` returns Python floats.
+* Clipping. Each client's update is clipped to total L2 bound S (flat, or per
+  layer with sqrt(sum_j S_j^2) = S; see `aggregators.clipping`). An update
+  that holds a NaN or an Inf is replaced by zeros and counted. Adding or
+  removing one client therefore moves the sum by at most S in L2 norm.
+* Fixed clip, server noise. N(0, (z S)^2) is added to every coordinate of the
+  sum: the Gaussian mechanism with noise multiplier z,
+  `GaussianDpEvent(z)`.
+* Adaptive clip (Andrew et al. 2021, "Differentially Private Learning with
+  Adaptive Clipping"). Each client also reports b_i = 1 if its update was not
+  clipped. The server releases sum_i (b_i - 1/2) + N(0, sigma_b^2). Adding or
+  removing one client moves that sum by 1/2, so it is a Gaussian mechanism
+  with noise multiplier 2 sigma_b. The unclipped fraction
+  b_hat = clip(released / n + 1/2, 0, 1) moves the clip geometrically:
+  S <- S exp(-eta (b_hat - gamma)). Both queries act on the same clients, so
+  the round is `ComposedDpEvent([GaussianDpEvent(z_update),
+  GaussianDpEvent(2 sigma_b)])`. Its effective multiplier is the z requested
+  by the caller, because z^-2 = z_update^-2 + (2 sigma_b)^-2. The next round's
+  clip is post-processing of released values.
+* Client noise (`noise_placement='client'`). Every client adds the full
+  N(0, (z S)^2) to its own clipped update before sending it, so the server
+  never sees an unnoised update. Each message is a Gaussian mechanism on that
+  client's update alone. Under replacement of the update (sensitivity 2S) that
+  is `GaussianDpEvent(z / 2)`. The server knows who took part, so sampling
+  amplifies nothing: `local_dp_event_from_state` is per participating round,
+  composed without sampling. The released sum carries the noise of every
+  participant, so the central guarantee is at least the server-noise one.
+
+The sum is divided by the *expected* number of clients per round, a constant:
+that division is post-processing. Noise multipliers are kept in the state as
+float64, and events are built from Python floats (dp-accounting 0.4.3
+mis-composes numpy float32 parameters).
 """
 
 import collections
+import dataclasses
+import math
 from typing import Optional
 
 import dp_accounting
-import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from aggregators import clipping as clipping_lib
+from aggregators.common import all_finite
+from aggregators.common import check_number
+from aggregators.common import check_seed
+from aggregators.common import initial_seed
 
-def _check_finite_float(value, name: str) -> float:
-  """Returns `value` as a Python float; raises TypeError or ValueError."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-    raise TypeError(f'{name} must be a number, got {value!r}.')
-  value = float(value)
-  if not np.isfinite(value):
-    raise ValueError(f'{name} must be finite, got {value}.')
-  return value
-
-
-def _all_finite(tensors) -> tf.Tensor:
-  return tf.reduce_all(
-      [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(tensors)]
-  )
+NOISE_PLACEMENTS = ('server', 'client')
+# The count gets at most this share of the privacy budget (in z^-2 terms) when
+# clipped_count_stddev is chosen automatically.
+_COUNT_BUDGET_SHARE = 0.01
 
 
-class GaussianFixedClipFactory(tff.aggregators.UnweightedAggregationFactory):
-  """Clips each client update to a flat L2 norm and adds Gaussian noise.
+@dataclasses.dataclass(frozen=True)
+class AdaptiveClipping:
+  """Quantile tracking of the clip (Andrew et al. 2021).
 
-  The created process averages client values placed at `tff.CLIENTS`:
-  `(sum of clipped updates + N(0, (z * clip)^2 I)) / expected_clients_per_round`
-  placed at `tff.SERVER`.
+  Attributes:
+    target_quantile: gamma, the fraction of clients to leave unclipped, [0, 1].
+    learning_rate: eta of the geometric update, >= 0.
+    clipped_count_stddev: sigma_b, the noise on the unclipped count. None picks
+      max(0.05 n, 5 z): the paper's n/20 where the cohort allows, and small
+      cohorts still work, with the count taking at most 1% of z^-2.
+  """
 
-  State: `clip` (float32), `noise_multiplier` (float64, the z above) and
-  `noise_seed` (int64[2], advanced every round, so a fixed seed gives a
-  reproducible run).
+  target_quantile: float = 0.5
+  learning_rate: float = 0.2
+  clipped_count_stddev: Optional[float] = None
 
-  Measurements: `clip`; `sum_noise_stddev`, the stddev added to each coordinate
-  of the sum (divide by `expected_clients_per_round` for the mean);
-  `clipped_count`, how many finite updates had a norm above `clip`;
-  `nonfinite_count`, how many updates held a NaN or Inf and were replaced by
-  zeros.
+
+def adaptive_noise_split(
+    noise_multiplier: float,
+    expected_clients_per_round: float,
+    clipped_count_stddev: Optional[float] = None,
+) -> tuple[float, float]:
+  """Splits total z into (z_update, sigma_b) with z^-2 = z_update^-2 + (2 sigma_b)^-2.
+
+  Raises:
+    ValueError: if sigma_b is too small to leave any budget for the update.
+  """
+  if noise_multiplier == 0:
+    return 0.0, float(clipped_count_stddev or 0.0)
+  if clipped_count_stddev is None:
+    clipped_count_stddev = max(
+        0.05 * expected_clients_per_round,
+        noise_multiplier / (2 * math.sqrt(_COUNT_BUDGET_SHARE)),
+    )
+  if not 2 * clipped_count_stddev > noise_multiplier:
+    raise ValueError(
+        f'clipped_count_stddev={clipped_count_stddev:g} leaves no privacy '
+        f'budget for the update at noise_multiplier={noise_multiplier:g}: it '
+        f'must exceed noise_multiplier / 2 = {noise_multiplier / 2:g}. Raise '
+        '--clipped_count_stddev (or leave it unset), or lower '
+        '--noise_multiplier.'
+    )
+  update_noise = (noise_multiplier**-2 - (2 * clipped_count_stddev) ** -2) ** -0.5
+  return float(update_noise), float(clipped_count_stddev)
+
+
+class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
+  """Clips each client update and adds Gaussian noise; see the module docstring.
+
+  The created process averages client values placed at `tff.CLIENTS` into
+  `(sum of clipped updates + noise) / expected_clients_per_round` at
+  `tff.SERVER`.
+
+  State: `clip` (float32 S), `layer_shares` (float32[m], S_j / S),
+  `noise_multiplier` (float64 z_update), `clipped_count_stddev` (float64
+  sigma_b, 0 for a fixed clip) and `noise_seed` (int64[2], advanced every
+  round).
+
+  Measurements: `clip` (S used this round); `sum_noise_stddev`, the stddev of
+  the noise on each coordinate of the sum (server placement: z S; client:
+  z S sqrt(participants)); `clipped_count`, finite updates that were scaled;
+  `nonfinite_count`, updates replaced by zeros; `unclipped_fraction`, the
+  noised b_hat that moved the clip (adaptive) or the exact fraction (fixed).
   """
 
   def __init__(
@@ -67,116 +126,212 @@ class GaussianFixedClipFactory(tff.aggregators.UnweightedAggregationFactory):
       noise_multiplier: float,
       clip: float,
       expected_clients_per_round: float,
+      clipping: clipping_lib.Clipping | str = clipping_lib.Clipping.FLAT,
+      adaptive: Optional[AdaptiveClipping] = None,
+      noise_placement: str = 'server',
       noise_seed: Optional[int] = None,
   ):
     """Initializes the factory.
 
     Args:
-      noise_multiplier: z >= 0; the noise stddev on the sum is `z * clip`.
-      clip: the L2 norm bound of one client's whole update, > 0.
+      noise_multiplier: total z >= 0 (split with the count when adaptive).
+      clip: the total L2 bound S (the initial one when adaptive), > 0.
       expected_clients_per_round: the constant denominator of the mean, > 0.
-      noise_seed: seed of the noise stream; None draws one at `initialize`.
+      clipping: 'flat', 'per_layer_uniform' or 'per_layer_adaptive'.
+      adaptive: adapt S to a quantile of update norms; None keeps S fixed.
+      noise_placement: 'server' (central DP) or 'client' (each client noises
+        its own update; requires a fixed clip).
+      noise_seed: seed of the server's noise stream; None draws one.
 
     Raises:
-      TypeError: if an argument is not a number (or an int seed).
-      ValueError: if an argument is outside its range.
+      TypeError: if an argument is not of its type.
+      ValueError: if an argument is outside its range or the noise cannot be
+        split between update and count.
     """
-    noise_multiplier = _check_finite_float(noise_multiplier, 'noise_multiplier')
-    if noise_multiplier < 0:
-      raise ValueError(
-          f'noise_multiplier must be >= 0, got {noise_multiplier}.'
-      )
-    clip = _check_finite_float(clip, 'clip')
-    if clip <= 0:
-      raise ValueError(f'clip must be > 0, got {clip}.')
-    expected_clients_per_round = _check_finite_float(
-        expected_clients_per_round, 'expected_clients_per_round'
+    self._noise_multiplier = check_number(
+        noise_multiplier, 'noise_multiplier', 0, strict=False
     )
-    if expected_clients_per_round <= 0:
+    self._clip = check_number(clip, 'clip', 0, strict=True)
+    self._expected_clients_per_round = check_number(
+        expected_clients_per_round, 'expected_clients_per_round', 0, strict=True
+    )
+    self._clipping = clipping_lib.Clipping(clipping)
+    if noise_placement not in NOISE_PLACEMENTS:
       raise ValueError(
-          'expected_clients_per_round must be > 0, got '
-          f'{expected_clients_per_round}.'
+          f'noise_placement must be one of {NOISE_PLACEMENTS}, got '
+          f'{noise_placement!r}.'
       )
-    if noise_seed is not None and (
-        isinstance(noise_seed, bool) or not isinstance(noise_seed, int)
-    ):
-      raise TypeError(f'noise_seed must be an int or None, got {noise_seed!r}.')
-    self._noise_multiplier = noise_multiplier
-    self._clip = clip
-    self._expected_clients_per_round = expected_clients_per_round
-    self._noise_seed = noise_seed
+    self._noise_placement = noise_placement
+    self._noise_seed = check_seed(noise_seed)
+    self._adaptive = adaptive
+    if adaptive is None:
+      self._update_noise, self._count_stddev = self._noise_multiplier, 0.0
+    else:
+      if noise_placement == 'client':
+        raise ValueError(
+            'noise_placement=client needs a fixed clip: the clipped count '
+            'would be released without noise from each client.'
+        )
+      check_number(adaptive.target_quantile, 'target_quantile', 0, False)
+      if adaptive.target_quantile > 1:
+        raise ValueError(
+            f'target_quantile must be <= 1, got {adaptive.target_quantile}.'
+        )
+      check_number(adaptive.learning_rate, 'learning_rate', 0, strict=False)
+      if adaptive.clipped_count_stddev is not None:
+        check_number(
+            adaptive.clipped_count_stddev, 'clipped_count_stddev', 0,
+            strict=False,
+        )
+      self._update_noise, self._count_stddev = adaptive_noise_split(
+          self._noise_multiplier, self._expected_clients_per_round,
+          adaptive.clipped_count_stddev,
+      )
+
+  @property
+  def update_noise_multiplier(self) -> float:
+    """z_update: the noise on the update sum, in units of S."""
+    return self._update_noise
+
+  @property
+  def clipped_count_stddev(self) -> float:
+    """sigma_b (0 for a fixed clip)."""
+    return self._count_stddev
 
   def create(
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
   ) -> tff.templates.AggregationProcess:
     if not tff.types.is_structure_of_floats(value_type):
       raise TypeError(
-          'GaussianFixedClipFactory aggregates structures of float tensors; '
-          f'got {value_type}.'
+          'GaussianFactory aggregates structures of float tensors; got '
+          f'{value_type}.'
       )
     value_specs = tff.types.type_to_tf_tensor_specs(value_type)
+    num_layers = len(tf.nest.flatten(value_specs))
+    clipping = self._clipping
+    client_noise = self._noise_placement == 'client'
+    adaptive = self._adaptive
+    denominator = self._expected_clients_per_round
 
     @tff.tensorflow.computation
     def initial_state():
-      if self._noise_seed is None:
-        # No graph seed is set, so this draws a fresh seed at every initialize.
-        seed = tf.random.uniform(
-            [2], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64
-        )
-      else:
-        seed = tf.constant([self._noise_seed, 0], tf.int64)
       return collections.OrderedDict(
           clip=tf.constant(self._clip, tf.float32),
-          noise_multiplier=tf.constant(self._noise_multiplier, tf.float64),
-          noise_seed=seed,
+          layer_shares=clipping_lib.uniform_shares(num_layers),
+          noise_multiplier=tf.constant(self._update_noise, tf.float64),
+          clipped_count_stddev=tf.constant(self._count_stddev, tf.float64),
+          noise_seed=initial_seed(self._noise_seed),
       )
 
     state_type = initial_state.type_signature.result
 
-    @tff.tensorflow.computation(value_type, tf.float32)
-    def clip_update(value, clip):
-      # tensorflow_privacy's GaussianSumQuery clips the same way, but it would
-      # turn a NaN update into a NaN sum, and its noise comes from an unseeded
-      # initializer (irreproducible) with a DpEvent built from float32 tensors
-      # (the dp-accounting trap); so clip, check and noise here instead.
-      is_finite = _all_finite(value)
-      clipped, norm = tf.clip_by_global_norm(tf.nest.flatten(value), clip)
-      clipped = [
-          tf.where(is_finite, c, tf.zeros_like(c)) for c in clipped
-      ]
-      was_clipped = tf.logical_and(is_finite, norm > clip)
+    @tff.tensorflow.computation(state_type)
+    def client_params(state):
+      return collections.OrderedDict(
+          clip=state['clip'],
+          layer_shares=state['layer_shares'],
+          client_noise_stddev=state['clip']
+          * tf.cast(state['noise_multiplier'], tf.float32)
+          if client_noise else tf.constant(0.0),
+      )
+
+    params_type = client_params.type_signature.result
+
+    @tff.tensorflow.computation(value_type, params_type)
+    def client_update(value, params):
+      tensors = tf.nest.flatten(value)
+      is_finite = all_finite(tensors)
+      clipped, unclipped = clipping_lib.clip_update(
+          tensors, params['clip'], params['layer_shares'], clipping
+      )
+      clipped = [tf.where(is_finite, c, tf.zeros_like(c)) for c in clipped]
+      if client_noise:
+        # Unseeded on purpose: a seed broadcast from the server would give
+        # every client the same noise, and the server could subtract it.
+        clipped = [
+            c + tf.random.normal(
+                tf.shape(c), stddev=params['client_noise_stddev'], dtype=c.dtype
+            )
+            for c in clipped
+        ]
+      unclipped = tf.logical_and(is_finite, unclipped)
       return (
           tf.nest.pack_sequence_as(value, clipped),
-          tf.cast(was_clipped, tf.int32),
-          tf.cast(tf.logical_not(is_finite), tf.int32),
+          collections.OrderedDict(
+              clipped=tf.cast(
+                  tf.logical_and(is_finite, tf.logical_not(unclipped)), tf.int32
+              ),
+              nonfinite=tf.cast(tf.logical_not(is_finite), tf.int32),
+              # Recentred to +-1/2, so one client moves the sum by 1/2.
+              unclipped_centered=tf.cast(unclipped, tf.float32) - 0.5,
+              participants=tf.constant(1, tf.int32),
+          ),
       )
 
-    @tff.tensorflow.computation(state_type)
-    def get_clip(state):
-      return state['clip']
+    client_result_type = client_update.type_signature.result
 
-    @tff.tensorflow.computation(value_type, state_type)
-    def add_noise_and_average(value_sum, state):
-      stddev = state['clip'] * tf.cast(state['noise_multiplier'], tf.float32)
-      flat_sum = tf.nest.flatten(value_sum)
+    @tff.tensorflow.computation(
+        value_type, client_result_type[1], state_type
+    )
+    def finish_round(value_sum, counts, state):
       seeds = tf.random.experimental.stateless_split(
-          state['noise_seed'], num=len(flat_sum) + 1
+          state['noise_seed'], num=num_layers + 2
       )
-      noised_mean = [
-          (s + tf.random.stateless_normal(
-              tf.shape(s), seed=seeds[i], stddev=stddev, dtype=s.dtype
-          )) / self._expected_clients_per_round
-          for i, s in enumerate(flat_sum)
-      ]
+      clip = state['clip']
+      update_stddev = clip * tf.cast(state['noise_multiplier'], tf.float32)
+      flat_sum = tf.nest.flatten(value_sum)
+      if client_noise:
+        noised = flat_sum
+        sum_noise_stddev = update_stddev * tf.sqrt(
+            tf.cast(counts['participants'], tf.float32)
+        )
+      else:
+        noised = [
+            s + tf.random.stateless_normal(
+                tf.shape(s), seed=seeds[j], stddev=update_stddev, dtype=s.dtype
+            )
+            for j, s in enumerate(flat_sum)
+        ]
+        sum_noise_stddev = update_stddev
+      mean = [s / denominator for s in noised]
+
+      count_noise = tf.random.stateless_normal(
+          [], seed=seeds[num_layers],
+          stddev=tf.cast(state['clipped_count_stddev'], tf.float32),
+      )
+      unclipped_fraction = tf.clip_by_value(
+          (counts['unclipped_centered'] + count_noise) / denominator + 0.5,
+          0.0, 1.0,
+      )
+      if adaptive is None:
+        new_clip = clip
+      else:
+        new_clip = clip * tf.exp(
+            -adaptive.learning_rate
+            * (unclipped_fraction - adaptive.target_quantile)
+        )
+      if clipping is clipping_lib.Clipping.PER_LAYER_ADAPTIVE:
+        new_shares = clipping_lib.adaptive_shares(mean, state['layer_shares'])
+      else:
+        new_shares = state['layer_shares']
       new_state = collections.OrderedDict(
-          clip=state['clip'],
+          clip=new_clip,
+          layer_shares=new_shares,
           noise_multiplier=state['noise_multiplier'],
-          noise_seed=seeds[-1],
+          clipped_count_stddev=state['clipped_count_stddev'],
+          noise_seed=seeds[num_layers + 1],
+      )
+      measurements = collections.OrderedDict(
+          clip=clip,
+          sum_noise_stddev=sum_noise_stddev,
+          clipped_count=counts['clipped'],
+          nonfinite_count=counts['nonfinite'],
+          unclipped_fraction=unclipped_fraction,
       )
       return (
-          tf.nest.pack_sequence_as(value_specs, noised_mean),
+          tf.nest.pack_sequence_as(value_specs, mean),
           new_state,
-          stddev,
+          measurements,
       )
 
     @tff.federated_computation
@@ -187,41 +342,60 @@ class GaussianFixedClipFactory(tff.aggregators.UnweightedAggregationFactory):
         init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
     )
     def next_fn(state, value):
-      clip = tff.federated_broadcast(tff.federated_map(get_clip, state))
-      clipped, was_clipped, was_nonfinite = tff.federated_map(
-          clip_update, (value, clip)
-      )
-      noised_mean, new_state, stddev = tff.federated_map(
-          add_noise_and_average, (tff.federated_sum(clipped), state)
-      )
-      measurements = tff.federated_zip(
-          collections.OrderedDict(
-              clip=tff.federated_map(get_clip, state),
-              sum_noise_stddev=stddev,
-              clipped_count=tff.federated_sum(was_clipped),
-              nonfinite_count=tff.federated_sum(was_nonfinite),
-          )
+      params = tff.federated_broadcast(tff.federated_map(client_params, state))
+      clipped, counts = tff.federated_map(client_update, (value, params))
+      mean, new_state, measurements = tff.federated_map(
+          finish_round,
+          (tff.federated_sum(clipped), tff.federated_sum(counts), state),
       )
       return tff.templates.MeasuredProcessOutput(
-          state=new_state, result=noised_mean, measurements=measurements
+          state=new_state, result=mean, measurements=measurements
       )
 
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
-def round_dp_event(noise_multiplier: float) -> dp_accounting.DpEvent:
-  """One round of the mechanism with noise multiplier z, before sampling."""
-  return dp_accounting.GaussianDpEvent(float(noise_multiplier))
+def composed_event(
+    update_noise_multiplier: float, clipped_count_stddev: float
+) -> dp_accounting.DpEvent:
+  """One central round: the update sum, and the count when it is noised."""
+  update = dp_accounting.GaussianDpEvent(float(update_noise_multiplier))
+  if clipped_count_stddev == 0:
+    return update
+  return dp_accounting.ComposedDpEvent(
+      [update, dp_accounting.GaussianDpEvent(2.0 * float(clipped_count_stddev))]
+  )
+
+
+def round_dp_event(
+    noise_multiplier: float,
+    expected_clients_per_round: float = 1.0,
+    adaptive: Optional[AdaptiveClipping] = None,
+) -> dp_accounting.DpEvent:
+  """One central round for total noise multiplier z, before sampling."""
+  if adaptive is None:
+    return composed_event(noise_multiplier, 0.0)
+  return composed_event(*adaptive_noise_split(
+      float(noise_multiplier), expected_clients_per_round,
+      adaptive.clipped_count_stddev,
+  ))
 
 
 def dp_event_from_state(state) -> dp_accounting.DpEvent:
-  """The per-round DpEvent of a `GaussianFixedClipFactory` process state.
+  """The central per-round DpEvent of a `GaussianFactory` process state.
 
   Args:
     state: the state of the aggregation process (for a `tff.learning` process,
       `learning_state.aggregator`).
 
   Returns:
-    `GaussianDpEvent` with a Python-float noise multiplier, before sampling.
+    The event with Python-float parameters, before sampling.
   """
-  return round_dp_event(state['noise_multiplier'])
+  return composed_event(
+      float(state['noise_multiplier']), float(state['clipped_count_stddev'])
+  )
+
+
+def local_dp_event_from_state(state) -> dp_accounting.DpEvent:
+  """Client placement: one participating client's message, replace-one."""
+  return dp_accounting.GaussianDpEvent(float(state['noise_multiplier']) / 2.0)

@@ -203,7 +203,8 @@ class PrivacyAccountant:
     if not supported:
       raise ValueError(
           f'no accountant supports {self.round_event(event)} under '
-          f'{self.scheme.value} sampling.'
+          f'{self.scheme.value} sampling; use --sampling=poisson or '
+          '--sampling=full.'
       )
     if self.kind is not AccountantKind.AUTO and self.kind not in supported:
       raise ValueError(

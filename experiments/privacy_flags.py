@@ -10,11 +10,14 @@ from typing import Callable, Optional
 from absl import flags
 import dp_accounting
 
+from aggregators import clipping
 from aggregators import gaussian
+from aggregators import laplace
 from dp_fedavg import accounting
 from dp_fedavg import sampling
 
-AGGREGATORS = ('none', 'gaussian_fixed')
+AGGREGATORS = ('none', 'gaussian_fixed', 'gaussian_adaptive', 'laplace')
+CLIPPINGS = tuple(c.value for c in clipping.Clipping)
 SAMPLINGS = tuple(s.value for s in sampling.SamplingScheme)
 ACCOUNTANTS = tuple(k.value for k in accounting.AccountantKind)
 CALIBRATIONS = ('none', 'noise')
@@ -23,8 +26,32 @@ AGGREGATOR = flags.DEFINE_string(
     'aggregator', 'gaussian_fixed',
     f'One of {AGGREGATORS}; none is plain (non-private) FedAvg.')
 NOISE_MULTIPLIER = flags.DEFINE_float(
-    'noise_multiplier', 1.0, 'Noise stddev on the sum, in units of --clip.')
-CLIP = flags.DEFINE_float('clip', 1.0, 'L2 norm bound of one client update.')
+    'noise_multiplier', 1.0,
+    'Gaussian aggregators: noise stddev on the sum in units of the clip (the '
+    'total z, split with the count for gaussian_adaptive).')
+CLIP = flags.DEFINE_float(
+    'clip', 1.0, 'gaussian_fixed: L2 norm bound of one client update.')
+CLIPPING = flags.DEFINE_string(
+    'clipping', 'flat',
+    f'Gaussian aggregators: one of {CLIPPINGS} (per layer: each tensor of the '
+    'update gets its share of the total bound).')
+INITIAL_CLIP = flags.DEFINE_float(
+    'initial_clip', 0.5, 'gaussian_adaptive: the clip of round 1.')
+TARGET_QUANTILE = flags.DEFINE_float(
+    'target_quantile', 0.5,
+    'gaussian_adaptive: fraction of client updates to leave unclipped.')
+CLIP_LEARNING_RATE = flags.DEFINE_float(
+    'clip_learning_rate', 0.2,
+    'gaussian_adaptive: eta of the geometric clip update.')
+CLIPPED_COUNT_STDDEV = flags.DEFINE_float(
+    'clipped_count_stddev', None,
+    'gaussian_adaptive: noise stddev on the unclipped count; unset picks '
+    'max(0.05 * clients_per_round, 5 * noise_multiplier).')
+L1_CLIP = flags.DEFINE_float(
+    'l1_clip', 1.0, 'laplace: L1 norm bound of one client update.')
+EPSILON_PER_ROUND = flags.DEFINE_float(
+    'epsilon_per_round', 0.5,
+    'laplace: pure epsilon of one round (noise scale l1_clip / epsilon).')
 NUM_CLIENTS = flags.DEFINE_integer(
     'num_clients', 100, 'Training clients in the population (N).')
 CLIENTS_PER_ROUND = flags.DEFINE_integer(
@@ -56,6 +83,14 @@ RANGE_CHECKS: tuple[tuple[flags.FlagHolder, Callable[..., bool], str], ...] = (
     (AGGREGATOR, lambda v: v in AGGREGATORS, f'one of {", ".join(AGGREGATORS)}'),
     (NOISE_MULTIPLIER, lambda v: 0 <= v < math.inf, 'a finite number >= 0'),
     (CLIP, lambda v: 0 < v < math.inf, 'a finite number > 0'),
+    (CLIPPING, lambda v: v in CLIPPINGS, f'one of {", ".join(CLIPPINGS)}'),
+    (INITIAL_CLIP, lambda v: 0 < v < math.inf, 'a finite number > 0'),
+    (TARGET_QUANTILE, lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    (CLIP_LEARNING_RATE, lambda v: 0 <= v < math.inf, 'a finite number >= 0'),
+    (CLIPPED_COUNT_STDDEV, lambda v: v is None or 0 <= v < math.inf,
+     'a finite number >= 0'),
+    (L1_CLIP, lambda v: 0 < v < math.inf, 'a finite number > 0'),
+    (EPSILON_PER_ROUND, lambda v: 0 < v < math.inf, 'a finite number > 0'),
     (NUM_CLIENTS, lambda v: v >= 1, 'an integer >= 1'),
     (SAMPLING, lambda v: v in SAMPLINGS, f'one of {", ".join(SAMPLINGS)}'),
     (ROUNDS, lambda v: v >= 1, 'an integer >= 1'),
@@ -90,6 +125,11 @@ def flag_error() -> Optional[str]:
         f'be in [1, --num_clients={NUM_CLIENTS.value}] (sampling rate q = '
         'clients_per_round / num_clients must lie in (0, 1]).'
     )
+  if AGGREGATOR.value == 'laplace' and CLIPPING.value != 'flat':
+    return (
+        f'--clipping={CLIPPING.value} applies to the Gaussian aggregators; '
+        'laplace clips the whole update to --l1_clip.'
+    )
   if CALIBRATE.value == 'noise' and TARGET_EPSILON.value is None:
     return '--calibrate=noise needs --target_epsilon.'
   if AGGREGATOR.value == 'none' and TARGET_EPSILON.value is not None:
@@ -100,11 +140,30 @@ def flag_error() -> Optional[str]:
   return None
 
 
-def event_for_noise_multiplier() -> Callable[[float], dp_accounting.DpEvent]:
-  """The chosen aggregator's per-round DpEvent as a function of z."""
+def _adaptive() -> gaussian.AdaptiveClipping:
+  return gaussian.AdaptiveClipping(
+      target_quantile=TARGET_QUANTILE.value,
+      learning_rate=CLIP_LEARNING_RATE.value,
+      clipped_count_stddev=CLIPPED_COUNT_STDDEV.value,
+  )
+
+
+def event_for_noise_multiplier(
+    expected_clients_per_round: float,
+) -> Callable[[float], dp_accounting.DpEvent]:
+  """The chosen aggregator's per-round DpEvent as a function of its noise.
+
+  The noise parameter is z for the Gaussian aggregators, and for laplace the
+  Laplace scale over the L1 bound, 1 / epsilon_per_round.
+  """
   if AGGREGATOR.value == 'none':
     return lambda z: dp_accounting.NonPrivateDpEvent()
-  return gaussian.round_dp_event
+  if AGGREGATOR.value == 'laplace':
+    return dp_accounting.LaplaceDpEvent
+  adaptive = _adaptive() if AGGREGATOR.value == 'gaussian_adaptive' else None
+  return lambda z: gaussian.round_dp_event(
+      z, expected_clients_per_round, adaptive
+  )
 
 
 def build_accountant() -> accounting.PrivacyAccountant:
@@ -117,14 +176,61 @@ def build_accountant() -> accounting.PrivacyAccountant:
   )
 
 
-def noise_multiplier(accountant: accounting.PrivacyAccountant) -> float:
-  """--noise_multiplier, or the calibrated one under --calibrate=noise.
+def noise_parameter(accountant: accounting.PrivacyAccountant) -> float:
+  """The aggregator's noise: from the flags, or calibrated (--calibrate=noise).
 
   Raises:
-    ValueError: if calibration cannot meet --target_epsilon.
+    ValueError: if the mechanism cannot be accounted under the sampling, or
+      calibration cannot meet --target_epsilon.
   """
+  event_for_noise = event_for_noise_multiplier(accountant.clients_per_round)
+  if AGGREGATOR.value == 'laplace':
+    from_flags = 1.0 / EPSILON_PER_ROUND.value
+  else:
+    from_flags = NOISE_MULTIPLIER.value
+  # Building the event also checks that z can be split (adaptive).
+  accountant.check_supported(event_for_noise(from_flags))
   if CALIBRATE.value != 'noise':
-    return NOISE_MULTIPLIER.value
+    return from_flags
   return accountant.calibrate_noise_multiplier(
-      event_for_noise_multiplier(), TARGET_EPSILON.value, ROUNDS.value
+      event_for_noise, TARGET_EPSILON.value, ROUNDS.value
+  )
+
+
+def build_aggregator(
+    noise: float, expected_clients_per_round: float, seed: int
+) -> tuple[Optional[object], Callable[[object], dp_accounting.DpEvent]]:
+  """The aggregator factory for the flags and its state -> DpEvent function.
+
+  Args:
+    noise: from `noise_parameter`.
+    expected_clients_per_round: the mean's denominator.
+    seed: the noise seed.
+
+  Returns:
+    (factory, or None for plain FedAvg; per-round DpEvent of its state).
+  """
+  if AGGREGATOR.value == 'none':
+    return None, lambda state: dp_accounting.NonPrivateDpEvent()
+  if AGGREGATOR.value == 'laplace':
+    return (
+        laplace.LaplaceFactory(
+            epsilon_per_round=1.0 / noise,
+            l1_clip=L1_CLIP.value,
+            expected_clients_per_round=expected_clients_per_round,
+            noise_seed=seed,
+        ),
+        laplace.dp_event_from_state,
+    )
+  adaptive = AGGREGATOR.value == 'gaussian_adaptive'
+  return (
+      gaussian.GaussianFactory(
+          noise_multiplier=noise,
+          clip=INITIAL_CLIP.value if adaptive else CLIP.value,
+          expected_clients_per_round=expected_clients_per_round,
+          clipping=CLIPPING.value,
+          adaptive=_adaptive() if adaptive else None,
+          noise_seed=seed,
+      ),
+      gaussian.dp_event_from_state,
   )

@@ -45,19 +45,19 @@ def main(argv):
     _exit_with_usage_error(error)
 
   accountant = privacy_flags.build_accountant()
-  event_for_noise = privacy_flags.event_for_noise_multiplier()
   try:
-    accountant.check_supported(event_for_noise(1.0))
-    noise_multiplier = privacy_flags.noise_multiplier(accountant)
+    noise = privacy_flags.noise_parameter(accountant)
   except ValueError as e:
     _exit_with_usage_error(str(e))
   rounds = privacy_flags.ROUNDS.value
-  round_event = event_for_noise(noise_multiplier)
+  round_event = privacy_flags.event_for_noise_multiplier(
+      accountant.clients_per_round
+  )(noise)
 
   q = accountant.clients_per_round / accountant.num_clients
   print(
       f'{privacy_flags.AGGREGATOR.value}, noise multiplier '
-      f'{noise_multiplier:.6g}'
+      f'{noise:.6g}'
       + (' (calibrated)' if privacy_flags.CALIBRATE.value == 'noise' else '')
       + f'; {accountant.scheme.value} sampling of {accountant.clients_per_round}'
       f' of {accountant.num_clients} clients (q={q:.4g}); delta='

@@ -18,10 +18,8 @@ from typing import Optional
 from absl import app
 from absl import flags
 from absl import logging
-import dp_accounting
 import tensorflow as tf
 
-from aggregators import gaussian
 from dp_fedavg import execution
 from dp_fedavg import loop
 from dp_fedavg import outputs
@@ -106,39 +104,31 @@ def main(argv):
     _exit_with_usage_error(f'--task={_TASK.value}: {e}')
 
   accountant = privacy_flags.build_accountant()
-  event_for_noise = privacy_flags.event_for_noise_multiplier()
   try:
-    accountant.check_supported(event_for_noise(1.0))
-    noise_multiplier = privacy_flags.noise_multiplier(accountant)
+    noise = privacy_flags.noise_parameter(accountant)
+    aggregator, dp_event_fn = privacy_flags.build_aggregator(
+        noise, accountant.clients_per_round, _SEED.value
+    )
   except ValueError as e:
     _exit_with_usage_error(str(e))
   if privacy_flags.CALIBRATE.value == 'noise':
     logging.info(
         'calibrated noise multiplier %.6g: the smallest meeting epsilon=%g at '
-        'delta=%g after %d rounds', noise_multiplier,
+        'delta=%g after %d rounds', noise,
         privacy_flags.TARGET_EPSILON.value, accountant.delta,
         privacy_flags.ROUNDS.value,
     )
 
   scheme = accountant.scheme
-  if privacy_flags.AGGREGATOR.value == 'none':
-    aggregator = None
-  else:
-    aggregator = gaussian.GaussianFixedClipFactory(
-        noise_multiplier=noise_multiplier,
-        clip=privacy_flags.CLIP.value,
-        expected_clients_per_round=accountant.clients_per_round,
-        noise_seed=_SEED.value,
-    )
   run_outputs = outputs.RunOutputs(_OUTPUT_DIR.value, overwrite=_OVERWRITE.value)
   config = {name: flags.FLAGS[name].value for name in _flag_names()}
-  config['noise_multiplier_used'] = noise_multiplier
+  config['noise_multiplier_used'] = noise
   run_outputs.write_config(config)
   logging.info(
       'task %s, %d clients, %s aggregator (noise multiplier %g), %s sampling '
       'of %d per round; epsilon at delta=%g under %s adjacency, accountant %s',
       task.name, accountant.num_clients, privacy_flags.AGGREGATOR.value,
-      noise_multiplier, scheme.value, accountant.clients_per_round,
+      noise, scheme.value, accountant.clients_per_round,
       accountant.delta, accountant.neighboring_relation.name,
       accountant.kind.value,
   )
@@ -161,9 +151,7 @@ def main(argv):
             _SEED.value,
         ),
         accountant,
-        gaussian.dp_event_from_state if aggregator else (
-            lambda state: dp_accounting.NonPrivateDpEvent()
-        ),
+        dp_event_fn,
         evaluator,
         rounds=privacy_flags.ROUNDS.value,
         local_epochs=_LOCAL_EPOCHS.value,

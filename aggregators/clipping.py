@@ -1,0 +1,69 @@
+"""Clip bounds for one client update: flat, per-layer uniform, per-layer adaptive.
+
+A "layer" here is one tensor of the update (a kernel or a bias). With a total
+bound S and m layers:
+
+* flat: the whole update is scaled to L2 norm <= S;
+* per_layer_uniform: layer j is scaled to L2 norm <= S_j = S / sqrt(m);
+* per_layer_adaptive: S_j = S * w_j with w_j proportional to a per-layer scale
+  M_j and ||w|| = 1. M_j is the largest magnitude in layer j of the previous
+  round's *released* aggregate. That aggregate is already noised, so deriving
+  M_j from it is post-processing and costs no privacy budget. Round 1 uses
+  uniform shares.
+
+In every strategy sqrt(sum_j S_j^2) = S, so a clipped update has L2 norm <= S
+overall and the sum's L2 sensitivity (add/remove one client) is S. The noise
+added for the flat bound S therefore gives the same guarantee in all three.
+"""
+
+import enum
+
+import tensorflow as tf
+
+
+class Clipping(enum.Enum):
+  FLAT = 'flat'
+  PER_LAYER_UNIFORM = 'per_layer_uniform'
+  PER_LAYER_ADAPTIVE = 'per_layer_adaptive'
+
+
+def uniform_shares(num_layers: int) -> tf.Tensor:
+  """w_j = 1 / sqrt(m): S_j = S / sqrt(m)."""
+  return tf.fill([num_layers], 1.0 / tf.sqrt(float(num_layers)))
+
+
+def clip_update(
+    tensors: list[tf.Tensor],
+    clip: tf.Tensor,
+    layer_shares: tf.Tensor,
+    clipping: Clipping,
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+  """Clips one update; returns (clipped tensors, whether nothing was scaled).
+
+  Args:
+    tensors: the update's tensors, all finite.
+    clip: the total bound S.
+    layer_shares: w with ||w|| = 1 (per-layer strategies only).
+    clipping: the strategy.
+  """
+  if clipping is Clipping.FLAT:
+    clipped, norm = tf.clip_by_global_norm(tensors, clip)
+    return clipped, norm <= clip
+  bounds = clip * layer_shares
+  norms = tf.stack([tf.norm(t) for t in tensors])
+  clipped = [
+      tf.clip_by_norm(t, bounds[j]) for j, t in enumerate(tensors)
+  ]
+  return clipped, tf.reduce_all(norms <= bounds)
+
+
+def adaptive_shares(released: list[tf.Tensor], previous: tf.Tensor) -> tf.Tensor:
+  """w proportional to each layer's largest released magnitude, ||w|| = 1.
+
+  Keeps `previous` when the released aggregate has no usable scale (all zero,
+  or not finite).
+  """
+  scales = tf.stack([tf.reduce_max(tf.abs(t)) for t in released])
+  total = tf.norm(scales)
+  usable = tf.logical_and(total > 0, tf.math.is_finite(total))
+  return tf.where(usable, scales / tf.where(usable, total, 1.0), previous)

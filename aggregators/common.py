@@ -1,0 +1,44 @@
+"""Argument checks and noise-seed handling shared by the factories."""
+
+import math
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+
+def check_number(value, name: str, minimum: float, strict: bool) -> float:
+  """`value` as a Python float, checked finite and >= or > `minimum`."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    raise TypeError(f'{name} must be a number, got {value!r}.')
+  value = float(value)
+  if not math.isfinite(value):
+    raise ValueError(f'{name} must be finite, got {value}.')
+  if value < minimum or (strict and value == minimum):
+    raise ValueError(
+        f'{name} must be {">" if strict else ">="} {minimum:g}, got {value}.'
+    )
+  return value
+
+
+def check_seed(noise_seed: Optional[int]) -> Optional[int]:
+  if noise_seed is not None and (
+      isinstance(noise_seed, bool) or not isinstance(noise_seed, int)
+  ):
+    raise TypeError(f'noise_seed must be an int or None, got {noise_seed!r}.')
+  return noise_seed
+
+
+def initial_seed(noise_seed: Optional[int]) -> tf.Tensor:
+  """The first state's int64[2] seed; None draws one (no graph seed is set)."""
+  if noise_seed is None:
+    return tf.random.uniform(
+        [2], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64
+    )
+  return tf.constant([noise_seed, 0], tf.int64)
+
+
+def all_finite(tensors) -> tf.Tensor:
+  return tf.reduce_all(
+      [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(tensors)]
+  )

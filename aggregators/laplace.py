@@ -1,0 +1,180 @@
+"""Laplace mechanism with an L1 clip: pure epsilon-DP per round, user level.
+
+Privacy guarantee. Each client's update is scaled to L1 norm <= `l1_clip`
+(over all its tensors at once). An update holding a NaN or an Inf is replaced
+by zeros and counted. Adding or removing one client therefore moves the sum by
+at most `l1_clip` in L1 norm: the L1 sensitivity, which is what Laplace noise
+must be calibrated to. The L2 bound would be the wrong one, and too small:
+||v||_1 can be sqrt(d) ||v||_2. Every coordinate of the sum gets independent
+Laplace noise of scale b = l1_clip / epsilon_per_round, so each round is
+epsilon_per_round-DP (pure, delta = 0). That is
+`dp_accounting.LaplaceDpEvent(b / l1_clip)`, whose parameter is the noise scale
+relative to the L1 sensitivity. The sum is divided by the expected number of
+clients per round, a constant: post-processing. Under Poisson sampling only
+the PLD accountant covers this event.
+"""
+
+import collections
+from typing import Optional
+
+import dp_accounting
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from aggregators.common import all_finite
+from aggregators.common import check_number
+from aggregators.common import check_seed
+from aggregators.common import initial_seed
+
+
+def laplace_noise(shape, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Laplace(0, scale) by inverse CDF of a seeded uniform draw (float64)."""
+  # tf.random has no stateless Laplace sampler.
+  uniform = tf.random.stateless_uniform(
+      shape, seed=seed, minval=-0.5, maxval=0.5, dtype=tf.float64
+  )
+  return -tf.cast(scale, tf.float64) * tf.sign(uniform) * tf.math.log1p(
+      -2.0 * tf.abs(uniform)
+  )
+
+
+def clip_by_l1_norm(tensors: list[tf.Tensor], l1_clip: tf.Tensor):
+  """Scales `tensors` to total L1 norm <= l1_clip; returns (clipped, norm)."""
+  norm = tf.add_n([tf.reduce_sum(tf.abs(t)) for t in tensors])
+  scale = tf.minimum(1.0, l1_clip / tf.maximum(norm, 1e-30))
+  return [t * scale for t in tensors], norm
+
+
+class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
+  """Clips each client update to an L1 norm and adds Laplace noise to the sum.
+
+  State: `l1_clip` (float32), `epsilon_per_round` (float64) and `noise_seed`
+  (int64[2], advanced every round).
+
+  Measurements: `l1_clip`; `noise_scale`, the Laplace scale b on each
+  coordinate of the sum; `clipped_count`, finite updates whose L1 norm was
+  above `l1_clip`; `nonfinite_count`, updates replaced by zeros.
+  """
+
+  def __init__(
+      self,
+      epsilon_per_round: float,
+      l1_clip: float,
+      expected_clients_per_round: float,
+      noise_seed: Optional[int] = None,
+  ):
+    """Initializes the factory.
+
+    Args:
+      epsilon_per_round: the pure-DP epsilon of one round, > 0.
+      l1_clip: the L1 norm bound of one client's whole update, > 0.
+      expected_clients_per_round: the constant denominator of the mean, > 0.
+      noise_seed: seed of the noise stream; None draws one at `initialize`.
+
+    Raises:
+      TypeError: if an argument is not a number (or an int seed).
+      ValueError: if an argument is outside its range.
+    """
+    self._epsilon_per_round = check_number(
+        epsilon_per_round, 'epsilon_per_round', 0, strict=True
+    )
+    self._l1_clip = check_number(l1_clip, 'l1_clip', 0, strict=True)
+    self._expected_clients_per_round = check_number(
+        expected_clients_per_round, 'expected_clients_per_round', 0, strict=True
+    )
+    self._noise_seed = check_seed(noise_seed)
+
+  def create(
+      self, value_type: tff.types.StructWithPythonType | tff.TensorType
+  ) -> tff.templates.AggregationProcess:
+    if not tff.types.is_structure_of_floats(value_type):
+      raise TypeError(
+          'LaplaceFactory aggregates structures of float tensors; got '
+          f'{value_type}.'
+      )
+    value_specs = tff.types.type_to_tf_tensor_specs(value_type)
+    num_tensors = len(tf.nest.flatten(value_specs))
+
+    @tff.tensorflow.computation
+    def initial_state():
+      return collections.OrderedDict(
+          l1_clip=tf.constant(self._l1_clip, tf.float32),
+          epsilon_per_round=tf.constant(self._epsilon_per_round, tf.float64),
+          noise_seed=initial_seed(self._noise_seed),
+      )
+
+    state_type = initial_state.type_signature.result
+
+    @tff.tensorflow.computation(state_type)
+    def get_l1_clip(state):
+      return state['l1_clip']
+
+    @tff.tensorflow.computation(value_type, tf.float32)
+    def clip_update(value, l1_clip):
+      tensors = tf.nest.flatten(value)
+      is_finite = all_finite(tensors)
+      clipped, norm = clip_by_l1_norm(tensors, l1_clip)
+      clipped = [tf.where(is_finite, c, tf.zeros_like(c)) for c in clipped]
+      return (
+          tf.nest.pack_sequence_as(value, clipped),
+          collections.OrderedDict(
+              clipped=tf.cast(tf.logical_and(is_finite, norm > l1_clip), tf.int32),
+              nonfinite=tf.cast(tf.logical_not(is_finite), tf.int32),
+          ),
+      )
+
+    counts_type = clip_update.type_signature.result[1]
+
+    @tff.tensorflow.computation(value_type, counts_type, state_type)
+    def add_noise_and_average(value_sum, counts, state):
+      scale = tf.cast(state['l1_clip'], tf.float64) / state['epsilon_per_round']
+      seeds = tf.random.experimental.stateless_split(
+          state['noise_seed'], num=num_tensors + 1
+      )
+      mean = [
+          (s + tf.cast(laplace_noise(tf.shape(s), scale, seeds[j]), s.dtype))
+          / self._expected_clients_per_round
+          for j, s in enumerate(tf.nest.flatten(value_sum))
+      ]
+      new_state = collections.OrderedDict(
+          l1_clip=state['l1_clip'],
+          epsilon_per_round=state['epsilon_per_round'],
+          noise_seed=seeds[num_tensors],
+      )
+      measurements = collections.OrderedDict(
+          l1_clip=state['l1_clip'],
+          noise_scale=tf.cast(scale, tf.float32),
+          clipped_count=counts['clipped'],
+          nonfinite_count=counts['nonfinite'],
+      )
+      return tf.nest.pack_sequence_as(value_specs, mean), new_state, measurements
+
+    @tff.federated_computation
+    def init_fn():
+      return tff.federated_eval(initial_state, tff.SERVER)
+
+    @tff.federated_computation(
+        init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+    )
+    def next_fn(state, value):
+      l1_clip = tff.federated_broadcast(tff.federated_map(get_l1_clip, state))
+      clipped, counts = tff.federated_map(clip_update, (value, l1_clip))
+      mean, new_state, measurements = tff.federated_map(
+          add_noise_and_average,
+          (tff.federated_sum(clipped), tff.federated_sum(counts), state),
+      )
+      return tff.templates.MeasuredProcessOutput(
+          state=new_state, result=mean, measurements=measurements
+      )
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+def round_dp_event(epsilon_per_round: float) -> dp_accounting.DpEvent:
+  """One round: Laplace with scale / L1 sensitivity = 1 / epsilon_per_round."""
+  return dp_accounting.LaplaceDpEvent(1.0 / float(epsilon_per_round))
+
+
+def dp_event_from_state(state) -> dp_accounting.DpEvent:
+  """The per-round DpEvent of a `LaplaceFactory` state, before sampling."""
+  return round_dp_event(float(state['epsilon_per_round']))

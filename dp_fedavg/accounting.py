@@ -17,6 +17,11 @@ actually used and composes the rounds with dp-accounting:
   replace-one-client adjacency. Only RDP accounts this sampling.
 * Full participation (every client every round): the event itself, under
   add/remove adjacency.
+* Local DP (`local_dp=True`, client-side noise): the aggregator's event
+  already describes one client's own message under replacement of its update.
+  The server knows who took part, so sampling amplifies nothing: the events
+  of the rounds a client takes part in are composed as they are. The epsilon
+  reported is for a client that takes part in every round.
 
 Accountants: RDP (`dp_accounting.rdp`) and PLD (`dp_accounting.pld`). Both give
 valid upper bounds on epsilon, so `AUTO` reports the smaller of those that
@@ -147,6 +152,7 @@ class PrivacyAccountant:
       clients_per_round: int,
       delta: float,
       kind: AccountantKind = AccountantKind.AUTO,
+      local_dp: bool = False,
   ):
     if not 0 < delta < 1:
       raise ValueError(f'delta must be in (0, 1), got {delta}.')
@@ -163,9 +169,10 @@ class PrivacyAccountant:
     )
     self.delta = float(delta)
     self.kind = AccountantKind(kind)
+    self.local_dp = local_dp
     self.neighboring_relation = (
         _NeighborRel.REPLACE_ONE
-        if self.scheme is sampling.SamplingScheme.UNIFORM
+        if local_dp or self.scheme is sampling.SamplingScheme.UNIFORM
         else _NeighborRel.ADD_OR_REMOVE_ONE
     )
     self._orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
@@ -183,6 +190,8 @@ class PrivacyAccountant:
       # No sampling makes a noiseless release private; and dp-accounting
       # divides by the noise multiplier for without-replacement sampling.
       return dp_accounting.NonPrivateDpEvent()
+    if self.local_dp:
+      return event
     if self.scheme is sampling.SamplingScheme.POISSON:
       return dp_accounting.PoissonSampledDpEvent(
           self.clients_per_round / self.num_clients, event
@@ -220,7 +229,13 @@ class PrivacyAccountant:
     )
     if all(rdp.supports(e) for e in round_events):
       kinds.append(AccountantKind.RDP)
-    if self.neighboring_relation is _NeighborRel.ADD_OR_REMOVE_ONE and all(
+    # PLD's own sampled events assume add/remove; unsampled Gaussian and
+    # Laplace PLDs are symmetric, so they also serve local (replace) DP.
+    pld_relation_ok = (
+        self.local_dp
+        or self.neighboring_relation is _NeighborRel.ADD_OR_REMOVE_ONE
+    )
+    if pld_relation_ok and all(
         dp_accounting.pld.PLDAccountant().supports(_for_pld(e))
         for e in round_events
     ):

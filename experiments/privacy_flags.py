@@ -47,6 +47,11 @@ CLIPPED_COUNT_STDDEV = flags.DEFINE_float(
     'clipped_count_stddev', None,
     'gaussian_adaptive: noise stddev on the unclipped count; unset picks '
     'max(0.05 * clients_per_round, 5 * noise_multiplier).')
+NOISE_PLACEMENT = flags.DEFINE_string(
+    'noise_placement', 'server',
+    f'gaussian_fixed: one of {gaussian.NOISE_PLACEMENTS}. server: central DP; '
+    'client: every client adds the full noise to its own update (local DP, '
+    'epsilon per client taking part in every round).')
 L1_CLIP = flags.DEFINE_float(
     'l1_clip', 1.0, 'laplace: L1 norm bound of one client update.')
 EPSILON_PER_ROUND = flags.DEFINE_float(
@@ -89,6 +94,8 @@ RANGE_CHECKS: tuple[tuple[flags.FlagHolder, Callable[..., bool], str], ...] = (
     (CLIP_LEARNING_RATE, lambda v: 0 <= v < math.inf, 'a finite number >= 0'),
     (CLIPPED_COUNT_STDDEV, lambda v: v is None or 0 <= v < math.inf,
      'a finite number >= 0'),
+    (NOISE_PLACEMENT, lambda v: v in gaussian.NOISE_PLACEMENTS,
+     f'one of {", ".join(gaussian.NOISE_PLACEMENTS)}'),
     (L1_CLIP, lambda v: 0 < v < math.inf, 'a finite number > 0'),
     (EPSILON_PER_ROUND, lambda v: 0 < v < math.inf, 'a finite number > 0'),
     (NUM_CLIENTS, lambda v: v >= 1, 'an integer >= 1'),
@@ -130,6 +137,11 @@ def flag_error() -> Optional[str]:
         f'--clipping={CLIPPING.value} applies to the Gaussian aggregators; '
         'laplace clips the whole update to --l1_clip.'
     )
+  if NOISE_PLACEMENT.value == 'client' and AGGREGATOR.value != 'gaussian_fixed':
+    return (
+        '--noise_placement=client needs --aggregator=gaussian_fixed (an '
+        'adaptive clip would release each client\'s clipped bit unnoised).'
+    )
   if CALIBRATE.value == 'noise' and TARGET_EPSILON.value is None:
     return '--calibrate=noise needs --target_epsilon.'
   if AGGREGATOR.value == 'none' and TARGET_EPSILON.value is not None:
@@ -160,6 +172,8 @@ def event_for_noise_multiplier(
     return lambda z: dp_accounting.NonPrivateDpEvent()
   if AGGREGATOR.value == 'laplace':
     return dp_accounting.LaplaceDpEvent
+  if NOISE_PLACEMENT.value == 'client':
+    return lambda z: dp_accounting.GaussianDpEvent(z / 2.0)
   adaptive = _adaptive() if AGGREGATOR.value == 'gaussian_adaptive' else None
   return lambda z: gaussian.round_dp_event(
       z, expected_clients_per_round, adaptive
@@ -173,6 +187,7 @@ def build_accountant() -> accounting.PrivacyAccountant:
       CLIENTS_PER_ROUND.value,
       DELTA.value,
       accounting.AccountantKind(ACCOUNTANT.value),
+      local_dp=NOISE_PLACEMENT.value == 'client',
   )
 
 
@@ -230,7 +245,9 @@ def build_aggregator(
           expected_clients_per_round=expected_clients_per_round,
           clipping=CLIPPING.value,
           adaptive=_adaptive() if adaptive else None,
+          noise_placement=NOISE_PLACEMENT.value,
           noise_seed=seed,
       ),
-      gaussian.dp_event_from_state,
+      gaussian.local_dp_event_from_state
+      if NOISE_PLACEMENT.value == 'client' else gaussian.dp_event_from_state,
   )

@@ -129,7 +129,9 @@ def main(argv):
       'of %d per round; epsilon at delta=%g under %s adjacency, accountant %s',
       task.name, accountant.num_clients, privacy_flags.AGGREGATOR.value,
       noise, scheme.value, accountant.clients_per_round,
-      accountant.delta, accountant.neighboring_relation.name,
+      accountant.delta,
+      'local-DP (replace one client\'s update; no sampling amplification)'
+      if accountant.local_dp else accountant.neighboring_relation.name,
       accountant.kind.value,
   )
   with execution.local_execution():

@@ -286,6 +286,40 @@ class PrivacyAccountantTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'use one of: rdp'):
       accountant.check_supported(dp_accounting.GaussianDpEvent(1.0))
 
+  def test_laplace_under_poisson_sampling_needs_pld(self):
+    event = dp_accounting.LaplaceDpEvent(2.0)
+    accountant = accounting.PrivacyAccountant(_POISSON, 1000, 50, 1e-5)
+    self.assertEqual(accountant.supported_kinds(event),
+                     [accounting.AccountantKind.PLD])
+    _compose(accountant, event, 20)
+    reference = dp_accounting.pld.PLDAccountant()
+    reference.compose(dp_accounting.PoissonSampledDpEvent(0.05, event), 20)
+    self.assertEqual(accountant.epsilon_and_accountant()[1], 'pld')
+    self.assertAlmostEqual(accountant.epsilon(), reference.get_epsilon(1e-5), 6)
+    with self.assertRaisesRegex(ValueError, 'use one of: pld'):
+      accounting.PrivacyAccountant(
+          _POISSON, 1000, 50, 1e-5, accounting.AccountantKind.RDP
+      ).check_supported(event)
+    with self.assertRaisesRegex(ValueError, '--sampling=poisson'):
+      accounting.PrivacyAccountant(_UNIFORM, 1000, 50, 1e-5).check_supported(
+          event
+      )
+
+  def test_local_dp_composes_without_sampling_under_replace_one(self):
+    accountant = accounting.PrivacyAccountant(
+        _POISSON, 1000, 10, 1e-5, local_dp=True
+    )
+    event = dp_accounting.GaussianDpEvent(1.5)
+    self.assertEqual(accountant.round_event(event), event)
+    self.assertIs(
+        accountant.neighboring_relation,
+        dp_accounting.NeighboringRelation.REPLACE_ONE,
+    )
+    _compose(accountant, event, 2)
+    reference = dp_accounting.pld.PLDAccountant()
+    reference.compose(event, 2)
+    self.assertAlmostEqual(accountant.epsilon(), reference.get_epsilon(1e-5), 6)
+
   @parameterized.named_parameters(
       ('delta_zero', dict(delta=0.0), 'delta'),
       ('delta_one', dict(delta=1.0), 'delta'),

@@ -1,8 +1,10 @@
+from absl.testing import parameterized
 import dp_accounting
 import numpy as np
 import tensorflow as tf
 
 from aggregators import gaussian
+from aggregators import laplace
 from dp_fedavg import accounting
 from dp_fedavg import loop
 from dp_fedavg import process
@@ -23,7 +25,7 @@ class DpFedAvgProcessTest(tf.test.TestCase):
     # Noise 0 with a clip: the DP code path, minus the noise.
     cls.process = process.build_process(
         cls.task.model_fn,
-        gaussian.GaussianFixedClipFactory(0.0, 1.0, _COHORT, noise_seed=0),
+        gaussian.GaussianFactory(0.0, 1.0, _COHORT, noise_seed=0),
         client_learning_rate=0.3,
         server_learning_rate=1.0,
         server_momentum=0.9,
@@ -130,6 +132,59 @@ class DpFedAvgProcessTest(tf.test.TestCase):
         gaussian.dp_event_from_state(state.aggregator),
         dp_accounting.GaussianDpEvent(0.0),
     )
+
+
+class EveryAggregatorTrainsTest(tf.test.TestCase, parameterized.TestCase):
+  """Three DP-FedAvg rounds on digits with each aggregator and clipping."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.task = digits.build_task(num_clients=_NUM_CLIENTS, seed=0)
+
+  @parameterized.named_parameters(
+      ('fixed_flat', lambda: gaussian.GaussianFactory(1.0, 1.0, _COHORT)),
+      ('fixed_per_layer_uniform', lambda: gaussian.GaussianFactory(
+          1.0, 1.0, _COHORT, clipping='per_layer_uniform')),
+      ('fixed_per_layer_adaptive', lambda: gaussian.GaussianFactory(
+          1.0, 1.0, _COHORT, clipping='per_layer_adaptive')),
+      ('adaptive_flat', lambda: gaussian.GaussianFactory(
+          1.0, 0.5, _COHORT, adaptive=gaussian.AdaptiveClipping())),
+      ('adaptive_per_layer_adaptive', lambda: gaussian.GaussianFactory(
+          1.0, 0.5, _COHORT, clipping='per_layer_adaptive',
+          adaptive=gaussian.AdaptiveClipping())),
+      ('client_noise', lambda: gaussian.GaussianFactory(
+          1.0, 1.0, _COHORT, noise_placement='client')),
+      ('laplace', lambda: laplace.LaplaceFactory(0.5, 1.0, _COHORT)),
+  )
+  def test_three_rounds(self, make_factory):
+    factory = make_factory()
+    learning_process = process.build_process(
+        self.task.model_fn, factory, 0.3, 1.0, 0.9
+    )
+    event_fn = (
+        laplace.dp_event_from_state
+        if isinstance(factory, laplace.LaplaceFactory)
+        else gaussian.dp_event_from_state
+    )
+    accountant = accounting.PrivacyAccountant(
+        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5
+    )
+    results = []
+    outcome = loop.run_training(
+        learning_process, self.task,
+        sampling.ClientSampler('poisson', _NUM_CLIENTS, _COHORT, seed=0),
+        accountant, event_fn,
+        lambda weights: {'loss': 0.0, 'accuracy': 0.0},
+        rounds=3, local_epochs=1, batch_size=8, eval_every=3,
+        on_round=results.append,
+    )
+    self.assertEqual(outcome.rounds_completed, 3)
+    epsilons = [r.epsilon for r in results]
+    self.assertEqual(epsilons, sorted(epsilons))
+    self.assertTrue(all(0 < e < float('inf') for e in epsilons))
+    for weights in learning_process.get_model_weights(outcome.state).trainable:
+      self.assertTrue(np.all(np.isfinite(weights)))
 
 
 if __name__ == '__main__':

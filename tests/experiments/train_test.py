@@ -50,7 +50,7 @@ class FlagValidationTest(parameterized.TestCase):
       ('negative_rounds', dict(rounds=-3), '--rounds=-3'),
       ('zero_rounds', dict(rounds=0), '--rounds=0'),
       ('unknown_task', dict(task='imagenet'), '--task=imagenet'),
-      ('unknown_aggregator', dict(aggregator='laplace'), '--aggregator'),
+      ('unknown_aggregator', dict(aggregator='skellam'), '--aggregator=skellam'),
       ('unknown_sampling', dict(sampling='shuffle'), '--sampling'),
       ('cohort_above_population',
        dict(clients_per_round=101, num_clients=100), '--clients_per_round=101'),
@@ -65,6 +65,17 @@ class FlagValidationTest(parameterized.TestCase):
       ('unknown_accountant', dict(accountant='gdp'), '--accountant=gdp'),
       ('negative_target', dict(target_epsilon=-1.0), '--target_epsilon'),
       ('unknown_calibration', dict(calibrate='clip'), '--calibrate=clip'),
+      ('unknown_clipping', dict(clipping='per_unit'), '--clipping=per_unit'),
+      ('quantile_above_one', dict(target_quantile=1.5), '--target_quantile'),
+      ('negative_clip_rate', dict(clip_learning_rate=-1.0),
+       '--clip_learning_rate'),
+      ('zero_initial_clip', dict(initial_clip=0.0), '--initial_clip'),
+      ('negative_count_noise', dict(clipped_count_stddev=-1.0),
+       '--clipped_count_stddev'),
+      ('zero_l1_clip', dict(l1_clip=0.0), '--l1_clip'),
+      ('zero_epsilon_per_round', dict(epsilon_per_round=0.0),
+       '--epsilon_per_round'),
+      ('unknown_placement', dict(noise_placement='edge'), '--noise_placement'),
   )
   def test_out_of_range_flag_is_named(self, overrides, flag_text):
     overrides.setdefault('output_dir', self.create_tempdir().full_path)
@@ -79,6 +90,11 @@ class FlagValidationTest(parameterized.TestCase):
       ('calibrate_without_target', dict(calibrate='noise'), '--target_epsilon'),
       ('target_without_privacy', dict(aggregator='none', target_epsilon=1.0),
        '--aggregator=none'),
+      ('laplace_per_layer', dict(aggregator='laplace', clipping='per_layer_uniform'),
+       '--clipping=per_layer_uniform'),
+      ('client_noise_adaptive',
+       dict(aggregator='gaussian_adaptive', noise_placement='client'),
+       '--noise_placement=client'),
   )
   def test_inconsistent_flags_are_named(self, overrides, flag_text):
     with flagsaver.flagsaver(

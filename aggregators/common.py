@@ -5,6 +5,7 @@ from typing import Optional
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
 
 def check_number(value, name: str, minimum: float, strict: bool) -> float:
@@ -42,3 +43,41 @@ def all_finite(tensors) -> tf.Tensor:
   return tf.reduce_all(
       [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(tensors)]
   )
+
+
+def clip_sum_noise_process(
+    value_type,
+    initial_state: tff.Computation,
+    client_params: tff.Computation,
+    client_update: tff.Computation,
+    finish_round: tff.Computation,
+) -> tff.templates.AggregationProcess:
+  """The federated skeleton every factory here shares.
+
+  Each round: `client_params(state)` is broadcast; every client runs
+  `client_update(value, params) -> (clipped value, counts)`; the clipped
+  values and the counts are summed; the server runs
+  `finish_round(value_sum, count_sums, state) -> (result, new state,
+  measurements)`. Only sums leave the clients' side, so the noise added in
+  `finish_round` (or by the clients) covers everything released.
+  """
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_eval(initial_state, tff.SERVER)
+
+  @tff.federated_computation(
+      init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+  )
+  def next_fn(state, value):
+    params = tff.federated_broadcast(tff.federated_map(client_params, state))
+    clipped, counts = tff.federated_map(client_update, (value, params))
+    result, new_state, measurements = tff.federated_map(
+        finish_round,
+        (tff.federated_sum(clipped), tff.federated_sum(counts), state),
+    )
+    return tff.templates.MeasuredProcessOutput(
+        state=new_state, result=result, measurements=measurements
+    )
+
+  return tff.templates.AggregationProcess(init_fn, next_fn)

@@ -45,10 +45,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from aggregators import clipping as clipping_lib
-from aggregators.common import all_finite
-from aggregators.common import check_number
-from aggregators.common import check_seed
-from aggregators.common import initial_seed
+from aggregators import common
 
 NOISE_PLACEMENTS = ('server', 'client')
 # The count gets at most this share of the privacy budget (in z^-2 terms) when
@@ -148,11 +145,11 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       ValueError: if an argument is outside its range or the noise cannot be
         split between update and count.
     """
-    self._noise_multiplier = check_number(
+    self._noise_multiplier = common.check_number(
         noise_multiplier, 'noise_multiplier', 0, strict=False
     )
-    self._clip = check_number(clip, 'clip', 0, strict=True)
-    self._expected_clients_per_round = check_number(
+    self._clip = common.check_number(clip, 'clip', 0, strict=True)
+    self._expected_clients_per_round = common.check_number(
         expected_clients_per_round, 'expected_clients_per_round', 0, strict=True
     )
     self._clipping = clipping_lib.Clipping(clipping)
@@ -162,7 +159,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           f'{noise_placement!r}.'
       )
     self._noise_placement = noise_placement
-    self._noise_seed = check_seed(noise_seed)
+    self._noise_seed = common.check_seed(noise_seed)
     self._adaptive = adaptive
     if adaptive is None:
       self._update_noise, self._count_stddev = self._noise_multiplier, 0.0
@@ -172,14 +169,18 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
             'noise_placement=client needs a fixed clip: the clipped count '
             'would be released without noise from each client.'
         )
-      check_number(adaptive.target_quantile, 'target_quantile', 0, False)
+      common.check_number(
+          adaptive.target_quantile, 'target_quantile', 0, strict=False
+      )
       if adaptive.target_quantile > 1:
         raise ValueError(
             f'target_quantile must be <= 1, got {adaptive.target_quantile}.'
         )
-      check_number(adaptive.learning_rate, 'learning_rate', 0, strict=False)
+      common.check_number(
+          adaptive.learning_rate, 'learning_rate', 0, strict=False
+      )
       if adaptive.clipped_count_stddev is not None:
-        check_number(
+        common.check_number(
             adaptive.clipped_count_stddev, 'clipped_count_stddev', 0,
             strict=False,
         )
@@ -220,7 +221,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           layer_shares=clipping_lib.uniform_shares(num_layers),
           noise_multiplier=tf.constant(self._update_noise, tf.float64),
           clipped_count_stddev=tf.constant(self._count_stddev, tf.float64),
-          noise_seed=initial_seed(self._noise_seed),
+          noise_seed=common.initial_seed(self._noise_seed),
       )
 
     state_type = initial_state.type_signature.result
@@ -240,7 +241,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
     @tff.tensorflow.computation(value_type, params_type)
     def client_update(value, params):
       tensors = tf.nest.flatten(value)
-      is_finite = all_finite(tensors)
+      is_finite = common.all_finite(tensors)
       clipped, unclipped = clipping_lib.clip_update(
           tensors, params['clip'], params['layer_shares'], clipping
       )
@@ -334,25 +335,9 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           measurements,
       )
 
-    @tff.federated_computation
-    def init_fn():
-      return tff.federated_eval(initial_state, tff.SERVER)
-
-    @tff.federated_computation(
-        init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+    return common.clip_sum_noise_process(
+        value_type, initial_state, client_params, client_update, finish_round
     )
-    def next_fn(state, value):
-      params = tff.federated_broadcast(tff.federated_map(client_params, state))
-      clipped, counts = tff.federated_map(client_update, (value, params))
-      mean, new_state, measurements = tff.federated_map(
-          finish_round,
-          (tff.federated_sum(clipped), tff.federated_sum(counts), state),
-      )
-      return tff.templates.MeasuredProcessOutput(
-          state=new_state, result=mean, measurements=measurements
-      )
-
-    return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
 def composed_event(

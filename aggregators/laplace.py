@@ -21,10 +21,7 @@ import dp_accounting
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from aggregators.common import all_finite
-from aggregators.common import check_number
-from aggregators.common import check_seed
-from aggregators.common import initial_seed
+from aggregators import common
 
 
 def laplace_noise(shape, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -75,14 +72,14 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
       TypeError: if an argument is not a number (or an int seed).
       ValueError: if an argument is outside its range.
     """
-    self._epsilon_per_round = check_number(
+    self._epsilon_per_round = common.check_number(
         epsilon_per_round, 'epsilon_per_round', 0, strict=True
     )
-    self._l1_clip = check_number(l1_clip, 'l1_clip', 0, strict=True)
-    self._expected_clients_per_round = check_number(
+    self._l1_clip = common.check_number(l1_clip, 'l1_clip', 0, strict=True)
+    self._expected_clients_per_round = common.check_number(
         expected_clients_per_round, 'expected_clients_per_round', 0, strict=True
     )
-    self._noise_seed = check_seed(noise_seed)
+    self._noise_seed = common.check_seed(noise_seed)
 
   def create(
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
@@ -100,7 +97,7 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
       return collections.OrderedDict(
           l1_clip=tf.constant(self._l1_clip, tf.float32),
           epsilon_per_round=tf.constant(self._epsilon_per_round, tf.float64),
-          noise_seed=initial_seed(self._noise_seed),
+          noise_seed=common.initial_seed(self._noise_seed),
       )
 
     state_type = initial_state.type_signature.result
@@ -112,7 +109,7 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
     @tff.tensorflow.computation(value_type, tf.float32)
     def clip_update(value, l1_clip):
       tensors = tf.nest.flatten(value)
-      is_finite = all_finite(tensors)
+      is_finite = common.all_finite(tensors)
       clipped, norm = clip_by_l1_norm(tensors, l1_clip)
       clipped = [tf.where(is_finite, c, tf.zeros_like(c)) for c in clipped]
       return (
@@ -149,25 +146,9 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
       )
       return tf.nest.pack_sequence_as(value_specs, mean), new_state, measurements
 
-    @tff.federated_computation
-    def init_fn():
-      return tff.federated_eval(initial_state, tff.SERVER)
-
-    @tff.federated_computation(
-        init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+    return common.clip_sum_noise_process(
+        value_type, initial_state, get_l1_clip, clip_update, add_noise_and_average
     )
-    def next_fn(state, value):
-      l1_clip = tff.federated_broadcast(tff.federated_map(get_l1_clip, state))
-      clipped, counts = tff.federated_map(clip_update, (value, l1_clip))
-      mean, new_state, measurements = tff.federated_map(
-          add_noise_and_average,
-          (tff.federated_sum(clipped), tff.federated_sum(counts), state),
-      )
-      return tff.templates.MeasuredProcessOutput(
-          state=new_state, result=mean, measurements=measurements
-      )
-
-    return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
 def round_dp_event(epsilon_per_round: float) -> dp_accounting.DpEvent:

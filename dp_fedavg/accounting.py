@@ -242,11 +242,25 @@ class PrivacyAccountant:
       kinds.append(AccountantKind.PLD)
     return kinds
 
-  def _single_round_rdp(self, key: str, round_event) -> np.ndarray:
-    if key not in self._rdp_of_event:
-      single = dp_accounting.rdp.RdpAccountant(
+  def _kinds_in_use(self, round_events) -> list[AccountantKind]:
+    """The supported accountants, narrowed to the chosen one unless AUTO."""
+    return [
+        kind for kind in self._supported_kinds_of(round_events)
+        if self.kind in (AccountantKind.AUTO, kind)
+    ]
+
+  def _new_accountant(self, kind: AccountantKind):
+    if kind is AccountantKind.RDP:
+      return dp_accounting.rdp.RdpAccountant(
           self._orders, neighboring_relation=self.neighboring_relation
       )
+    return pld_privacy_accountant.PLDAccountant(
+        value_discretization_interval=_PLD_DISCRETIZATION
+    )
+
+  def _single_round_rdp(self, key: str, round_event) -> np.ndarray:
+    if key not in self._rdp_of_event:
+      single = self._new_accountant(AccountantKind.RDP)
       single.compose(round_event)
       # RdpAccountant keeps its RDP vector private; composition adds these
       # vectors, which is what compose() itself does.
@@ -255,9 +269,7 @@ class PrivacyAccountant:
 
   def _single_round_pld(self, key: str, round_event):
     if key not in self._pld_of_event:
-      single = pld_privacy_accountant.PLDAccountant(
-          value_discretization_interval=_PLD_DISCRETIZATION
-      )
+      single = self._new_accountant(AccountantKind.PLD)
       single.compose(_for_pld(round_event))
       # As above: the accountant's PrivacyLossDistribution is private; its
       # self_compose(count) is what compose(event, count) does.
@@ -278,9 +290,7 @@ class PrivacyAccountant:
                 AccountantKind.PLD.value: math.inf}
       self._last_epsilons = (key, result)
       return result
-    kinds = set(self._supported_kinds_of(events))
-    if self.kind is not AccountantKind.AUTO:
-      kinds &= {self.kind}
+    kinds = self._kinds_in_use(events)
     if not kinds:
       raise ValueError(
           f'the {self.kind.value} accountant cannot account {events}; see '
@@ -333,9 +343,11 @@ class PrivacyAccountant:
     """The reported epsilon at `delta` after all rounds."""
     return self.epsilon_and_accountant()[0]
 
-  def epsilon_after_round(self, event: dp_accounting.DpEvent) -> float:
-    """Epsilon if one more round with aggregator `event` were composed."""
-    return _tightest(self._epsilons_of(self._with_round(event)))[0]
+  def epsilon_after_round(
+      self, event: dp_accounting.DpEvent, rounds: int = 1
+  ) -> float:
+    """Epsilon if `rounds` more rounds with aggregator `event` were composed."""
+    return _tightest(self._epsilons_of(self._with_round(event, rounds)))[0]
 
   def rounds_within_budget(
       self, event: dp_accounting.DpEvent, target_epsilon: float,
@@ -349,8 +361,7 @@ class PrivacyAccountant:
     within, beyond = 0, max_rounds + 1
     while beyond - within > 1:
       middle = (within + beyond) // 2
-      epsilon = _tightest(self._epsilons_of(self._with_round(event, middle)))[0]
-      if epsilon <= target_epsilon:
+      if self.epsilon_after_round(event, middle) <= target_epsilon:
         within = middle
       else:
         beyond = middle
@@ -381,17 +392,9 @@ class PrivacyAccountant:
       raise ValueError(f'target_epsilon must be > 0, got {target_epsilon}.')
     if rounds < 1:
       raise ValueError(f'rounds must be >= 1, got {rounds}.')
-    kinds = self.supported_kinds(event_for_noise_multiplier(1.0))
-    if self.kind is not AccountantKind.AUTO:
-      kinds = [k for k in kinds if k is self.kind]
-    fresh_accountants = {
-        AccountantKind.RDP: lambda: dp_accounting.rdp.RdpAccountant(
-            neighboring_relation=self.neighboring_relation
-        ),
-        AccountantKind.PLD: lambda: pld_privacy_accountant.PLDAccountant(
-            value_discretization_interval=_PLD_DISCRETIZATION
-        ),
-    }
+    kinds = self._kinds_in_use(
+        [self.round_event(event_for_noise_multiplier(1.0))]
+    )
     prepare = {AccountantKind.RDP: lambda e: e, AccountantKind.PLD: _for_pld}
     # RDP first: it is fast, and PLD's bound is never looser, so PLD's answer
     # lies below RDP's and the slow PLD search can start just under it.
@@ -407,7 +410,8 @@ class PrivacyAccountant:
       guess = results[-1] if results else 1.0
       try:
         results.append(mechanism_calibration.calibrate_dp_mechanism(
-            fresh_accountants[kind], make_event, target_epsilon, self.delta,
+            lambda kind=kind: self._new_accountant(kind), make_event,
+            target_epsilon, self.delta,
             bracket_interval=mechanism_calibration.LowerEndpointAndGuess(
                 max(_MIN_CALIBRATED_NOISE, guess / 2), guess
             ),

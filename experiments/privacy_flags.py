@@ -5,6 +5,8 @@ report for a set of flags is the accounting that training with them does.
 """
 
 import math
+import os
+import sys
 from typing import Callable, Optional
 
 from absl import flags
@@ -107,6 +109,17 @@ RANGE_CHECKS: tuple[tuple[flags.FlagHolder, Callable[..., bool], str], ...] = (
      'a finite number > 0'),
     (CALIBRATE, lambda v: v in CALIBRATIONS, f'one of {", ".join(CALIBRATIONS)}'),
 )
+
+
+def exit_with_usage_error(message: str) -> None:
+  """Exits with status 2 after one line naming the problem."""
+  print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def check_no_arguments(argv: list[str]) -> None:
+  if len(argv) > 1:
+    exit_with_usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
 
 
 def range_error(

@@ -11,8 +11,6 @@ after --rounds rounds, every --table_every rounds if set. With
 --calibrate=noise, which noise multiplier meets it.
 """
 
-import os
-import sys
 
 from absl import app
 from absl import flags
@@ -24,31 +22,25 @@ _TABLE_EVERY = flags.DEFINE_integer(
     '--rounds).')
 
 
-def _exit_with_usage_error(message: str) -> None:
-  print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def _format(epsilons: dict[str, float], name: str) -> str:
   return f'{epsilons[name]:12.4f}' if name in epsilons else f'{"-":>12}'
 
 
 def main(argv):
-  if len(argv) > 1:
-    _exit_with_usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
+  privacy_flags.check_no_arguments(argv)
   error = privacy_flags.flag_error() or (
       None if _TABLE_EVERY.value >= 0 else
       f'--table_every={_TABLE_EVERY.value} is out of range: must be an '
       'integer >= 0.'
   )
   if error:
-    _exit_with_usage_error(error)
+    privacy_flags.exit_with_usage_error(error)
 
   accountant = privacy_flags.build_accountant()
   try:
     noise = privacy_flags.noise_parameter(accountant)
   except ValueError as e:
-    _exit_with_usage_error(str(e))
+    privacy_flags.exit_with_usage_error(str(e))
   rounds = privacy_flags.ROUNDS.value
   round_event = privacy_flags.event_for_noise_multiplier(
       accountant.clients_per_round

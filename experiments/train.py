@@ -12,7 +12,6 @@ and its allowed range. The privacy flags are in experiments/privacy_flags.py.
 
 import math
 import os
-import sys
 from typing import Optional
 
 from absl import app
@@ -79,17 +78,11 @@ def flag_error() -> Optional[str]:
   return None
 
 
-def _exit_with_usage_error(message: str) -> None:
-  print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
-  if len(argv) > 1:
-    _exit_with_usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
+  privacy_flags.check_no_arguments(argv)
   error = flag_error()
   if error:
-    _exit_with_usage_error(error)
+    privacy_flags.exit_with_usage_error(error)
 
   tf.keras.utils.set_random_seed(_SEED.value)
   try:
@@ -101,7 +94,7 @@ def main(argv):
         seed=_SEED.value,
     )
   except ValueError as e:
-    _exit_with_usage_error(f'--task={_TASK.value}: {e}')
+    privacy_flags.exit_with_usage_error(f'--task={_TASK.value}: {e}')
 
   accountant = privacy_flags.build_accountant()
   try:
@@ -110,7 +103,7 @@ def main(argv):
         noise, accountant.clients_per_round, _SEED.value
     )
   except ValueError as e:
-    _exit_with_usage_error(str(e))
+    privacy_flags.exit_with_usage_error(str(e))
   if privacy_flags.CALIBRATE.value == 'noise':
     logging.info(
         'calibrated noise multiplier %.6g: the smallest meeting epsilon=%g at '

@@ -45,6 +45,16 @@ def all_finite(tensors) -> tf.Tensor:
   )
 
 
+def float_value_specs(value_type, factory_name: str):
+  """The TensorSpecs of `value_type`; TypeError unless it is all floats."""
+  if not tff.types.is_structure_of_floats(value_type):
+    raise TypeError(
+        f'{factory_name} aggregates structures of float tensors; got '
+        f'{value_type}.'
+    )
+  return tff.types.type_to_tf_tensor_specs(value_type)
+
+
 def clip_sum_noise_process(
     value_type,
     initial_state: tff.Computation,

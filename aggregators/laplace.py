@@ -84,12 +84,7 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
   def create(
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
   ) -> tff.templates.AggregationProcess:
-    if not tff.types.is_structure_of_floats(value_type):
-      raise TypeError(
-          'LaplaceFactory aggregates structures of float tensors; got '
-          f'{value_type}.'
-      )
-    value_specs = tff.types.type_to_tf_tensor_specs(value_type)
+    value_specs = common.float_value_specs(value_type, 'LaplaceFactory')
     num_tensors = len(tf.nest.flatten(value_specs))
 
     @tff.tensorflow.computation

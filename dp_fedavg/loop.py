@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_federated as tff
 
 from dp_fedavg import accounting
+from dp_fedavg import checkpoints
 from dp_fedavg import sampling
 from dp_fedavg.tasks import base
 
@@ -94,6 +95,9 @@ def run_training(
     seed: int = 0,
     target_epsilon: Optional[float] = None,
     on_round: Callable[[RoundResult], None] = lambda result: None,
+    checkpointer: Optional[checkpoints.Checkpointer] = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> TrainingOutcome:
   """Trains for `rounds` rounds, or until the privacy budget would run out.
 
@@ -113,11 +117,32 @@ def run_training(
     target_epsilon: if set, training stops before the first round whose
       composition would take epsilon above it; a round is never run first.
     on_round: called with every round's result, in order.
+    checkpointer: where checkpoints go; needed by `checkpoint_every` and
+      `resume`.
+    checkpoint_every: save a checkpoint every this many rounds and after the
+      last one; 0 never saves.
+    resume: start from the checkpointer's latest checkpoint (its state, round
+      and accountant history) instead of from round 1.
+
+  Raises:
+    ValueError: `resume` without a checkpoint to resume from.
   """
+  if (checkpoint_every or resume) and checkpointer is None:
+    raise ValueError('checkpoint_every and resume need a checkpointer.')
   client_ids = task.train_data.client_ids
   state = process.initialize()
+  first_round = 1
+  if resume:
+    restored = checkpointer.restore_latest(state, accountant)
+    if restored is None:
+      raise ValueError(f'no checkpoint to resume from in {checkpointer.directory}.')
+    state, first_round = restored.state, restored.round + 1
+    logging.info(
+        'resumed after round %d from %s; epsilon so far %.4g',
+        restored.round, checkpointer.directory, accountant.epsilon(),
+    )
   elapsed = 0.0
-  for round_num in range(1, rounds + 1):
+  for round_num in range(first_round, rounds + 1):
     if target_epsilon is not None:
       # The aggregator's state before the round fixes the round's event.
       next_epsilon = accountant.epsilon_after_round(
@@ -129,9 +154,13 @@ def run_training(
             f'{next_epsilon:.4g}, above the target {target_epsilon:g}'
         )
         logging.info('%s', reason)
-        return TrainingOutcome(state, round_num - 1, reason)
+        last_round = round_num - 1
+        if (checkpoint_every and last_round >= first_round
+            and last_round % checkpoint_every):
+          checkpointer.save(last_round, state, accountant)
+        return TrainingOutcome(state, last_round, reason)
     start = time.monotonic()
-    cohort = sampler.sample()
+    cohort = sampler.sample(round_num)
     client_datasets = [
         task.preprocess(
             task.train_data.create_tf_dataset_for_client(client_ids[i]),
@@ -162,6 +191,11 @@ def run_training(
         seconds=seconds,
         aggregator=aggregator_measurements,
     )
-    _log_round(result, rounds, elapsed / round_num * (rounds - round_num))
+    rounds_run = round_num - first_round + 1
+    _log_round(result, rounds, elapsed / rounds_run * (rounds - round_num))
     on_round(result)
+    if checkpoint_every and (
+        round_num % checkpoint_every == 0 or round_num == rounds
+    ):
+      checkpointer.save(round_num, state, accountant)
   return TrainingOutcome(state, rounds, 'all rounds completed')

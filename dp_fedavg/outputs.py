@@ -1,8 +1,10 @@
-"""Where a run's results go: config.json and metrics.csv in the output dir.
+"""Where a run's results go: config.json, metrics.csv, TensorBoard, the model.
 
-metrics.csv is written through `tff.program.CSVFileReleaseManager`, keyed by
-round; each row is written as soon as its round ends, so a killed run keeps
-every finished round.
+Each round's metrics are released through `tff.program` release managers,
+keyed by round: a CSV file (`CSVFileReleaseManager`) and TensorBoard scalars
+under tensorboard/ (`TensorBoardReleaseManager`). A row is written as soon as
+its round ends, so a killed run keeps every finished round; a resumed run's
+first release drops the CSV rows after its checkpoint.
 """
 
 import asyncio
@@ -10,37 +12,62 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import tensorflow_federated as tff
 
+from dp_fedavg import checkpoints
 from dp_fedavg import loop
 from dp_fedavg.tasks import base
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.csv'
 MODEL_FILE = 'final_model.keras'
+TENSORBOARD_DIR = 'tensorboard'
 
 
 class RunOutputs:
-  """Writes one run's config and per-round metrics under `output_dir`."""
+  """Writes one run's config and per-round metrics under `output_dir`.
 
-  def __init__(self, output_dir: str, overwrite: bool = False):
+  Args:
+    output_dir: created if needed.
+    overwrite: replace an earlier run's metrics, TensorBoard logs and
+      checkpoints in `output_dir`.
+    resume: continue an earlier run's metrics (rows after the checkpoint it
+      resumes from are replaced as rounds are rerun).
+  """
+
+  def __init__(self, output_dir: str, overwrite: bool = False, resume: bool = False):
+    if overwrite and resume:
+      raise ValueError('choose one of overwrite and resume.')
     metrics_path = os.path.join(output_dir, METRICS_FILE)
-    if os.path.exists(metrics_path) and not overwrite:
+    if os.path.exists(metrics_path) and not (overwrite or resume):
       raise FileExistsError(
-          f'{metrics_path} exists; choose another output directory or allow '
-          'overwriting it.'
+          f'{metrics_path} exists; choose another output directory, resume the '
+          'run or allow overwriting it.'
       )
     os.makedirs(output_dir, exist_ok=True)
-    if os.path.exists(metrics_path):
-      os.remove(metrics_path)
+    if overwrite:
+      for name in (METRICS_FILE, TENSORBOARD_DIR, checkpoints.CHECKPOINT_DIR):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        elif os.path.exists(path):
+          os.remove(path)
     self.output_dir = output_dir
-    self._metrics = tff.program.CSVFileReleaseManager(
-        file_path=metrics_path,
-        save_mode=tff.program.CSVSaveMode.APPEND,
-        key_fieldname='round',
-    )
+    self._metrics = tff.program.GroupingReleaseManager([
+        tff.program.CSVFileReleaseManager(
+            file_path=metrics_path,
+            save_mode=tff.program.CSVSaveMode.APPEND,
+            key_fieldname='round',
+        ),
+        # Non-numeric values (the accountant's name, missing evaluations) are
+        # skipped by TensorBoard.
+        tff.program.TensorBoardReleaseManager(
+            os.path.join(output_dir, TENSORBOARD_DIR)
+        ),
+    ])
 
   def write_config(self, config: dict[str, Any]) -> None:
     with open(os.path.join(self.output_dir, CONFIG_FILE), 'w') as f:

@@ -24,8 +24,10 @@ class SamplingScheme(enum.Enum):
 class ClientSampler:
   """Draws each round's cohort from client indices 0..num_clients-1.
 
-  Rounds are drawn from one seeded stream, so a run is reproducible given its
-  seed; the stream is never shown to the aggregator.
+  Round r's cohort is drawn from its own stream, seeded by (seed, r): a run is
+  reproducible given its seed, and a run resumed at round r draws the cohorts
+  the uninterrupted run would have. The streams are never shown to the
+  aggregator.
   """
 
   def __init__(
@@ -47,23 +49,24 @@ class ClientSampler:
       )
     self.num_clients = num_clients
     self.clients_per_round = clients_per_round
-    self._rng = np.random.default_rng(seed)
+    self.seed = seed
 
   @property
   def sampling_probability(self) -> float:
     """q: each client's chance of taking part in a round."""
     return self.clients_per_round / self.num_clients
 
-  def sample(self) -> np.ndarray:
-    """The next round's cohort, sorted client indices (may be empty if Poisson)."""
+  def sample(self, round_num: int) -> np.ndarray:
+    """Round `round_num`'s cohort, sorted client indices (may be empty if Poisson)."""
     if self.scheme is SamplingScheme.FULL:
       return np.arange(self.num_clients)
+    rng = np.random.default_rng([self.seed, round_num])
     if self.scheme is SamplingScheme.UNIFORM:
-      cohort = self._rng.choice(
+      cohort = rng.choice(
           self.num_clients, size=self.clients_per_round, replace=False
       )
     else:
       cohort = np.flatnonzero(
-          self._rng.random(self.num_clients) < self.sampling_probability
+          rng.random(self.num_clients) < self.sampling_probability
       )
     return np.sort(cohort)

@@ -5,3 +5,8 @@ import os
 # TensorFlow's C++ INFO and WARNING lines (CUDA probing, CPU features) drown
 # the per-round progress lines; errors still show. Set before TF is imported.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import logging
+
+# TensorFlow's SavedModel writer logs every asset at INFO on each checkpoint.
+logging.getLogger('tensorflow').setLevel(logging.WARNING)

@@ -17,6 +17,7 @@ from aggregators import gaussian
 from aggregators import laplace
 from dp_fedavg import accounting
 from dp_fedavg import sampling
+from dp_fedavg import tasks
 
 AGGREGATORS = ('none', 'gaussian_fixed', 'gaussian_adaptive', 'laplace')
 CLIPPINGS = tuple(c.value for c in clipping.Clipping)
@@ -60,7 +61,10 @@ EPSILON_PER_ROUND = flags.DEFINE_float(
     'epsilon_per_round', 0.5,
     'laplace: pure epsilon of one round (noise scale l1_clip / epsilon).')
 NUM_CLIENTS = flags.DEFINE_integer(
-    'num_clients', 100, 'Training clients in the population (N).')
+    'num_clients', None,
+    'Training clients in the population (N). digits, cifar10: clients the data '
+    f'is split over (default {tasks.DEFAULT_NUM_CLIENTS}); femnist, '
+    'shakespeare: use the first N natural clients (default all of them).')
 CLIENTS_PER_ROUND = flags.DEFINE_integer(
     'clients_per_round', 20,
     'Clients per round: exact for uniform sampling, expected for Poisson '
@@ -100,7 +104,7 @@ RANGE_CHECKS: tuple[tuple[flags.FlagHolder, Callable[..., bool], str], ...] = (
      f'one of {", ".join(gaussian.NOISE_PLACEMENTS)}'),
     (L1_CLIP, lambda v: 0 < v < math.inf, 'a finite number > 0'),
     (EPSILON_PER_ROUND, lambda v: 0 < v < math.inf, 'a finite number > 0'),
-    (NUM_CLIENTS, lambda v: v >= 1, 'an integer >= 1'),
+    (NUM_CLIENTS, lambda v: v is None or v >= 1, 'an integer >= 1'),
     (SAMPLING, lambda v: v in SAMPLINGS, f'one of {", ".join(SAMPLINGS)}'),
     (ROUNDS, lambda v: v >= 1, 'an integer >= 1'),
     (DELTA, lambda v: 0 < v < 1, 'in (0, 1)'),
@@ -137,14 +141,10 @@ def flag_error() -> Optional[str]:
   error = range_error(RANGE_CHECKS)
   if error:
     return error
-  if SAMPLING.value != 'full' and not (
-      1 <= CLIENTS_PER_ROUND.value <= NUM_CLIENTS.value
-  ):
-    return (
-        f'--clients_per_round={CLIENTS_PER_ROUND.value} is out of range: must '
-        f'be in [1, --num_clients={NUM_CLIENTS.value}] (sampling rate q = '
-        'clients_per_round / num_clients must lie in (0, 1]).'
-    )
+  if NUM_CLIENTS.value is not None:
+    error = population_error(NUM_CLIENTS.value)
+    if error:
+      return error
   if AGGREGATOR.value == 'laplace' and CLIPPING.value != 'flat':
     return (
         f'--clipping={CLIPPING.value} applies to the Gaussian aggregators; '
@@ -161,6 +161,17 @@ def flag_error() -> Optional[str]:
     return (
         '--target_epsilon needs a private --aggregator; --aggregator=none '
         'spends an infinite epsilon.'
+    )
+  return None
+
+
+def population_error(num_clients: int) -> Optional[str]:
+  """A cohort that does not fit the population of `num_clients`, as one line."""
+  if SAMPLING.value != 'full' and not 1 <= CLIENTS_PER_ROUND.value <= num_clients:
+    return (
+        f'--clients_per_round={CLIENTS_PER_ROUND.value} is out of range: must '
+        f'be in [1, num_clients={num_clients}] (sampling rate q = '
+        'clients_per_round / num_clients must lie in (0, 1]).'
     )
   return None
 
@@ -193,10 +204,11 @@ def event_for_noise_multiplier(
   )
 
 
-def build_accountant() -> accounting.PrivacyAccountant:
+def build_accountant(num_clients: int) -> accounting.PrivacyAccountant:
+  """The accountant of the flags for a population of `num_clients`."""
   return accounting.PrivacyAccountant(
       sampling.SamplingScheme(SAMPLING.value),
-      NUM_CLIENTS.value,
+      num_clients,
       CLIENTS_PER_ROUND.value,
       DELTA.value,
       accounting.AccountantKind(ACCOUNTANT.value),

@@ -15,6 +15,7 @@ after --rounds rounds, every --table_every rounds if set. With
 from absl import app
 from absl import flags
 
+from dp_fedavg import tasks
 from experiments import privacy_flags
 
 _TABLE_EVERY = flags.DEFINE_integer(
@@ -28,7 +29,10 @@ def _format(epsilons: dict[str, float], name: str) -> str:
 
 def main(argv):
   privacy_flags.check_no_arguments(argv)
-  error = privacy_flags.flag_error() or (
+  num_clients = privacy_flags.NUM_CLIENTS.value or tasks.DEFAULT_NUM_CLIENTS
+  error = privacy_flags.flag_error() or privacy_flags.population_error(
+      num_clients
+  ) or (
       None if _TABLE_EVERY.value >= 0 else
       f'--table_every={_TABLE_EVERY.value} is out of range: must be an '
       'integer >= 0.'
@@ -36,7 +40,7 @@ def main(argv):
   if error:
     privacy_flags.exit_with_usage_error(error)
 
-  accountant = privacy_flags.build_accountant()
+  accountant = privacy_flags.build_accountant(num_clients)
   try:
     noise = privacy_flags.noise_parameter(accountant)
   except ValueError as e:

@@ -7,6 +7,9 @@ from typing import Callable
 import tensorflow as tf
 import tensorflow_federated as tff
 
+# Where a task's data comes from: the project's files ('local': the shared
+# data or --data_dir) or TFF's own dataset loaders ('tff').
+DATA_SOURCES = ('local', 'tff')
 
 @dataclasses.dataclass(frozen=True)
 class FederatedTask:
@@ -20,8 +23,8 @@ class FederatedTask:
     train_data: one client per training participant; elements are (x, y)
       examples, unbatched. Datasets are built only for clients that are asked
       for.
-    eval_data: the held-out clients, never sampled for training; same
-      elements.
+    eval_data: evaluation data as clients, never sampled for training: held-out
+      clients, or each client's held-out examples; same elements.
   """
 
   name: str
@@ -68,3 +71,24 @@ class FederatedTask:
         self.eval_data.create_tf_dataset_for_client(client_id).batch(batch_size)
         for client_id in self.eval_data.client_ids
     ]
+
+
+def classification_task(
+    name: str,
+    keras_model_fn: Callable[[], tf.keras.Model],
+    train_data: tff.simulation.datasets.ClientData,
+    eval_data: tff.simulation.datasets.ClientData,
+) -> FederatedTask:
+  """A task whose model maps an example to class logits; integer labels."""
+  return FederatedTask(
+      name=name,
+      keras_model_fn=keras_model_fn,
+      loss_fn=lambda: tf.keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True
+      ),
+      metrics_fn=lambda: [
+          tf.keras.metrics.SparseCategoricalAccuracy(name='accuracy')
+      ],
+      train_data=train_data,
+      eval_data=eval_data,
+  )

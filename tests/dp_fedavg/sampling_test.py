@@ -9,8 +9,8 @@ class ClientSamplerTest(parameterized.TestCase):
 
   def test_uniform_draws_exact_distinct_sorted_cohorts(self):
     sampler = sampling.ClientSampler('uniform', 50, 7, seed=1)
-    for _ in range(20):
-      cohort = sampler.sample()
+    for round_num in range(20):
+      cohort = sampler.sample(round_num)
       self.assertLen(cohort, 7)
       self.assertLen(set(cohort.tolist()), 7)
       self.assertTrue(np.all(np.diff(cohort) > 0))
@@ -20,7 +20,7 @@ class ClientSamplerTest(parameterized.TestCase):
     num_clients, cohort, rounds = 20, 5, 4000
     sampler = sampling.ClientSampler('uniform', num_clients, cohort, seed=2)
     counts = np.bincount(
-        np.concatenate([sampler.sample() for _ in range(rounds)]),
+        np.concatenate([sampler.sample(r) for r in range(rounds)]),
         minlength=num_clients,
     )
     q = cohort / num_clients
@@ -43,8 +43,16 @@ class ClientSamplerTest(parameterized.TestCase):
   def test_same_seed_same_cohorts(self, scheme):
     first = sampling.ClientSampler(scheme, 30, 5, seed=4)
     second = sampling.ClientSampler(scheme, 30, 5, seed=4)
-    for _ in range(5):
-      np.testing.assert_array_equal(first.sample(), second.sample())
+    for round_num in range(5):
+      np.testing.assert_array_equal(
+          first.sample(round_num), second.sample(round_num)
+      )
+
+  def test_rounds_differ_and_do_not_depend_on_earlier_draws(self):
+    sampler = sampling.ClientSampler('uniform', 100, 10, seed=5)
+    in_order = [sampler.sample(r) for r in range(1, 4)]
+    self.assertFalse(np.array_equal(in_order[0], in_order[1]))
+    np.testing.assert_array_equal(sampler.sample(3), in_order[2])
 
   @parameterized.named_parameters(
       ('no_clients', 0, 1, 'num_clients'),

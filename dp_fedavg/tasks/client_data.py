@@ -1,0 +1,130 @@
+"""Federated data from in-memory arrays, and where the shared data lives.
+
+Every task keeps its examples in a few numpy arrays and exposes them as a
+`tff.simulation.datasets.ClientData` whose datasets are slices built only when a
+client is asked for, so memory does not grow with the clients sampled.
+"""
+
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+PARTITIONS = ('iid', 'dirichlet')
+
+# The project's root is two levels above this package; the shared data sits
+# beside it (a user's own clone has none and passes --data_dir).
+SHARED_DATA_DIR = os.path.normpath(os.path.join(
+    os.path.dirname(__file__), '..', '..', '..', 'shared', 'data'
+))
+
+
+class DataNotFoundError(FileNotFoundError):
+  """A task's data file is missing; the message says where to get it."""
+
+  def __init__(self, path: str, how_to_get: str):
+    super().__init__(f'no data at {path}; {how_to_get}')
+    self.path = path
+
+
+def require_file(path: str, how_to_get: str) -> str:
+  if not os.path.isfile(path):
+    raise DataNotFoundError(path, how_to_get)
+  return path
+
+
+def data_dir_or_shared(data_dir: Optional[str], name: str) -> str:
+  return data_dir or os.path.join(SHARED_DATA_DIR, name)
+
+
+def sliced_client_data(
+    client_ids: list[str],
+    arrays: tuple[np.ndarray, ...],
+    shares: list[np.ndarray],
+    element_fn: Optional[Callable[..., Any]] = None,
+) -> tff.simulation.datasets.ClientData:
+  """Client `client_ids[i]` holds rows `shares[i]` of every array in `arrays`.
+
+  The rows are laid end to end once; a client's dataset is a (start, count)
+  slice of them, built in TF when the client is asked for, with `element_fn`
+  (if given) mapped over its elements.
+  """
+  if len(client_ids) != len(shares):
+    raise ValueError(
+        f'{len(client_ids)} client ids for {len(shares)} client shares.'
+    )
+  order = np.concatenate(shares).astype(np.int64) if shares else np.zeros(0, np.int64)
+  counts = np.array([len(s) for s in shares], np.int64)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  laid_out = tuple(tf.constant(array[order]) for array in arrays)
+  index_of = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          tf.constant(client_ids), tf.range(len(client_ids), dtype=tf.int64)
+      ),
+      default_value=-1,
+  )
+
+  def client_dataset(client_id: tf.Tensor) -> tf.data.Dataset:
+    index = index_of.lookup(tf.convert_to_tensor(client_id, tf.string))
+    start = tf.gather(starts, index)
+    end = start + tf.gather(counts, index)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        tuple(array[start:end] for array in laid_out)
+    )
+    return dataset.map(element_fn) if element_fn else dataset
+
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
+      client_ids, client_dataset
+  )
+
+
+def dirichlet_partition(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+  """Label-skewed split (Hsu et al. 2019): positions into `labels` per client.
+
+  For each class, the class's examples are shared among clients in proportions
+  drawn from Dir(alpha); smaller alpha means more skew.
+  """
+  shares = [[] for _ in range(num_clients)]
+  for label in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == label))
+    proportions = rng.dirichlet(np.full(num_clients, alpha))
+    cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
+    for client, part in enumerate(np.split(members, cuts)):
+      shares[client].extend(part)
+  # Strong skew can leave a client empty; an empty client cannot train, so it
+  # takes one example from the largest client.
+  for client in range(num_clients):
+    if not shares[client]:
+      largest = max(range(num_clients), key=lambda c: len(shares[c]))
+      shares[client].append(shares[largest].pop())
+  return [np.asarray(s, dtype=np.int64) for s in shares]
+
+
+def split_examples(
+    labels: np.ndarray,
+    num_clients: int,
+    partition: str,
+    dirichlet_alpha: float,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+  """Positions into `labels` for each of `num_clients`: 'iid' or 'dirichlet'."""
+  if partition not in PARTITIONS:
+    raise ValueError(f'partition must be one of {PARTITIONS}, got {partition!r}.')
+  if not dirichlet_alpha > 0:
+    raise ValueError(f'dirichlet_alpha must be > 0, got {dirichlet_alpha}.')
+  if not 1 <= num_clients <= len(labels):
+    raise ValueError(
+        f'num_clients must be in [1, {len(labels)}] (one example each at '
+        f'least), got {num_clients}.'
+    )
+  if partition == 'iid':
+    return np.array_split(rng.permutation(len(labels)), num_clients)
+  return dirichlet_partition(labels, num_clients, dirichlet_alpha, rng)
+

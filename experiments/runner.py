@@ -1,0 +1,192 @@
+"""One DP-FedAvg run from the flags: aggregator, process, loop, outputs.
+
+A `Runner` holds what runs of one study share (the task's data and the
+evaluation process), so a study runs its runs one after another in one process
+and builds only what differs: the aggregator, the learning process and the
+accountant. Flags are read when `run` is called; studies set them per run with
+`privacy_flags.flag_values`.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+from absl import flags
+from absl import logging
+import tensorflow as tf
+
+from dp_fedavg import checkpoints
+from dp_fedavg import loop
+from dp_fedavg import outputs
+from dp_fedavg import process
+from dp_fedavg import sampling
+from dp_fedavg import tasks
+from experiments import privacy_flags
+from experiments import training_flags
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+  """How a run ended: its rounds, its privacy and its final evaluation."""
+
+  rounds_completed: int
+  stop_reason: str
+  noise: float
+  epsilon: float
+  accountant: str
+  delta: float
+  eval_accuracy: Optional[float]
+  eval_loss: Optional[float]
+  results: list[loop.RoundResult]
+  model_weights: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+  """A run's accountant, noise and aggregator, built from the privacy flags."""
+
+  accountant: Any
+  noise: float
+  aggregator: Any
+  dp_event_fn: Callable[[Any], Any]
+
+  @classmethod
+  def from_flags(cls, num_clients: int) -> 'PrivacyPlan':
+    """Raises ValueError for a mechanism the sampling cannot account, or an
+    unmet calibration."""
+    accountant = privacy_flags.build_accountant(num_clients)
+    noise = privacy_flags.noise_parameter(accountant)
+    aggregator, dp_event_fn = privacy_flags.build_aggregator(
+        noise, accountant.clients_per_round, training_flags.SEED.value
+    )
+    if privacy_flags.CALIBRATE.value == 'noise':
+      logging.info(
+          'calibrated noise multiplier %.6g: the smallest meeting epsilon=%g at '
+          'delta=%g after %d rounds', noise,
+          privacy_flags.TARGET_EPSILON.value, accountant.delta,
+          privacy_flags.ROUNDS.value,
+      )
+    return cls(accountant, noise, aggregator, dp_event_fn)
+
+
+def flag_values(*modules) -> dict[str, Any]:
+  """{name: value} of every flag defined in `modules` (and the shared ones)."""
+  holders = [
+      holder
+      for module in (privacy_flags, training_flags, *modules)
+      for holder in vars(module).values()
+      if isinstance(holder, flags.FlagHolder)
+  ]
+  return {holder.name: holder.value for holder in holders}
+
+
+class Runner:
+  """Runs trainings of one task, one after another.
+
+  Must be built and used inside `dp_fedavg.execution.local_execution()`.
+  """
+
+  def __init__(self, task: tasks.FederatedTask):
+    self.task = task
+    self.evaluator = process.FederatedEvaluator(
+        task.model_fn, task.eval_client_datasets()
+    )
+
+  def run(
+      self,
+      privacy: PrivacyPlan,
+      output_dir: str,
+      config: dict[str, Any],
+      overwrite: bool = False,
+      resume: bool = False,
+      checkpoint_every: int = 0,
+      on_round: Callable[[loop.RoundResult], None] = lambda result: None,
+  ) -> RunSummary:
+    """Trains with the current flags; results go to `output_dir`.
+
+    Args:
+      privacy: the accountant (fresh), noise and aggregator of the run.
+      output_dir: metrics.csv, config.json, TensorBoard logs, checkpoints and
+        the final model.
+      config: written to config.json (with the noise multiplier used).
+      overwrite: replace an earlier run's results in `output_dir`.
+      resume: continue from the latest checkpoint in `output_dir`.
+      checkpoint_every: save a checkpoint every this many rounds (0: never).
+      on_round: also called with every round's result.
+
+    Raises:
+      ValueError: `resume` with no checkpoint in `output_dir`.
+    """
+    task = self.task
+    seed = training_flags.SEED.value
+    accountant, noise = privacy.accountant, privacy.noise
+    run_outputs = outputs.RunOutputs(output_dir, overwrite=overwrite, resume=resume)
+    run_outputs.write_config({**config, 'noise_multiplier_used': noise})
+    logging.info(
+        'task %s, %d clients, %s aggregator (noise multiplier %g), %s sampling '
+        'of %d per round; epsilon at delta=%g under %s adjacency, accountant %s',
+        task.name, accountant.num_clients, privacy_flags.AGGREGATOR.value,
+        noise, accountant.scheme.value, accountant.clients_per_round,
+        accountant.delta,
+        'local-DP (replace one client\'s update; no sampling amplification)'
+        if accountant.local_dp else accountant.neighboring_relation.name,
+        accountant.kind.value,
+    )
+    # Model initialization draws from the global seed.
+    tf.keras.utils.set_random_seed(seed)
+    learning_process = process.build_process(
+        task.model_fn,
+        privacy.aggregator,
+        client_learning_rate=training_flags.CLIENT_LR.value,
+        server_learning_rate=training_flags.SERVER_LR.value,
+        server_momentum=training_flags.SERVER_MOMENTUM.value,
+    )
+    results = []
+
+    def release(result: loop.RoundResult) -> None:
+      results.append(result)
+      run_outputs.release_round(result)
+      on_round(result)
+
+    outcome = loop.run_training(
+        learning_process,
+        task,
+        sampling.ClientSampler(
+            accountant.scheme, accountant.num_clients,
+            accountant.clients_per_round, seed,
+        ),
+        accountant,
+        privacy.dp_event_fn,
+        self.evaluator,
+        rounds=privacy_flags.ROUNDS.value,
+        local_epochs=training_flags.LOCAL_EPOCHS.value,
+        batch_size=training_flags.BATCH_SIZE.value,
+        eval_every=training_flags.EVAL_EVERY.value,
+        seed=seed,
+        target_epsilon=privacy_flags.TARGET_EPSILON.value,
+        on_round=release,
+        checkpointer=checkpoints.Checkpointer(output_dir),
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
+    model_weights = learning_process.get_model_weights(outcome.state)
+    model_path = run_outputs.save_model(task, model_weights)
+    epsilon, accountant_name = accountant.epsilon_and_accountant()
+    logging.info(
+        'done after %d of %d rounds (%s): epsilon %.4g at delta %g (%s); final '
+        'model %s; metrics in %s', outcome.rounds_completed,
+        privacy_flags.ROUNDS.value, outcome.stop_reason, epsilon,
+        accountant.delta, accountant_name, model_path, output_dir,
+    )
+    evaluated = [r for r in results if r.eval_accuracy is not None]
+    return RunSummary(
+        rounds_completed=outcome.rounds_completed,
+        stop_reason=outcome.stop_reason,
+        noise=noise,
+        epsilon=epsilon,
+        accountant=accountant_name,
+        delta=accountant.delta,
+        eval_accuracy=evaluated[-1].eval_accuracy if evaluated else None,
+        eval_loss=evaluated[-1].eval_loss if evaluated else None,
+        results=results,
+        model_weights=model_weights,
+    )

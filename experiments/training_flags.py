@@ -1,0 +1,79 @@
+"""Flags that choose the task and the local training, and build the task.
+
+Shared by `experiments.train` and the study binaries.
+"""
+
+import math
+from typing import Optional
+
+from absl import flags
+
+from dp_fedavg import tasks
+from experiments import privacy_flags
+
+TASK = flags.DEFINE_string('task', 'digits', f'One of {tasks.TASK_NAMES}.')
+DATA_DIR = flags.DEFINE_string(
+    'data_dir', None,
+    'Where the task\'s data is. femnist, shakespeare: default the shared data '
+    'beside the project (../shared/data/<task dir>); cifar10: the '
+    'cifar-10-batches-py directory (required); digits: unused.')
+DATA_SOURCE = flags.DEFINE_string(
+    'data_source', 'local',
+    f'One of {tasks.DATA_SOURCES}: local files, or TFF\'s dataset loaders '
+    '(femnist, shakespeare; downloads into --data_dir when not cached).')
+PARTITION = flags.DEFINE_string(
+    'partition', 'iid',
+    f'digits, cifar10: how examples are split over clients: {tasks.PARTITIONS}.')
+DIRICHLET_ALPHA = flags.DEFINE_float(
+    'dirichlet_alpha', 0.5, 'Label-skew concentration for --partition=dirichlet.')
+LOCAL_EPOCHS = flags.DEFINE_integer(
+    'local_epochs', 2, 'Passes over its data each client makes per round.')
+BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Client batch size.')
+CLIENT_LR = flags.DEFINE_float('client_lr', 0.3, 'Client SGD learning rate.')
+SERVER_LR = flags.DEFINE_float('server_lr', 1.0, 'Server learning rate.')
+SERVER_MOMENTUM = flags.DEFINE_float(
+    'server_momentum', 0.9, 'Server SGD momentum.')
+EVAL_EVERY = flags.DEFINE_integer(
+    'eval_every', 1, 'Evaluate on the evaluation clients every this many rounds.')
+SEED = flags.DEFINE_integer(
+    'seed', 0, 'Seed of data split, sampling, shuffling, model init and noise.')
+
+RANGE_CHECKS = (
+    (TASK, lambda v: v in tasks.TASK_NAMES, f'one of {", ".join(tasks.TASK_NAMES)}'),
+    (DATA_SOURCE, lambda v: v in tasks.DATA_SOURCES,
+     f'one of {", ".join(tasks.DATA_SOURCES)}'),
+    (PARTITION, lambda v: v in tasks.PARTITIONS,
+     f'one of {", ".join(tasks.PARTITIONS)}'),
+    (DIRICHLET_ALPHA, lambda v: v > 0, '> 0'),
+    (LOCAL_EPOCHS, lambda v: v >= 1, 'an integer >= 1'),
+    (BATCH_SIZE, lambda v: v >= 1, 'an integer >= 1'),
+    (CLIENT_LR, lambda v: 0 < v < math.inf, 'a finite number > 0'),
+    (SERVER_LR, lambda v: 0 < v < math.inf, 'a finite number > 0'),
+    (SERVER_MOMENTUM, lambda v: 0 <= v < 1, 'in [0, 1)'),
+    (EVAL_EVERY, lambda v: v >= 1, 'an integer >= 1'),
+)
+
+
+def flag_error() -> Optional[str]:
+  """The first problem with the task, training and privacy flags; None if none."""
+  return privacy_flags.range_error(RANGE_CHECKS) or privacy_flags.flag_error()
+
+
+def build_task_or_exit() -> tasks.FederatedTask:
+  """The task of the flags; a missing file or bad option exits with one line."""
+  options = tasks.TaskOptions(
+      num_clients=privacy_flags.NUM_CLIENTS.value,
+      partition=PARTITION.value,
+      dirichlet_alpha=DIRICHLET_ALPHA.value,
+      seed=SEED.value,
+      data_dir=DATA_DIR.value,
+      data_source=DATA_SOURCE.value,
+  )
+  try:
+    task = tasks.build_task(TASK.value, options)
+  except (ValueError, tasks.DataNotFoundError) as e:
+    privacy_flags.exit_with_usage_error(f'--task={TASK.value}: {e}')
+  error = privacy_flags.population_error(len(task.train_data.client_ids))
+  if error:
+    privacy_flags.exit_with_usage_error(error)
+  return task

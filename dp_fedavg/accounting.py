@@ -157,12 +157,14 @@ class PrivacyAccountant:
   ):
     if not 0 < delta < 1:
       raise ValueError(f'delta must be in (0, 1), got {delta}.')
-    if not 1 <= clients_per_round <= num_clients:
+    self.scheme = sampling.SamplingScheme(scheme)
+    if self.scheme is not sampling.SamplingScheme.FULL and not (
+        1 <= clients_per_round <= num_clients
+    ):
       raise ValueError(
           f'clients_per_round must be in [1, num_clients={num_clients}], got '
           f'{clients_per_round}.'
       )
-    self.scheme = sampling.SamplingScheme(scheme)
     self.num_clients = int(num_clients)
     self.clients_per_round = (
         self.num_clients if self.scheme is sampling.SamplingScheme.FULL

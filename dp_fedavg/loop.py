@@ -98,6 +98,9 @@ def run_training(
     checkpointer: Optional[checkpoints.Checkpointer] = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    inspect_round: Optional[
+        Callable[[int, tff.learning.models.ModelWeights, list], None]
+    ] = None,
 ) -> TrainingOutcome:
   """Trains for `rounds` rounds, or until the privacy budget would run out.
 
@@ -123,6 +126,9 @@ def run_training(
       last one; 0 never saves.
     resume: start from the checkpointer's latest checkpoint (its state, round
       and accountant history) instead of from round 1.
+    inspect_round: called before each round with the round number, the model
+      weights the cohort starts from and the cohort's datasets (diagnostics
+      such as `dp_fedavg.diagnostics.UpdateNormProbe`).
 
   Raises:
     ValueError: `resume` without a checkpoint to resume from.
@@ -168,6 +174,10 @@ def run_training(
         )
         for i in cohort
     ]
+    if inspect_round is not None:
+      inspect_round(
+          round_num, process.get_model_weights(state), client_datasets
+      )
     output = process.next(state, client_datasets)
     state = output.state
     accountant.compose_round(dp_event_fn(state.aggregator))

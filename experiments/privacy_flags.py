@@ -105,6 +105,7 @@ RANGE_CHECKS: tuple[tuple[flags.FlagHolder, Callable[..., bool], str], ...] = (
     (L1_CLIP, lambda v: 0 < v < math.inf, 'a finite number > 0'),
     (EPSILON_PER_ROUND, lambda v: 0 < v < math.inf, 'a finite number > 0'),
     (NUM_CLIENTS, lambda v: v is None or v >= 1, 'an integer >= 1'),
+    (CLIENTS_PER_ROUND, lambda v: v >= 1, 'an integer >= 1'),
     (SAMPLING, lambda v: v in SAMPLINGS, f'one of {", ".join(SAMPLINGS)}'),
     (ROUNDS, lambda v: v >= 1, 'an integer >= 1'),
     (DELTA, lambda v: 0 < v < 1, 'in (0, 1)'),

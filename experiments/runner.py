@@ -100,6 +100,7 @@ class Runner:
       resume: bool = False,
       checkpoint_every: int = 0,
       on_round: Callable[[loop.RoundResult], None] = lambda result: None,
+      inspect_round: Optional[Callable[..., None]] = None,
   ) -> RunSummary:
     """Trains with the current flags; results go to `output_dir`.
 
@@ -112,6 +113,7 @@ class Runner:
       resume: continue from the latest checkpoint in `output_dir`.
       checkpoint_every: save a checkpoint every this many rounds (0: never).
       on_round: also called with every round's result.
+      inspect_round: see `dp_fedavg.loop.run_training`.
 
     Raises:
       ValueError: `resume` with no checkpoint in `output_dir`.
@@ -167,6 +169,7 @@ class Runner:
         checkpointer=checkpoints.Checkpointer(output_dir),
         checkpoint_every=checkpoint_every,
         resume=resume,
+        inspect_round=inspect_round,
     )
     model_weights = learning_process.get_model_weights(outcome.state)
     model_path = run_outputs.save_model(task, model_weights)

@@ -128,3 +128,14 @@ def split_examples(
     return np.array_split(rng.permutation(len(labels)), num_clients)
   return dirichlet_partition(labels, num_clients, dirichlet_alpha, rng)
 
+
+
+def client_subset(
+    data: tff.simulation.datasets.ClientData, client_ids: list[str]
+) -> tff.simulation.datasets.ClientData:
+  """`data` restricted to `client_ids`, datasets still built on demand."""
+  # The lambda keeps `data` alive: some ClientData (TFF's in-memory ones) hold
+  # only a weak reference to themselves in their dataset function.
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
+      client_ids, lambda client_id: data.serializable_dataset_fn(client_id)
+  )

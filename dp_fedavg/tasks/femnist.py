@@ -55,12 +55,9 @@ def _from_tff(cache_dir: Optional[str], num_clients: Optional[int]):
   )
   if num_clients is not None:
     ids = train.client_ids[:num_clients]
-    train = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-        ids, train.serializable_dataset_fn
-    )
-    test = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-        [c for c in test.client_ids if c in set(ids)],
-        test.serializable_dataset_fn,
+    train = client_data.client_subset(train, ids)
+    test = client_data.client_subset(
+        test, [c for c in test.client_ids if c in set(ids)]
     )
 
   def to_example(element):

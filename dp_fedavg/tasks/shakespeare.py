@@ -98,9 +98,9 @@ def _from_tff(cache_dir: Optional[str], num_clients: Optional[int]):
 
   def to_examples(dataset):
     def pieces(element):
-      tokens = tf.gather(
-          table, tf.io.decode_raw(element['snippets'], tf.uint8)
-      )
+      tokens = tf.gather(table, tf.cast(
+          tf.io.decode_raw(element['snippets'], tf.uint8), tf.int32
+      ))
       tokens = tf.concat([[BOS], tokens, [EOS]], 0)
       piece = SEQUENCE_LENGTH + 1
       padded = tf.pad(tokens, [[0, (-tf.shape(tokens)[0]) % piece]])
@@ -108,15 +108,12 @@ def _from_tff(cache_dir: Optional[str], num_clients: Optional[int]):
 
     return dataset.flat_map(pieces).map(lambda s: (s[:-1], s[1:]))
 
-  def subset(data, ids):
-    return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-        ids, data.serializable_dataset_fn
-    )
-
   if num_clients is not None:
     ids = train.client_ids[:num_clients]
-    train = subset(train, ids)
-    test = subset(test, [c for c in test.client_ids if c in set(ids)])
+    train = client_data.client_subset(train, ids)
+    test = client_data.client_subset(
+        test, [c for c in test.client_ids if c in set(ids)]
+    )
   return train.preprocess(to_examples), test.preprocess(to_examples)
 
 

@@ -179,6 +179,31 @@ class PrivacyAccountantTest(parameterized.TestCase):
         )
       self.assertEqual(accountant.epsilon(), min(epsilons.values()))
 
+  @parameterized.parameters(_POISSON, _UNIFORM)
+  def test_restored_history_reports_the_same_epsilon_and_continues(self, scheme):
+    events = [_two_gaussians(float), dp_accounting.GaussianDpEvent(0.9)] * 2
+    original = accounting.PrivacyAccountant(scheme, 300, 20, 1e-5)
+    for event in events:
+      original.compose_round(event)
+    restored = accounting.PrivacyAccountant(scheme, 300, 20, 1e-5)
+    restored.restore_history(original.history_json())
+    self.assertEqual(restored.rounds, 4)
+    self.assertEqual(restored.epsilons(), original.epsilons())
+    original.compose_round(events[0])
+    restored.compose_round(events[0])
+    self.assertEqual(restored.epsilons(), original.epsilons())
+
+  @parameterized.parameters(
+      dp_accounting.PoissonSampledDpEvent(0.1, _two_gaussians(float)),
+      dp_accounting.SampledWithoutReplacementDpEvent(
+          100, 10, dp_accounting.LaplaceDpEvent(2.0)),
+      dp_accounting.NonPrivateDpEvent(),
+  )
+  def test_events_survive_json(self, event):
+    self.assertEqual(
+        accounting.event_from_json(accounting.event_to_json(event)), event
+    )
+
   def test_no_rounds_spend_nothing(self):
     self.assertEqual(
         accounting.PrivacyAccountant(_POISSON, 10, 1, 1e-5).epsilon(), 0.0

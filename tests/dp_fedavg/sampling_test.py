@@ -30,7 +30,7 @@ class ClientSamplerTest(parameterized.TestCase):
   def test_poisson_cohort_size_is_binomial(self):
     num_clients, expected, rounds = 200, 10, 2000
     sampler = sampling.ClientSampler('poisson', num_clients, expected, seed=3)
-    sizes = np.array([len(sampler.sample()) for _ in range(rounds)])
+    sizes = np.array([len(sampler.sample(r)) for r in range(rounds)])
     q = expected / num_clients
     self.assertAlmostEqual(sampler.sampling_probability, q)
     self.assertLess(

@@ -3,38 +3,22 @@ import json
 import os
 import re
 import subprocess
-import sys
+import time
 
 from absl.testing import absltest
 from absl.testing import flagsaver
 from absl.testing import parameterized
 import dp_accounting
+import numpy as np
 import tensorflow as tf
 
 from experiments import train
+from tests.experiments import binaries
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-_WORKER_BINARY = 'worker_binary'
 
 
 def _run_train(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [sys.executable, '-m', 'experiments.train', *args],
-      cwd=_REPO_ROOT, capture_output=True, text=True, timeout=300,
-  )
-
-
-def _worker_pids() -> set[int]:
-  pids = set()
-  for entry in os.listdir('/proc'):
-    if entry.isdigit():
-      try:
-        with open(f'/proc/{entry}/cmdline', 'rb') as f:
-          if _WORKER_BINARY.encode() in f.read():
-            pids.add(int(entry))
-      except OSError:
-        pass
-  return pids
+  return binaries.run('train', *args)
 
 
 class FlagValidationTest(parameterized.TestCase):
@@ -111,7 +95,8 @@ class FlagValidationTest(parameterized.TestCase):
 
   def test_cohort_message_states_the_sampling_rate_range(self):
     with flagsaver.flagsaver(
-        clients_per_round=200, output_dir=self.create_tempdir().full_path
+        clients_per_round=200, num_clients=100,
+        output_dir=self.create_tempdir().full_path,
     ):
       self.assertIn('(0, 1]', train.flag_error())
 
@@ -138,7 +123,7 @@ class TrainBinaryTest(absltest.TestCase):
 
   def test_run_writes_metrics_config_and_exact_epsilon(self):
     output_dir = self.create_tempdir().full_path
-    workers_before = _worker_pids()
+    workers_before = binaries.worker_pids()
     result = _run_train(
         f'--output_dir={output_dir}', '--rounds=3', '--eval_every=2',
         '--num_clients=50', '--clients_per_round=10', '--noise_multiplier=1.1',
@@ -186,7 +171,7 @@ class TrainBinaryTest(absltest.TestCase):
                  'server_momentum', 'delta', 'seed', 'output_dir'):
       self.assertIn(name, config)
     # The run stopped its TFF worker before exiting.
-    self.assertEmpty(_worker_pids() - workers_before)
+    self.assertEmpty(binaries.worker_pids() - workers_before)
 
     rerun = _run_train(f'--output_dir={output_dir}', '--rounds=1')
     self.assertEqual(rerun.returncode, 2)
@@ -209,6 +194,75 @@ class TrainBinaryTest(absltest.TestCase):
     self.assertBetween(float(rows[-1]['epsilon']), 0.99 * 3, 3.0)
     self.assertEqual(rows[-1]['accountant'], 'rdp')  # Uniform: RDP only.
     self.assertGreater(noise_multiplier, 1.0)
+
+
+  def test_missing_data_exits_2_naming_the_path_tried(self):
+    missing = os.path.join(self.create_tempdir().full_path, 'nowhere')
+    result = _run_train('--task=femnist', f'--data_dir={missing}')
+    self.assertEqual(result.returncode, 2)
+    last_line = result.stderr.strip().splitlines()[-1]
+    self.assertIn(os.path.join(missing, 'femnist_sample.npz'), last_line)
+    self.assertIn('--data_dir', last_line)
+
+
+class ResumeTest(absltest.TestCase):
+
+  def test_killed_run_resumes_to_the_uninterrupted_model_and_epsilon(self):
+    run_flags = (
+        '--rounds=5', '--checkpoint_every=2', '--num_clients=40',
+        '--clients_per_round=8', '--eval_every=5', '--seed=3',
+        '--aggregator=gaussian_adaptive',
+    )
+    whole = self.create_tempdir().full_path
+    interrupted = self.create_tempdir().full_path
+    killed = binaries.start('train', f'--output_dir={interrupted}', *run_flags)
+    checkpoint = os.path.join(interrupted, 'checkpoints', 'program_state_2')
+    deadline = time.monotonic() + 240
+    while not os.path.isdir(checkpoint) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    killed.kill()
+    killed.communicate()
+    # Killed while training, not after it finished.
+    self.assertEqual(killed.returncode, -9)
+    self.assertFalse(
+        os.path.exists(os.path.join(interrupted, 'final_model.keras'))
+    )
+
+    completed = _run_train(f'--output_dir={whole}', *run_flags)
+    self.assertEqual(completed.returncode, 0, completed.stderr[-3000:])
+    resumed = _run_train(f'--output_dir={interrupted}', '--resume', *run_flags)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+    self.assertIn('resumed after round', resumed.stderr)
+
+    def metrics(output_dir):
+      with open(os.path.join(output_dir, 'metrics.csv')) as f:
+        return list(csv.DictReader(f))
+
+    rows_whole, rows_resumed = metrics(whole), metrics(interrupted)
+    self.assertEqual([r['round'] for r in rows_resumed], ['1', '2', '3', '4', '5'])
+    for column in ('epsilon', 'train_loss', 'aggregator_clip', 'eval_accuracy'):
+      self.assertEqual(
+          [r[column] for r in rows_whole], [r[column] for r in rows_resumed]
+      )
+    models = [
+        tf.keras.models.load_model(os.path.join(d, 'final_model.keras'))
+        for d in (whole, interrupted)
+    ]
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+      np.testing.assert_array_equal(a, b)
+
+  def test_resume_needs_the_same_flags(self):
+    output_dir = self.create_tempdir()
+    output_dir.create_file('config.json', '{"rounds": 7}')
+    with flagsaver.flagsaver(output_dir=output_dir.full_path, resume=True):
+      error = train.flag_error()
+    self.assertIn('--rounds (run: 7, now: 30)', error)
+
+  def test_resume_without_a_run_is_an_error(self):
+    with flagsaver.flagsaver(
+        output_dir=self.create_tempdir().full_path, resume=True
+    ):
+      self.assertIn('no run to resume', train.flag_error())
 
 
 if __name__ == '__main__':

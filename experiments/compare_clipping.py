@@ -1,0 +1,132 @@
+r"""Compares clipping strategies over noise levels: test accuracy against epsilon.
+
+  python -m experiments.compare_clipping --output_dir=runs/compare_clipping
+
+The DP-FL clipping study: for each strategy in --clippings (flat, per-layer
+uniform, per-layer adaptive) and each noise multiplier in --noise_multipliers
+(default 13 values from 2 to 0.22, geometric), one DP-FedAvg run with the
+Gaussian mechanism and total clip --clip (S = 2). Defaults follow the study:
+FEMNIST (the shared sample), 2 clients taking part in every round, 5 rounds.
+Every other flag of `experiments.train` applies to every run.
+
+Writes OUTPUT_DIR/flags.json, OUTPUT_DIR/results.csv (one row per run: strategy,
+noise, epsilon, final accuracy and loss), OUTPUT_DIR/accuracy_vs_epsilon.png and
+each run's own outputs under OUTPUT_DIR/runs/<strategy>_z<noise>/.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf  # pylint: disable=unused-import  # Before absl starts (see train.py).
+
+from dp_fedavg import execution
+from experiments import plots
+from experiments import privacy_flags
+from experiments import runner
+from experiments import studies
+from experiments import training_flags
+
+_DEFAULT_NOISE = [f'{z:.3g}' for z in np.geomspace(2.0, 0.22, 13)]
+_OUTPUT_DIR = flags.DEFINE_string(
+    'output_dir', 'runs/compare_clipping', 'Where the study\'s results go.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace an earlier study\'s results in output_dir.')
+_CLIPPINGS = flags.DEFINE_list(
+    'clippings', list(privacy_flags.CLIPPINGS),
+    f'Clipping strategies to compare, from {privacy_flags.CLIPPINGS}.')
+_NOISE_MULTIPLIERS = flags.DEFINE_list(
+    'noise_multipliers', _DEFAULT_NOISE, 'Noise multipliers, each > 0.')
+
+# The study's setting; any of them can still be given on the command line.
+STUDY_DEFAULTS = dict(
+    task='femnist', num_clients=2, sampling='full', rounds=5, clip=2.0,
+    aggregator='gaussian_fixed', local_epochs=1, batch_size=16, client_lr=0.05,
+    server_momentum=0.0, eval_every=5,
+)
+
+
+def study_error() -> str | None:
+  error = training_flags.flag_error() or studies.output_dir_error(
+      _OUTPUT_DIR.value, _OVERWRITE.value
+  )
+  if error:
+    return error
+  unknown = [c for c in _CLIPPINGS.value if c not in privacy_flags.CLIPPINGS]
+  if unknown or not _CLIPPINGS.value:
+    return (
+        f'--clippings={",".join(_CLIPPINGS.value)} is out of range: must be a '
+        f'non-empty list from {", ".join(privacy_flags.CLIPPINGS)}.'
+    )
+  if privacy_flags.AGGREGATOR.value != 'gaussian_fixed':
+    return (
+        '--aggregator must be gaussian_fixed: the study varies the clipping '
+        'of the Gaussian mechanism with a fixed total clip.'
+    )
+  try:
+    noise = studies.parse_floats(_NOISE_MULTIPLIERS)
+  except ValueError as e:
+    return str(e)
+  if not noise or min(noise) <= 0:
+    return (
+        f'--noise_multipliers={",".join(_NOISE_MULTIPLIERS.value)} is out of '
+        'range: must be a non-empty list of numbers > 0.'
+    )
+  return None
+
+
+def main(argv):
+  privacy_flags.check_no_arguments(argv)
+  error = study_error()
+  if error:
+    privacy_flags.exit_with_usage_error(error)
+  task = training_flags.build_task_or_exit()
+  output_dir = _OUTPUT_DIR.value
+  studies.write_flags(output_dir, sys.modules[__name__])
+  noise_levels = studies.parse_floats(_NOISE_MULTIPLIERS)
+  progress = studies.Progress(len(_CLIPPINGS.value) * len(noise_levels))
+  rows = []
+  with execution.local_execution():
+    study = runner.Runner(task)
+    for clipping in _CLIPPINGS.value:
+      for noise in noise_levels:
+        with studies.flags_set_to(clipping=clipping, noise_multiplier=noise):
+          summary = study.run(
+              runner.PrivacyPlan.from_flags(len(task.train_data.client_ids)),
+              os.path.join(output_dir, 'runs', f'{clipping}_z{noise:g}'),
+              runner.flag_values(sys.modules[__name__]),
+              overwrite=True,
+          )
+        rows.append(dict(
+            clipping=clipping, noise_multiplier=noise,
+            epsilon=summary.epsilon, delta=summary.delta,
+            accountant=summary.accountant, rounds=summary.rounds_completed,
+            eval_accuracy=summary.eval_accuracy, eval_loss=summary.eval_loss,
+        ))
+        progress.run_finished(
+            f'{clipping} z={noise:g}: epsilon {summary.epsilon:.4g}, accuracy '
+            f'{summary.eval_accuracy}'
+        )
+  results = studies.write_results(output_dir, rows)
+  figure = os.path.join(output_dir, 'accuracy_vs_epsilon.png')
+  plots.accuracy_vs_epsilon(
+      {
+          clipping: [
+              (r['epsilon'], r['eval_accuracy'])
+              for r in rows if r['clipping'] == clipping
+          ]
+          for clipping in _CLIPPINGS.value
+      },
+      figure,
+      f'{task.name}: clipping strategies, S={privacy_flags.CLIP.value:g}',
+      privacy_flags.DELTA.value,
+  )
+  print(f'results: {results}\nfigure: {figure}')
+
+
+if __name__ == '__main__':
+  for name, value in STUDY_DEFAULTS.items():
+    flags.FLAGS.set_default(name, value)
+  app.run(main)

@@ -1,0 +1,108 @@
+r"""Per-layer norms of the clients' updates over training: where clipping bites.
+
+  python -m experiments.layer_norms --output_dir=runs/layer_norms
+
+Trains one run (every flag of `experiments.train` applies; default: FEMNIST,
+Gaussian aggregator with per-layer adaptive clipping) and, before each round,
+measures the L2 norm of every tensor of each sampled client's *unclipped*
+update from the current model. These norms describe single clients and are not
+differentially private: they are for choosing clips, not for release.
+
+Writes OUTPUT_DIR/flags.json, OUTPUT_DIR/layer_norms.csv (round, client, layer,
+norm), OUTPUT_DIR/layer_norms.png (one box per layer over all rounds and
+clients) and the run's own outputs under OUTPUT_DIR/run/.
+"""
+
+import csv
+import os
+import sys
+
+from absl import app
+from absl import flags
+import tensorflow as tf  # pylint: disable=unused-import  # Before absl starts (see train.py).
+
+from dp_fedavg import diagnostics
+from dp_fedavg import execution
+from experiments import plots
+from experiments import privacy_flags
+from experiments import runner
+from experiments import studies
+from experiments import training_flags
+
+NORMS_FILE = 'layer_norms.csv'
+_OUTPUT_DIR = flags.DEFINE_string(
+    'output_dir', 'runs/layer_norms', 'Where the study\'s results go.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace an earlier study\'s results in output_dir.')
+
+STUDY_DEFAULTS = dict(
+    task='femnist', clients_per_round=10, sampling='uniform', rounds=10,
+    clip=2.0, clipping='per_layer_adaptive', local_epochs=1, batch_size=16,
+    client_lr=0.05, server_momentum=0.0, eval_every=5,
+)
+
+
+def study_error() -> str | None:
+  error = training_flags.flag_error()
+  if error:
+    return error
+  norms = os.path.join(_OUTPUT_DIR.value, NORMS_FILE)
+  if os.path.exists(norms) and not _OVERWRITE.value:
+    return (
+        f'--output_dir={_OUTPUT_DIR.value} already holds {NORMS_FILE}: choose '
+        'another --output_dir or pass --overwrite.'
+    )
+  return None
+
+
+def main(argv):
+  privacy_flags.check_no_arguments(argv)
+  error = study_error()
+  if error:
+    privacy_flags.exit_with_usage_error(error)
+  task = training_flags.build_task_or_exit()
+  try:
+    privacy = runner.PrivacyPlan.from_flags(len(task.train_data.client_ids))
+  except ValueError as e:
+    privacy_flags.exit_with_usage_error(str(e))
+  output_dir = _OUTPUT_DIR.value
+  studies.write_flags(output_dir, sys.modules[__name__])
+  rows = []
+  with execution.local_execution():
+    probe = diagnostics.UpdateNormProbe(
+        task.model_fn, training_flags.CLIENT_LR.value
+    )
+
+    def record_norms(round_num, model_weights, client_datasets):
+      for client, norms in enumerate(probe(model_weights, client_datasets)):
+        rows.extend(
+            (round_num, client, layer, float(norm))
+            for layer, norm in zip(probe.layer_names, norms)
+        )
+
+    runner.Runner(task).run(
+        privacy, os.path.join(output_dir, 'run'),
+        runner.flag_values(sys.modules[__name__]),
+        overwrite=True, inspect_round=record_norms,
+    )
+  norms_path = os.path.join(output_dir, NORMS_FILE)
+  with open(norms_path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(('round', 'client', 'layer', 'norm'))
+    writer.writerows(rows)
+  by_layer = {name: [] for name in probe.layer_names}
+  for _, _, layer, norm in rows:
+    by_layer[layer].append(norm)
+  figure = os.path.join(output_dir, 'layer_norms.png')
+  plots.layer_norm_boxes(
+      by_layer, figure,
+      f'{task.name}: per-layer client update norms, '
+      f'{privacy_flags.ROUNDS.value} rounds',
+  )
+  print(f'norms: {norms_path}\nfigure: {figure}')
+
+
+if __name__ == '__main__':
+  for name, value in STUDY_DEFAULTS.items():
+    flags.FLAGS.set_default(name, value)
+  app.run(main)

@@ -1,0 +1,60 @@
+"""PNG figures of the studies (matplotlib, no display needed)."""
+
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use('Agg')
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+
+def accuracy_vs_epsilon(
+    series: dict[str, list[tuple[float, float]]],
+    path: str,
+    title: str,
+    delta: float,
+    baseline: Optional[float] = None,
+) -> None:
+  """Final accuracy against epsilon (log scale), one line per series.
+
+  Args:
+    series: label -> [(epsilon, accuracy)], any order.
+    path: where the PNG goes.
+    title: the figure's title.
+    delta: the delta every epsilon is stated at.
+    baseline: accuracy without DP, drawn as a dashed line.
+  """
+  figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+  for label, points in series.items():
+    points = sorted(points)
+    axes.plot([e for e, _ in points], [a for _, a in points], 'o-', label=label)
+  if baseline is not None:
+    axes.axhline(baseline, color='grey', linestyle='--', label='no DP')
+  axes.set_xscale('log')
+  axes.set_xlabel(f'epsilon at delta={delta:g}')
+  axes.set_ylabel('test accuracy')
+  axes.set_title(title)
+  axes.grid(True, which='both', alpha=0.3)
+  axes.legend()
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+
+
+def layer_norm_boxes(
+    norms_by_layer: dict[str, list[float]], path: str, title: str
+) -> None:
+  """One box per layer of the per-client update norms seen over all rounds."""
+  figure, axes = plt.subplots(
+      figsize=(max(6, 0.6 * len(norms_by_layer)), 4), dpi=100
+  )
+  axes.boxplot(list(norms_by_layer.values()), showfliers=True)
+  axes.set_xticks(range(1, len(norms_by_layer) + 1))
+  axes.set_xticklabels(list(norms_by_layer), rotation=45, ha='right')
+  axes.set_yscale('log')
+  axes.set_ylabel('L2 norm of the client update')
+  axes.set_title(title)
+  axes.grid(True, axis='y', which='both', alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)

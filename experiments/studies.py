@@ -1,0 +1,88 @@
+"""What the study binaries share: their output directory, flags.json,
+results.csv and progress across runs."""
+
+import contextlib
+import csv
+import datetime
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import flags
+from absl import logging
+
+from experiments import runner
+
+FLAGS_FILE = 'flags.json'
+RESULTS_FILE = 'results.csv'
+
+
+def output_dir_error(output_dir: str, overwrite: bool) -> Optional[str]:
+  results = os.path.join(output_dir, RESULTS_FILE)
+  if os.path.exists(results) and not overwrite:
+    return (
+        f'--output_dir={output_dir} already holds {RESULTS_FILE}: choose '
+        'another --output_dir or pass --overwrite.'
+    )
+  return None
+
+
+def write_flags(output_dir: str, *modules) -> dict[str, Any]:
+  """Writes every flag of the study (and the shared ones) to flags.json."""
+  values = runner.flag_values(*modules)
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, FLAGS_FILE), 'w') as f:
+    json.dump(values, f, indent=2, sort_keys=True)
+    f.write('\n')
+  return values
+
+
+def write_results(output_dir: str, rows: list[dict[str, Any]]) -> str:
+  """Writes one row per run to results.csv; returns its path."""
+  path = os.path.join(output_dir, RESULTS_FILE)
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+class Progress:
+  """Logs each finished run with the time the remaining runs should take."""
+
+  def __init__(self, total_runs: int):
+    self._total = total_runs
+    self._done = 0
+    self._start = time.monotonic()
+
+  def run_finished(self, description: str) -> None:
+    self._done += 1
+    elapsed = time.monotonic() - self._start
+    eta = elapsed / self._done * (self._total - self._done)
+    logging.info(
+        'run %d/%d done: %s  (elapsed %s, ETA %s)', self._done, self._total,
+        description, datetime.timedelta(seconds=round(elapsed)),
+        datetime.timedelta(seconds=round(eta)),
+    )
+
+
+def parse_floats(flag: flags.FlagHolder) -> list[float]:
+  """A list flag's values as floats; raises ValueError naming the flag."""
+  try:
+    return [float(v) for v in flag.value or []]
+  except ValueError as e:
+    raise ValueError(f'--{flag.name}: {e}') from e
+
+
+@contextlib.contextmanager
+def flags_set_to(**values):
+  """Sets flags for one run of a study and restores them afterwards."""
+  saved = {name: flags.FLAGS[name].value for name in values}
+  try:
+    for name, value in values.items():
+      flags.FLAGS[name].value = value
+    yield
+  finally:
+    for name, value in saved.items():
+      flags.FLAGS[name].value = value

@@ -1,0 +1,164 @@
+r"""Test accuracy against epsilon for any aggregator: the privacy-utility curve.
+
+  python -m experiments.sweep_epsilon --target_epsilons=1,2,4,8 \
+      --output_dir=runs/sweep_epsilon
+
+One DP-FedAvg run per point, with every other flag of `experiments.train`.
+Give exactly one list:
+  --target_epsilons: each run's noise is calibrated to reach that epsilon at
+    --delta after --rounds (any private aggregator);
+  --noise_multipliers: Gaussian aggregators' noise multipliers;
+  --epsilons_per_round: the laplace aggregator's per-round epsilons.
+With --baseline (default) one more run without DP gives the reference line.
+
+Writes OUTPUT_DIR/flags.json, OUTPUT_DIR/results.csv (one row per run: swept
+value, noise used, epsilon, final accuracy and loss), and
+OUTPUT_DIR/accuracy_vs_epsilon.png (log epsilon axis); each run's own outputs
+are under OUTPUT_DIR/runs/.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import tensorflow as tf  # pylint: disable=unused-import  # Before absl starts (see train.py).
+
+from dp_fedavg import execution
+from experiments import plots
+from experiments import privacy_flags
+from experiments import runner
+from experiments import studies
+from experiments import training_flags
+
+_OUTPUT_DIR = flags.DEFINE_string(
+    'output_dir', 'runs/sweep_epsilon', 'Where the study\'s results go.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace an earlier study\'s results in output_dir.')
+_TARGET_EPSILONS = flags.DEFINE_list(
+    'target_epsilons', None, 'Epsilons to calibrate each run\'s noise to.')
+_NOISE_MULTIPLIERS = flags.DEFINE_list(
+    'noise_multipliers', None, 'Noise multipliers (Gaussian aggregators).')
+_EPSILONS_PER_ROUND = flags.DEFINE_list(
+    'epsilons_per_round', None, 'Per-round epsilons (laplace aggregator).')
+_BASELINE = flags.DEFINE_bool(
+    'baseline', True, 'Also train once without DP, for reference.')
+
+# (list flag, the run flags it sets for a value, aggregators it applies to).
+_SWEEPS = (
+    (_TARGET_EPSILONS,
+     lambda v: dict(target_epsilon=v, calibrate='noise'), None),
+    (_NOISE_MULTIPLIERS, lambda v: dict(noise_multiplier=v),
+     ('gaussian_fixed', 'gaussian_adaptive')),
+    (_EPSILONS_PER_ROUND, lambda v: dict(epsilon_per_round=v), ('laplace',)),
+)
+
+
+def _chosen_sweep():
+  chosen = [sweep for sweep in _SWEEPS if sweep[0].value]
+  return chosen[0] if len(chosen) == 1 else None
+
+
+def study_error() -> str | None:
+  error = training_flags.flag_error() or studies.output_dir_error(
+      _OUTPUT_DIR.value, _OVERWRITE.value
+  )
+  if error:
+    return error
+  if privacy_flags.AGGREGATOR.value == 'none':
+    return '--aggregator must be a private one; the sweep varies its privacy.'
+  sweep = _chosen_sweep()
+  if sweep is None:
+    return (
+        'give exactly one of --target_epsilons, --noise_multipliers and '
+        '--epsilons_per_round.'
+    )
+  holder, _, aggregators = sweep
+  if aggregators and privacy_flags.AGGREGATOR.value not in aggregators:
+    return (
+        f'--{holder.name} applies to --aggregator={"|".join(aggregators)}, '
+        f'not {privacy_flags.AGGREGATOR.value}; --target_epsilons applies to '
+        'every private aggregator.'
+    )
+  try:
+    values = studies.parse_floats(holder)
+  except ValueError as e:
+    return str(e)
+  if min(values) <= 0:
+    return (
+        f'--{holder.name}={",".join(holder.value)} is out of range: must be '
+        'numbers > 0.'
+    )
+  return None
+
+
+def main(argv):
+  privacy_flags.check_no_arguments(argv)
+  error = study_error()
+  if error:
+    privacy_flags.exit_with_usage_error(error)
+  task = training_flags.build_task_or_exit()
+  num_clients = len(task.train_data.client_ids)
+  holder, run_flags, _ = _chosen_sweep()
+  values = studies.parse_floats(holder)
+  # Calibrating every point first: an unreachable target fails before training.
+  plans = []
+  for value in values:
+    with studies.flags_set_to(**run_flags(value)):
+      try:
+        plans.append(runner.PrivacyPlan.from_flags(num_clients))
+      except ValueError as e:
+        privacy_flags.exit_with_usage_error(f'--{holder.name}={value:g}: {e}')
+  output_dir = _OUTPUT_DIR.value
+  studies.write_flags(output_dir, sys.modules[__name__])
+  progress = studies.Progress(len(values) + int(_BASELINE.value))
+  rows = []
+  baseline = None
+  with execution.local_execution():
+    study = runner.Runner(task)
+    for value, plan in zip(values, plans):
+      with studies.flags_set_to(**run_flags(value)):
+        summary = study.run(
+            plan, os.path.join(output_dir, 'runs', f'{holder.name}_{value:g}'),
+            runner.flag_values(sys.modules[__name__]), overwrite=True,
+        )
+      rows.append({
+          holder.name[:-1]: value, 'noise': summary.noise,
+          'epsilon': summary.epsilon, 'delta': summary.delta,
+          'accountant': summary.accountant, 'rounds': summary.rounds_completed,
+          'eval_accuracy': summary.eval_accuracy, 'eval_loss': summary.eval_loss,
+      })
+      progress.run_finished(
+          f'{holder.name[:-1]}={value:g}: epsilon {summary.epsilon:.4g}, '
+          f'accuracy {summary.eval_accuracy}'
+      )
+    if _BASELINE.value:
+      with studies.flags_set_to(
+          aggregator='none', target_epsilon=None, calibrate='none'
+      ):
+        summary = study.run(
+            runner.PrivacyPlan.from_flags(num_clients),
+            os.path.join(output_dir, 'runs', 'no_dp'),
+            runner.flag_values(sys.modules[__name__]), overwrite=True,
+        )
+      baseline = summary.eval_accuracy
+      progress.run_finished(f'no DP: accuracy {baseline}')
+  results = studies.write_results(output_dir, rows)
+  figure = os.path.join(output_dir, 'accuracy_vs_epsilon.png')
+  plots.accuracy_vs_epsilon(
+      {privacy_flags.AGGREGATOR.value: [
+          (r['epsilon'], r['eval_accuracy']) for r in rows
+      ]},
+      figure,
+      f'{task.name}: {privacy_flags.AGGREGATOR.value}, '
+      f'{privacy_flags.ROUNDS.value} rounds',
+      privacy_flags.DELTA.value,
+      baseline=baseline,
+  )
+  if baseline is not None:
+    print(f'no-DP accuracy: {baseline:.4f}')
+  print(f'results: {results}\nfigure: {figure}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,5 +1,7 @@
-"""Argument checks and noise-seed handling shared by the factories."""
+"""Argument checks, noise seeds and the federated skeleton of the factories."""
 
+import collections
+import dataclasses
 import math
 from typing import Optional
 
@@ -55,12 +57,40 @@ def float_value_specs(value_type, factory_name: str):
   return tff.types.type_to_tf_tensor_specs(value_type)
 
 
+@dataclasses.dataclass(frozen=True)
+class SecureSumming:
+  """How a factory's clipped values cross to the server through secure sums.
+
+  Attributes:
+    encode: TF computation (clipped value, client params) -> integers within
+      the value factory's bounds.
+    value_factory: sums the encoded values (a `tff.aggregators`
+      secure-sum factory with constant bounds, so its state is empty).
+    count_factory: sums the counts, all integers in [0, 1].
+    decode: TF computation (integer sum, value-sum measurements, state) ->
+      (the sum of the clipped values, values the secure sum had to clip).
+  """
+
+  encode: tff.Computation
+  value_factory: tff.aggregators.UnweightedAggregationFactory
+  count_factory: tff.aggregators.UnweightedAggregationFactory
+  decode: tff.Computation
+
+
+def _secure_sum(factory, value):
+  """Sums CLIENTS-placed `value` with a stateless factory; (sum, measurements)."""
+  process = factory.create(value.type_signature.member)
+  output = process.next(process.initialize(), value)
+  return output.result, output.measurements
+
+
 def clip_sum_noise_process(
     value_type,
     initial_state: tff.Computation,
     client_params: tff.Computation,
     client_update: tff.Computation,
     finish_round: tff.Computation,
+    secure_summing: Optional[SecureSumming] = None,
 ) -> tff.templates.AggregationProcess:
   """The federated skeleton every factory here shares.
 
@@ -70,11 +100,28 @@ def clip_sum_noise_process(
   `finish_round(value_sum, count_sums, state) -> (result, new state,
   measurements)`. Only sums leave the clients' side, so the noise added in
   `finish_round` (or by the clients) covers everything released.
+
+  With `secure_summing`, both sums are secure sums: the clipped values are
+  encoded as bounded integers on the clients and decoded on the server, so
+  the server never sees a single client's value. `finish_round` then also
+  gets, as `count_sums['secure_clipped']`, how many encoded values the secure
+  sum had to clip to its bounds.
   """
 
   @tff.federated_computation
   def init_fn():
     return tff.federated_eval(initial_state, tff.SERVER)
+
+  if secure_summing is not None:
+    counts_type = client_update.type_signature.result[1]
+
+    @tff.tensorflow.computation(
+        counts_type, secure_summing.decode.type_signature.result[1]
+    )
+    def with_secure_clipped(count_sums, secure_clipped):
+      return collections.OrderedDict(
+          **count_sums, secure_clipped=secure_clipped
+      )
 
   @tff.federated_computation(
       init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
@@ -82,9 +129,23 @@ def clip_sum_noise_process(
   def next_fn(state, value):
     params = tff.federated_broadcast(tff.federated_map(client_params, state))
     clipped, counts = tff.federated_map(client_update, (value, params))
+    if secure_summing is None:
+      value_sum = tff.federated_sum(clipped)
+      count_sums = tff.federated_sum(counts)
+    else:
+      encoded = tff.federated_map(secure_summing.encode, (clipped, params))
+      encoded_sum, sum_measurements = _secure_sum(
+          secure_summing.value_factory, encoded
+      )
+      value_sum, secure_clipped = tff.federated_map(
+          secure_summing.decode, (encoded_sum, sum_measurements, state)
+      )
+      count_sums, _ = _secure_sum(secure_summing.count_factory, counts)
+      count_sums = tff.federated_map(
+          with_secure_clipped, (count_sums, secure_clipped)
+      )
     result, new_state, measurements = tff.federated_map(
-        finish_round,
-        (tff.federated_sum(clipped), tff.federated_sum(counts), state),
+        finish_round, (value_sum, count_sums, state)
     )
     return tff.templates.MeasuredProcessOutput(
         state=new_state, result=result, measurements=measurements

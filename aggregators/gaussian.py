@@ -29,6 +29,20 @@ Privacy guarantee, per round, under add/remove-one-client adjacency:
   composed without sampling. The released sum carries the noise of every
   participant, so the central guarantee is at least the server-noise one.
 
+* Secure sum (`secure_sum=True`). The clipped updates and the counts reach
+  the server only through `tff.aggregators.SecureSumFactory` (integer
+  bounds, exact sums), so the server never sees one client's update; it adds
+  the noise to the sum as above. Each client sends q = round(u K f / S), the
+  update u on a grid of K = 2^15 steps per clip, with the shrink
+  f = (1 - sqrt(d) / (2K)) / (1 + 1e-6): rounding moves q by at most
+  sqrt(d) / 2 in L2 and float32 clipping overshoots S by less than 1e-6
+  relative, so ||q|| <= K and the decoded sum q S / K still has sensitivity
+  S. The event is therefore the same as without the secure sum; the server
+  divides the noised sum by f afterwards (post-processing) to undo the shrink.
+  Every |q_i| <= K, so the secure sum's bounds [-K, K] never clip a value
+  (`secure_clipped_count` reports it); sums are exact below 32,768 clients
+  per round.
+
 The sum is divided by the *expected* number of clients per round, a constant:
 that division is post-processing. Noise multipliers are kept in the state as
 float64, and events are built from Python floats (dp-accounting 0.4.3
@@ -41,6 +55,7 @@ import math
 from typing import Optional
 
 import dp_accounting
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -48,6 +63,10 @@ from aggregators import clipping as clipping_lib
 from aggregators import common
 
 NOISE_PLACEMENTS = ('server', 'client')
+# Grid steps per clip of the secure-sum encoding, and the cohort its int32 sum
+# holds exactly (each client adds at most 2K to the shifted sum).
+SECURE_LEVELS = 2**15
+MAX_SECURE_CLIENTS = 2**31 // (2 * SECURE_LEVELS)
 # The count gets at most this share of the privacy budget (in z^-2 terms) when
 # clipped_count_stddev is chosen automatically.
 _COUNT_BUDGET_SHARE = 0.01
@@ -127,6 +146,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       adaptive: Optional[AdaptiveClipping] = None,
       noise_placement: str = 'server',
       noise_seed: Optional[int] = None,
+      secure_sum: bool = False,
   ):
     """Initializes the factory.
 
@@ -139,6 +159,8 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       noise_placement: 'server' (central DP) or 'client' (each client noises
         its own update; requires a fixed clip).
       noise_seed: seed of the server's noise stream; None draws one.
+      secure_sum: sum the clipped updates and counts with secure sums (server
+        noise only).
 
     Raises:
       TypeError: if an argument is not of its type.
@@ -160,6 +182,20 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       )
     self._noise_placement = noise_placement
     self._noise_seed = common.check_seed(noise_seed)
+    if not isinstance(secure_sum, bool):
+      raise TypeError(f'secure_sum must be a bool, got {secure_sum!r}.')
+    if secure_sum and noise_placement == 'client':
+      raise ValueError(
+          'secure_sum needs noise_placement=server: Gaussian client noise is '
+          'continuous and cannot be summed exactly as integers.'
+      )
+    if secure_sum and 2 * expected_clients_per_round > MAX_SECURE_CLIENTS:
+      raise ValueError(
+          f'secure_sum sums at most {MAX_SECURE_CLIENTS} clients exactly; '
+          f'expected_clients_per_round={expected_clients_per_round} leaves no '
+          'margin for larger sampled cohorts.'
+      )
+    self._secure_sum = secure_sum
     self._adaptive = adaptive
     if adaptive is None:
       self._update_noise, self._count_stddev = self._noise_multiplier, 0.0
@@ -204,6 +240,18 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
   ) -> tff.templates.AggregationProcess:
     value_specs = common.float_value_specs(value_type, 'GaussianFactory')
     num_layers = len(tf.nest.flatten(value_specs))
+    secure = self._secure_sum
+    dimension = sum(spec.shape.num_elements() for spec in tf.nest.flatten(value_specs))
+    secure_shrink = (
+        (1.0 - math.sqrt(dimension) / (2 * SECURE_LEVELS)) / (1.0 + 1e-6)
+    )
+    if secure and secure_shrink <= 0.5:
+      raise ValueError(
+          f'secure_sum: the update has {dimension} values, too many for a grid '
+          f'of {SECURE_LEVELS} steps per clip (rounding would use up more than '
+          'half of the clip).'
+      )
+    post_noise_scale = 1.0 / secure_shrink if secure else 1.0
     clipping = self._clipping
     client_noise = self._noise_placement == 'client'
     adaptive = self._adaptive
@@ -258,17 +306,23 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
                   tf.logical_and(is_finite, tf.logical_not(unclipped)), tf.int32
               ),
               nonfinite=tf.cast(tf.logical_not(is_finite), tf.int32),
-              # Recentred to +-1/2, so one client moves the sum by 1/2.
-              unclipped_centered=tf.cast(unclipped, tf.float32) - 0.5,
+              unclipped=tf.cast(unclipped, tf.int32),
               participants=tf.constant(1, tf.int32),
           ),
       )
 
-    client_result_type = client_update.type_signature.result
+    counts_type = client_update.type_signature.result[1]
+    secure_summing = None
+    if secure:
+      secure_summing = self._secure_summing(
+          value_type, value_specs, params_type, state_type, secure_shrink
+      )
+      counts_type = tff.types.to_type(collections.OrderedDict(
+          list(tff.structure.iter_elements(counts_type))
+          + [('secure_clipped', tff.TensorType(np.int32))]
+      ))
 
-    @tff.tensorflow.computation(
-        value_type, client_result_type[1], state_type
-    )
+    @tff.tensorflow.computation(value_type, counts_type, state_type)
     def finish_round(value_sum, counts, state):
       seeds = tf.random.experimental.stateless_split(
           state['noise_seed'], num=num_layers + 2
@@ -289,15 +343,18 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
             for j, s in enumerate(flat_sum)
         ]
         sum_noise_stddev = update_stddev
-      mean = [s / denominator for s in noised]
+      mean = [s * post_noise_scale / denominator for s in noised]
 
       count_noise = tf.random.stateless_normal(
           [], seed=seeds[num_layers],
           stddev=tf.cast(state['clipped_count_stddev'], tf.float32),
       )
+      # sum_i (b_i - 1/2): one client moves it by 1/2.
+      unclipped_centered = tf.cast(counts['unclipped'], tf.float32) - 0.5 * tf.cast(
+          counts['participants'], tf.float32
+      )
       unclipped_fraction = tf.clip_by_value(
-          (counts['unclipped_centered'] + count_noise) / denominator + 0.5,
-          0.0, 1.0,
+          (unclipped_centered + count_noise) / denominator + 0.5, 0.0, 1.0,
       )
       if adaptive is None:
         new_clip = clip
@@ -324,6 +381,8 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           nonfinite_count=counts['nonfinite'],
           unclipped_fraction=unclipped_fraction,
       )
+      if secure:
+        measurements['secure_clipped_count'] = counts['secure_clipped']
       return (
           tf.nest.pack_sequence_as(value_specs, mean),
           new_state,
@@ -331,7 +390,57 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       )
 
     return common.clip_sum_noise_process(
-        value_type, initial_state, client_params, client_update, finish_round
+        value_type, initial_state, client_params, client_update, finish_round,
+        secure_summing,
+    )
+
+  def _secure_summing(
+      self, value_type, value_specs, params_type, state_type, shrink: float
+  ) -> common.SecureSumming:
+    """Integer encoding of clipped updates for `SecureSumFactory`; see above."""
+    levels = SECURE_LEVELS
+    encoded_type = tff.types.to_type(tf.nest.map_structure(
+        lambda spec: tff.TensorType(np.int32, spec.shape), value_specs
+    ))
+
+    @tff.tensorflow.computation(value_type, params_type)
+    def encode(clipped, params):
+      # In float64, so rounding is the only error of the grid.
+      step = tf.cast(levels * shrink, tf.float64) / tf.cast(
+          params['clip'], tf.float64
+      )
+      return tf.nest.map_structure(
+          lambda t: tf.cast(tf.round(tf.cast(t, tf.float64) * step), tf.int32),
+          clipped,
+      )
+
+    sum_factory = tff.aggregators.SecureSumFactory(
+        upper_bound_threshold=levels, lower_bound_threshold=-levels
+    )
+    measurements_type = (
+        sum_factory.create(encoded_type)
+        .next.type_signature.result.measurements.member
+    )
+
+    @tff.tensorflow.computation(encoded_type, measurements_type, state_type)
+    def decode(encoded_sum, measurements, state):
+      unit = state['clip'] / levels
+      value_sum = tf.nest.map_structure(
+          lambda t: tf.cast(t, tf.float32) * unit, encoded_sum
+      )
+      clipped = (
+          measurements['secure_upper_clipped_count']
+          + measurements['secure_lower_clipped_count']
+      )
+      return value_sum, clipped
+
+    return common.SecureSumming(
+        encode=encode,
+        value_factory=sum_factory,
+        count_factory=tff.aggregators.SecureSumFactory(
+            upper_bound_threshold=1, lower_bound_threshold=0
+        ),
+        decode=decode,
     )
 
 

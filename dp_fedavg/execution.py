@@ -26,6 +26,7 @@ import tensorflow_federated as tff
 # The compiler and argument transforms that TFF's own local context uses; they
 # are not exported at the top level.
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
+from tensorflow_federated.python.core.backends.test import compiler as test_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 
 _WORKER_BINARY = os.path.join(
@@ -119,7 +120,21 @@ _active_contexts: list[tff.framework.SyncExecutionContext] = []
 tff.framework.get_context_stack().set_default_context(_OutsideLocalExecution())
 
 
-def _context_for(worker: LocalWorker) -> tff.framework.SyncExecutionContext:
+def _simulate_secure_intrinsics(comp):
+  """TFF's test-context compilation: secure sums become checked plain sums.
+
+  The C++ runtime cannot run the secure intrinsics ("Cannot embed a federated
+  value"); TFF's test backend replaces each with a body that checks its bounds
+  and sums in the clear, which is what a simulation can do.
+  """
+  return native_compiler.desugar_and_transform_to_native(
+      test_compiler.replace_secure_intrinsics_with_bodies(comp)
+  )
+
+
+def _context_for(
+    worker: LocalWorker, simulate_secure_aggregation: bool
+) -> tff.framework.SyncExecutionContext:
   def stack_fn(cardinalities):
     # Computations with no CLIENTS-placed argument (initialize) still need a
     # clients cardinality on the worker; TFF's local context uses 0 too.
@@ -130,7 +145,8 @@ def _context_for(worker: LocalWorker) -> tff.framework.SyncExecutionContext:
 
   return tff.framework.SyncExecutionContext(
       executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
-      compiler_fn=native_compiler.desugar_and_transform_to_native,
+      compiler_fn=_simulate_secure_intrinsics if simulate_secure_aggregation
+      else native_compiler.desugar_and_transform_to_native,
       transform_args=tensorflow_computation.transform_args,
       transform_result=tensorflow_computation.transform_result,
   )
@@ -139,18 +155,22 @@ def _context_for(worker: LocalWorker) -> tff.framework.SyncExecutionContext:
 @contextlib.contextmanager
 def local_execution(
     max_concurrent_computation_calls: int = -1,
+    simulate_secure_aggregation: bool = False,
 ) -> Iterator[LocalWorker]:
   """Runs TFF computations in a local worker for the duration of the block.
 
   Args:
     max_concurrent_computation_calls: passed to the worker; nonpositive means
       no limit.
+    simulate_secure_aggregation: compile secure sums (SecureSumFactory,
+      SecureModularSumFactory) into checked insecure sums, as TFF's test
+      context does; without it they fail in the C++ runtime.
 
   Yields:
     The running `LocalWorker`; it is stopped when the block exits.
   """
   worker = LocalWorker(max_concurrent_computation_calls)
-  context = _context_for(worker)
+  context = _context_for(worker, simulate_secure_aggregation)
   context_stack = tff.framework.get_context_stack()
   context_stack.set_default_context(context)
   _active_contexts.append(context)

@@ -62,19 +62,20 @@ class SecureSumming:
   """How a factory's clipped values cross to the server through secure sums.
 
   Attributes:
-    encode: TF computation (clipped value, client params) -> integers within
-      the value factory's bounds.
     value_factory: sums the encoded values (a `tff.aggregators`
       secure-sum factory with constant bounds, so its state is empty).
     count_factory: sums the counts, all integers in [0, 1].
+    encode: TF computation (clipped value, client params) -> integers within
+      the value factory's bounds; None when the clients' values already are.
     decode: TF computation (integer sum, value-sum measurements, state) ->
-      (the sum of the clipped values, values the secure sum had to clip).
+      (the sum of the clipped values, values the secure sum had to clip);
+      None leaves decoding to `finish_round`.
   """
 
-  encode: tff.Computation
   value_factory: tff.aggregators.UnweightedAggregationFactory
   count_factory: tff.aggregators.UnweightedAggregationFactory
-  decode: tff.Computation
+  encode: Optional[tff.Computation] = None
+  decode: Optional[tff.Computation] = None
 
 
 def _secure_sum(factory, value):
@@ -101,18 +102,19 @@ def clip_sum_noise_process(
   measurements)`. Only sums leave the clients' side, so the noise added in
   `finish_round` (or by the clients) covers everything released.
 
-  With `secure_summing`, both sums are secure sums: the clipped values are
-  encoded as bounded integers on the clients and decoded on the server, so
-  the server never sees a single client's value. `finish_round` then also
-  gets, as `count_sums['secure_clipped']`, how many encoded values the secure
-  sum had to clip to its bounds.
+  With `secure_summing`, both sums are secure sums, so the server never sees
+  a single client's value: the clipped values are encoded as bounded integers
+  on the clients and decoded on the server. With a decoder, `finish_round`
+  also gets, as `count_sums['secure_clipped']`, how many encoded values the
+  secure sum had to clip to its bounds.
   """
 
   @tff.federated_computation
   def init_fn():
     return tff.federated_eval(initial_state, tff.SERVER)
 
-  if secure_summing is not None:
+  decodes = secure_summing is not None and secure_summing.decode is not None
+  if decodes:
     counts_type = client_update.type_signature.result[1]
 
     @tff.tensorflow.computation(
@@ -133,17 +135,20 @@ def clip_sum_noise_process(
       value_sum = tff.federated_sum(clipped)
       count_sums = tff.federated_sum(counts)
     else:
-      encoded = tff.federated_map(secure_summing.encode, (clipped, params))
-      encoded_sum, sum_measurements = _secure_sum(
+      encoded = clipped
+      if secure_summing.encode is not None:
+        encoded = tff.federated_map(secure_summing.encode, (clipped, params))
+      value_sum, sum_measurements = _secure_sum(
           secure_summing.value_factory, encoded
       )
-      value_sum, secure_clipped = tff.federated_map(
-          secure_summing.decode, (encoded_sum, sum_measurements, state)
-      )
       count_sums, _ = _secure_sum(secure_summing.count_factory, counts)
-      count_sums = tff.federated_map(
-          with_secure_clipped, (count_sums, secure_clipped)
-      )
+      if decodes:
+        value_sum, secure_clipped = tff.federated_map(
+            secure_summing.decode, (value_sum, sum_measurements, state)
+        )
+        count_sums = tff.federated_map(
+            with_secure_clipped, (count_sums, secure_clipped)
+        )
     result, new_state, measurements = tff.federated_map(
         finish_round, (value_sum, count_sums, state)
     )

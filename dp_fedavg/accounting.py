@@ -30,6 +30,17 @@ a Poisson-sampled composition of Gaussians (adaptive clipping's event) is the
 Gaussian mechanism with z_eff = (sum z_i^-2)^(-1/2), since both act on the same
 sample; and events are otherwise passed as they are.
 
+Distributed DP (`aggregators.distributed_dp.DistributedDpEvent`) is not a
+dp-accounting event: it states its own RDP curve eps(alpha) (any event with
+`rdp(order)` and `for_replace_one()` is treated so). Its noise is shared by a
+fixed number of clients, so it is accounted only under fixed-size sampling
+(replace-one adjacency): q = n / N, with the general bound for sampling
+without replacement of Wang, Balle & Kasiviswanathan 2019 (Theorem 9),
+eps'(alpha) <= log(1 + q^2 C(alpha, 2) min(4 (e^eps(2) - 1), 2 e^eps(2))
++ sum_{j=3}^alpha 2 q^j C(alpha, j) e^((j-1) eps(j))) / (alpha - 1), at
+integer orders (a fractional order uses the next integer: RDP grows with the
+order). RDP only.
+
 Every parameter is cast to a Python float first: dp-accounting 0.4.3
 silently mis-composes numpy float32 parameters.
 
@@ -40,6 +51,7 @@ self-composition by the round count (PLD, ~0.1 s at 1,000 rounds).
 """
 
 import enum
+import importlib
 import json
 import math
 from typing import Callable, Optional
@@ -50,6 +62,7 @@ from dp_accounting import mechanism_calibration
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
+from scipy import special
 
 from dp_fedavg import sampling
 
@@ -86,8 +99,65 @@ def as_python_floats(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
   )
 
 
+def _has_rdp_curve(event: dp_accounting.DpEvent) -> bool:
+  """Whether `event` states its own RDP (see the module docstring)."""
+  return hasattr(event, 'rdp') and hasattr(event, 'for_replace_one')
+
+
+def _curve_of(round_event) -> Optional[tuple[dp_accounting.DpEvent, float]]:
+  """(curve event, sampling ratio q) of a round event built on one; or None."""
+  if _has_rdp_curve(round_event):
+    return round_event, 1.0
+  if isinstance(
+      round_event, dp_accounting.SampledWithoutReplacementDpEvent
+  ) and _has_rdp_curve(round_event.event):
+    return (
+        round_event.event,
+        round_event.sample_size / round_event.source_dataset_size,
+    )
+  return None
+
+
+def sampled_without_replacement_rdp(
+    rdp_of_order: Callable[[int], float], q: float, orders: np.ndarray
+) -> np.ndarray:
+  """RDP at `orders` of a mechanism run on n of N records (q = n / N).
+
+  The general upper bound of Wang, Balle & Kasiviswanathan 2019 (Theorem 9,
+  for mechanisms with unbounded eps(inf)), never above the unsampled RDP.
+  """
+  integer_orders = np.ceil(np.asarray(orders, np.float64)).astype(int)
+  highest = int(integer_orders.max())
+  eps = np.array([0.0, 0.0] + [rdp_of_order(j) for j in range(2, highest + 1)])
+  if q >= 1:
+    return eps[integer_orders]
+  log_q = math.log(q)
+  result = []
+  for alpha in integer_orders:
+    terms = [0.0]
+    if alpha >= 2:
+      log_expm1_eps2 = eps[2] + math.log(-math.expm1(-eps[2])) if eps[2] > 0 else -math.inf
+      terms.append(
+          2 * log_q + _log_comb(alpha, 2)
+          + min(math.log(4) + log_expm1_eps2, eps[2] + math.log(2))
+      )
+    for j in range(3, alpha + 1):
+      terms.append(
+          math.log(2) + j * log_q + _log_comb(alpha, j) + (j - 1) * eps[j]
+      )
+    sampled = special.logsumexp(terms) / (alpha - 1)
+    result.append(min(sampled, eps[alpha]))
+  return np.array(result)
+
+
+def _log_comb(n: int, k: int) -> float:
+  return special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
+
+
 def _adds_no_noise(event: dp_accounting.DpEvent) -> bool:
   """Whether some part of `event` releases its input without noise."""
+  if _has_rdp_curve(event):
+    return event.adds_no_noise()
   if isinstance(event, dp_accounting.NonPrivateDpEvent):
     return True
   if isinstance(event, (dp_accounting.GaussianDpEvent,
@@ -102,6 +172,8 @@ def _adds_no_noise(event: dp_accounting.DpEvent) -> bool:
 
 def _for_replace_one(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
   """Restates an add/remove event in replace-one terms (sensitivity doubles)."""
+  if _has_rdp_curve(event):
+    return event.for_replace_one()
   if isinstance(event, (dp_accounting.GaussianDpEvent,
                         dp_accounting.LaplaceDpEvent)):
     return type(event)(event.noise_multiplier / 2.0)
@@ -193,6 +265,15 @@ class PrivacyAccountant:
       # No sampling makes a noiseless release private; and dp-accounting
       # divides by the noise multiplier for without-replacement sampling.
       return dp_accounting.NonPrivateDpEvent()
+    if _has_rdp_curve(event) and (
+        self.local_dp or self.scheme is not sampling.SamplingScheme.UNIFORM
+    ):
+      raise ValueError(
+          f'{type(event).__name__}: the noise is shared by a fixed number of '
+          'clients, so it is accounted only under fixed-size sampling; use '
+          '--sampling=uniform (with --clients_per_round=--num_clients for '
+          'every client every round).'
+      )
     if self.local_dp:
       return event
     if self.scheme is sampling.SamplingScheme.POISSON:
@@ -230,8 +311,12 @@ class PrivacyAccountant:
     rdp = dp_accounting.rdp.RdpAccountant(
         neighboring_relation=self.neighboring_relation
     )
-    if all(rdp.supports(e) for e in round_events):
+    if all(
+        _curve_of(e) is not None or rdp.supports(e) for e in round_events
+    ):
       kinds.append(AccountantKind.RDP)
+    if any(_curve_of(e) is not None for e in round_events):
+      return kinds
     # PLD's own sampled events assume add/remove; unsampled Gaussian and
     # Laplace PLDs are symmetric, so they also serve local (replace) DP.
     pld_relation_ok = (
@@ -262,6 +347,12 @@ class PrivacyAccountant:
     )
 
   def _single_round_rdp(self, key: str, round_event) -> np.ndarray:
+    curve = _curve_of(round_event)
+    if key not in self._rdp_of_event and curve is not None:
+      event, q = curve
+      self._rdp_of_event[key] = sampled_without_replacement_rdp(
+          event.rdp, q, self._orders
+      )
     if key not in self._rdp_of_event:
       single = self._new_accountant(AccountantKind.RDP)
       single.compose(round_event)
@@ -459,6 +550,9 @@ def event_to_json(event: dp_accounting.DpEvent) -> dict:
     return value
 
   fields = attr.asdict(event, recurse=False)
+  # Events of dp-accounting are found by name; others by their module.
+  if not hasattr(dp_accounting, type(event).__name__):
+    fields['module'] = type(event).__module__
   return {'class_name': type(event).__name__,
           **{name: encode(value) for name, value in fields.items()}}
 
@@ -474,7 +568,10 @@ def event_from_json(encoded: dict) -> dp_accounting.DpEvent:
     return value
 
   fields = dict(encoded)
-  event_class = getattr(dp_accounting, fields.pop('class_name'))
+  event_class = getattr(
+      importlib.import_module(fields.pop('module', 'dp_accounting')),
+      fields.pop('class_name'),
+  )
   return event_class(**{name: decode(value) for name, value in fields.items()})
 
 

@@ -20,9 +20,8 @@ import sys
 from absl import app
 from absl import flags
 import numpy as np
-import tensorflow as tf  # pylint: disable=unused-import  # Before absl starts (see train.py).
+import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
-from dp_fedavg import execution
 from experiments import plots
 from experiments import privacy_flags
 from experiments import runner
@@ -90,13 +89,13 @@ def main(argv):
   noise_levels = studies.parse_floats(_NOISE_MULTIPLIERS)
   progress = studies.Progress(len(_CLIPPINGS.value) * len(noise_levels))
   rows = []
-  with execution.local_execution():
+  with runner.execution_context():
     study = runner.Runner(task)
     for clipping in _CLIPPINGS.value:
       for noise in noise_levels:
         with studies.flags_set_to(clipping=clipping, noise_multiplier=noise):
           summary = study.run(
-              runner.PrivacyPlan.from_flags(len(task.train_data.client_ids)),
+              runner.PrivacyPlan.from_flags(task),
               os.path.join(output_dir, 'runs', f'{clipping}_z{noise:g}'),
               runner.flag_values(sys.modules[__name__]),
               overwrite=True,

@@ -19,10 +19,9 @@ import sys
 
 from absl import app
 from absl import flags
-import tensorflow as tf  # pylint: disable=unused-import  # Before absl starts (see train.py).
+import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
 from dp_fedavg import diagnostics
-from dp_fedavg import execution
 from experiments import plots
 from experiments import privacy_flags
 from experiments import runner
@@ -62,13 +61,13 @@ def main(argv):
     privacy_flags.exit_with_usage_error(error)
   task = training_flags.build_task_or_exit()
   try:
-    privacy = runner.PrivacyPlan.from_flags(len(task.train_data.client_ids))
+    privacy = runner.PrivacyPlan.from_flags(task)
   except ValueError as e:
     privacy_flags.exit_with_usage_error(str(e))
   output_dir = _OUTPUT_DIR.value
   studies.write_flags(output_dir, sys.modules[__name__])
   rows = []
-  with execution.local_execution():
+  with runner.execution_context():
     probe = diagnostics.UpdateNormProbe(
         task.model_fn, training_flags.CLIENT_LR.value
     )

@@ -13,13 +13,20 @@ from absl import flags
 import dp_accounting
 
 from aggregators import clipping
+from aggregators import distributed_dp
 from aggregators import gaussian
 from aggregators import laplace
 from dp_fedavg import accounting
 from dp_fedavg import sampling
 from dp_fedavg import tasks
 
-AGGREGATORS = ('none', 'gaussian_fixed', 'gaussian_adaptive', 'laplace')
+AGGREGATORS = (
+    'none', 'gaussian_fixed', 'gaussian_adaptive', 'laplace', 'secure_gaussian',
+    'distributed_dp',
+)
+# Aggregators whose sums are secure sums: they run only in a context that
+# simulates secure aggregation (see dp_fedavg.execution).
+SECURE_AGGREGATORS = ('secure_gaussian', 'distributed_dp')
 CLIPPINGS = tuple(c.value for c in clipping.Clipping)
 SAMPLINGS = tuple(s.value for s in sampling.SamplingScheme)
 ACCOUNTANTS = tuple(k.value for k in accounting.AccountantKind)
@@ -60,6 +67,26 @@ L1_CLIP = flags.DEFINE_float(
 EPSILON_PER_ROUND = flags.DEFINE_float(
     'epsilon_per_round', 0.5,
     'laplace: pure epsilon of one round (noise scale l1_clip / epsilon).')
+ADAPTIVE_CLIP = flags.DEFINE_bool(
+    'adaptive_clip', False,
+    'secure_gaussian: adapt the clip to --target_quantile as gaussian_adaptive '
+    'does (from --initial_clip); otherwise the clip is --clip.')
+BITS = flags.DEFINE_integer(
+    'bits', 16,
+    'distributed_dp: bit width of the secure modular sum, '
+    f'[{distributed_dp.MIN_BITS}, {distributed_dp.MAX_BITS}].')
+DDP_MECHANISM = flags.DEFINE_string(
+    'ddp_mechanism', 'ddgauss',
+    f'distributed_dp: the clients\' noise, one of {distributed_dp.MECHANISMS} '
+    '(distributed discrete Gaussian or Skellam).')
+DDP_BETA = flags.DEFINE_float(
+    'ddp_beta', math.exp(-0.5),
+    'distributed_dp: conditional rounding parameter beta in [0, 1); 0 rounds '
+    'unconditionally (looser norm bound).')
+DDP_MODCLIP_PROB = flags.DEFINE_float(
+    'ddp_modclip_prob', 1e-6,
+    'distributed_dp: per-coordinate probability that the sum overflows the '
+    'bit width; sets the scaling.')
 NUM_CLIENTS = flags.DEFINE_integer(
     'num_clients', None,
     'Training clients in the population (N). digits, cifar10: clients the data '
@@ -113,6 +140,12 @@ RANGE_CHECKS: tuple[tuple[flags.FlagHolder, Callable[..., bool], str], ...] = (
     (TARGET_EPSILON, lambda v: v is None or 0 < v < math.inf,
      'a finite number > 0'),
     (CALIBRATE, lambda v: v in CALIBRATIONS, f'one of {", ".join(CALIBRATIONS)}'),
+    (BITS, lambda v: distributed_dp.MIN_BITS <= v <= distributed_dp.MAX_BITS,
+     f'an integer in [{distributed_dp.MIN_BITS}, {distributed_dp.MAX_BITS}]'),
+    (DDP_MECHANISM, lambda v: v in distributed_dp.MECHANISMS,
+     f'one of {", ".join(distributed_dp.MECHANISMS)}'),
+    (DDP_BETA, lambda v: 0 <= v < 1, 'in [0, 1)'),
+    (DDP_MODCLIP_PROB, lambda v: 0 < v < 1, 'in (0, 1)'),
 )
 
 
@@ -151,6 +184,11 @@ def flag_error() -> Optional[str]:
         f'--clipping={CLIPPING.value} applies to the Gaussian aggregators; '
         'laplace clips the whole update to --l1_clip.'
     )
+  if AGGREGATOR.value == 'distributed_dp' and CLIPPING.value != 'flat':
+    return (
+        f'--clipping={CLIPPING.value} applies to the central Gaussian '
+        'aggregators; distributed_dp clips the whole update to --clip.'
+    )
   if NOISE_PLACEMENT.value == 'client' and AGGREGATOR.value != 'gaussian_fixed':
     return (
         '--noise_placement=client needs --aggregator=gaussian_fixed (an '
@@ -177,6 +215,16 @@ def population_error(num_clients: int) -> Optional[str]:
   return None
 
 
+def uses_secure_aggregation() -> bool:
+  return AGGREGATOR.value in SECURE_AGGREGATORS
+
+
+def _is_adaptive() -> bool:
+  return AGGREGATOR.value == 'gaussian_adaptive' or (
+      AGGREGATOR.value == 'secure_gaussian' and ADAPTIVE_CLIP.value
+  )
+
+
 def _adaptive() -> gaussian.AdaptiveClipping:
   return gaussian.AdaptiveClipping(
       target_quantile=TARGET_QUANTILE.value,
@@ -187,19 +235,34 @@ def _adaptive() -> gaussian.AdaptiveClipping:
 
 def event_for_noise_multiplier(
     expected_clients_per_round: float,
+    model_dimension: Optional[int] = None,
 ) -> Callable[[float], dp_accounting.DpEvent]:
   """The chosen aggregator's per-round DpEvent as a function of its noise.
 
   The noise parameter is z for the Gaussian aggregators, and for laplace the
-  Laplace scale over the L1 bound, 1 / epsilon_per_round.
+  Laplace scale over the L1 bound, 1 / epsilon_per_round. distributed_dp's
+  event depends on the model's number of values, `model_dimension`.
+
+  Raises:
+    ValueError: distributed_dp without `model_dimension`.
   """
   if AGGREGATOR.value == 'none':
     return lambda z: dp_accounting.NonPrivateDpEvent()
   if AGGREGATOR.value == 'laplace':
     return dp_accounting.LaplaceDpEvent
+  if AGGREGATOR.value == 'distributed_dp':
+    if model_dimension is None:
+      raise ValueError(
+          'distributed_dp\'s epsilon depends on the model\'s size (rounding '
+          'and scaling act on every value); account it with experiments.train.'
+      )
+    return lambda z: distributed_dp.round_dp_event(
+        z, CLIP.value, int(expected_clients_per_round), model_dimension,
+        BITS.value, DDP_MECHANISM.value, DDP_BETA.value, DDP_MODCLIP_PROB.value,
+    )
   if NOISE_PLACEMENT.value == 'client':
     return lambda z: dp_accounting.GaussianDpEvent(z / 2.0)
-  adaptive = _adaptive() if AGGREGATOR.value == 'gaussian_adaptive' else None
+  adaptive = _adaptive() if _is_adaptive() else None
   return lambda z: gaussian.round_dp_event(
       z, expected_clients_per_round, adaptive
   )
@@ -217,14 +280,19 @@ def build_accountant(num_clients: int) -> accounting.PrivacyAccountant:
   )
 
 
-def noise_parameter(accountant: accounting.PrivacyAccountant) -> float:
+def noise_parameter(
+    accountant: accounting.PrivacyAccountant,
+    model_dimension: Optional[int] = None,
+) -> float:
   """The aggregator's noise: from the flags, or calibrated (--calibrate=noise).
 
   Raises:
     ValueError: if the mechanism cannot be accounted under the sampling, or
       calibration cannot meet --target_epsilon.
   """
-  event_for_noise = event_for_noise_multiplier(accountant.clients_per_round)
+  event_for_noise = event_for_noise_multiplier(
+      accountant.clients_per_round, model_dimension
+  )
   if AGGREGATOR.value == 'laplace':
     from_flags = 1.0 / EPSILON_PER_ROUND.value
   else:
@@ -263,7 +331,21 @@ def build_aggregator(
         ),
         laplace.dp_event_from_state,
     )
-  adaptive = AGGREGATOR.value == 'gaussian_adaptive'
+  if AGGREGATOR.value == 'distributed_dp':
+    return (
+        distributed_dp.DistributedDpFactory(
+            noise_multiplier=noise,
+            clip=CLIP.value,
+            expected_clients_per_round=int(expected_clients_per_round),
+            bits=BITS.value,
+            mechanism=DDP_MECHANISM.value,
+            beta=DDP_BETA.value,
+            modclip_prob=DDP_MODCLIP_PROB.value,
+            rotation_seed=seed,
+        ),
+        distributed_dp.dp_event_from_state,
+    )
+  adaptive = _is_adaptive()
   return (
       gaussian.GaussianFactory(
           noise_multiplier=noise,
@@ -273,6 +355,7 @@ def build_aggregator(
           adaptive=_adaptive() if adaptive else None,
           noise_placement=NOISE_PLACEMENT.value,
           noise_seed=seed,
+          secure_sum=AGGREGATOR.value == 'secure_gaussian',
       ),
       gaussian.local_dp_event_from_state
       if NOISE_PLACEMENT.value == 'client' else gaussian.dp_event_from_state,

@@ -7,14 +7,16 @@ accountant. Flags are read when `run` is called; studies set them per run with
 `privacy_flags.flag_values`.
 """
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from absl import flags
 from absl import logging
 import tensorflow as tf
 
 from dp_fedavg import checkpoints
+from dp_fedavg import execution
 from dp_fedavg import loop
 from dp_fedavg import outputs
 from dp_fedavg import process
@@ -50,11 +52,11 @@ class PrivacyPlan:
   dp_event_fn: Callable[[Any], Any]
 
   @classmethod
-  def from_flags(cls, num_clients: int) -> 'PrivacyPlan':
-    """Raises ValueError for a mechanism the sampling cannot account, or an
-    unmet calibration."""
-    accountant = privacy_flags.build_accountant(num_clients)
-    noise = privacy_flags.noise_parameter(accountant)
+  def from_flags(cls, task: tasks.FederatedTask) -> 'PrivacyPlan':
+    """Raises ValueError for a mechanism the sampling cannot account, too few
+    bits for distributed DP, or an unmet calibration."""
+    accountant = privacy_flags.build_accountant(len(task.train_data.client_ids))
+    noise = privacy_flags.noise_parameter(accountant, task.update_dimension)
     aggregator, dp_event_fn = privacy_flags.build_aggregator(
         noise, accountant.clients_per_round, training_flags.SEED.value
     )
@@ -79,10 +81,24 @@ def flag_values(*modules) -> dict[str, Any]:
   return {holder.name: holder.value for holder in holders}
 
 
+@contextlib.contextmanager
+def execution_context() -> Iterator[None]:
+  """The local TFF execution for the flags' aggregator; says which it is."""
+  secure = privacy_flags.uses_secure_aggregation()
+  if secure:
+    logging.info(
+        '--aggregator=%s sums with secure aggregation: running in the context '
+        'that simulates it (TFF\'s test compilation: secure sums become checked '
+        'plain sums)', privacy_flags.AGGREGATOR.value,
+    )
+  with execution.local_execution(simulate_secure_aggregation=secure):
+    yield
+
+
 class Runner:
   """Runs trainings of one task, one after another.
 
-  Must be built and used inside `dp_fedavg.execution.local_execution()`.
+  Must be built and used inside `execution_context()`.
   """
 
   def __init__(self, task: tasks.FederatedTask):

@@ -22,9 +22,8 @@ import sys
 
 from absl import app
 from absl import flags
-import tensorflow as tf  # pylint: disable=unused-import  # Before absl starts (see train.py).
+import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
-from dp_fedavg import execution
 from experiments import plots
 from experiments import privacy_flags
 from experiments import runner
@@ -98,7 +97,6 @@ def main(argv):
   if error:
     privacy_flags.exit_with_usage_error(error)
   task = training_flags.build_task_or_exit()
-  num_clients = len(task.train_data.client_ids)
   holder, run_flags, _ = _chosen_sweep()
   values = studies.parse_floats(holder)
   # Calibrating every point first: an unreachable target fails before training.
@@ -106,7 +104,7 @@ def main(argv):
   for value in values:
     with studies.flags_set_to(**run_flags(value)):
       try:
-        plans.append(runner.PrivacyPlan.from_flags(num_clients))
+        plans.append(runner.PrivacyPlan.from_flags(task))
       except ValueError as e:
         privacy_flags.exit_with_usage_error(f'--{holder.name}={value:g}: {e}')
   output_dir = _OUTPUT_DIR.value
@@ -114,7 +112,7 @@ def main(argv):
   progress = studies.Progress(len(values) + int(_BASELINE.value))
   rows = []
   baseline = None
-  with execution.local_execution():
+  with runner.execution_context():
     study = runner.Runner(task)
     for value, plan in zip(values, plans):
       with studies.flags_set_to(**run_flags(value)):
@@ -137,7 +135,7 @@ def main(argv):
           aggregator='none', target_epsilon=None, calibrate='none'
       ):
         summary = study.run(
-            runner.PrivacyPlan.from_flags(num_clients),
+            runner.PrivacyPlan.from_flags(task),
             os.path.join(output_dir, 'runs', 'no_dp'),
             runner.flag_values(sys.modules[__name__]), overwrite=True,
         )

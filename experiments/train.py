@@ -21,10 +21,9 @@ from typing import Optional
 
 from absl import app
 from absl import flags
-import tensorflow as tf  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
+import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
 from dp_fedavg import checkpoints
-from dp_fedavg import execution
 from dp_fedavg import outputs
 from experiments import privacy_flags
 from experiments import runner
@@ -107,10 +106,10 @@ def main(argv):
     privacy_flags.exit_with_usage_error(error)
   task = training_flags.build_task_or_exit()
   try:
-    privacy = runner.PrivacyPlan.from_flags(len(task.train_data.client_ids))
+    privacy = runner.PrivacyPlan.from_flags(task)
   except ValueError as e:
     privacy_flags.exit_with_usage_error(str(e))
-  with execution.local_execution():
+  with runner.execution_context():
     runner.Runner(task).run(
         privacy,
         _OUTPUT_DIR.value,

@@ -53,6 +53,13 @@ class FederatedTask:
         self.eval_data.element_type_structure,
     )
 
+  @functools.cached_property
+  def update_dimension(self) -> int:
+    """How many values a client's model update has (trainable weights)."""
+    return sum(
+        int(tf.size(weight)) for weight in self.keras_model_fn().trainable_weights
+    )
+
   def model_fn(self) -> tff.learning.models.VariableModel:
     return tff.learning.models.from_keras_model(
         self.keras_model_fn(),

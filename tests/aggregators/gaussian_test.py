@@ -7,6 +7,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from aggregators import gaussian
+from dp_fedavg import execution
 
 _VECTOR = tff.TensorType(np.float32, [3])
 _STRUCT = tff.types.to_type(
@@ -355,6 +356,102 @@ class GaussianFactoryTest(tf.test.TestCase, parameterized.TestCase):
         gaussian.local_dp_event_from_state(output.state),
         dp_accounting.GaussianDpEvent(noise_multiplier / 2),
     )
+
+
+class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
+  """`secure_sum=True`: the updates reach the server only as secure sums."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.enterClassContext(
+        execution.local_execution(simulate_secure_aggregation=True)
+    )
+
+  def test_type_signature_adds_the_secure_clip_count(self):
+    process = gaussian.GaussianFactory(1.0, 1.0, 5, secure_sum=True).create(
+        _STRUCT
+    )
+    measurements = tff.types.to_type(collections.OrderedDict(
+        list(tff.structure.iter_elements(_MEASUREMENTS))
+        + [('secure_clipped_count', tff.TensorType(np.int32))]
+    ))
+    self.assertTrue(process.next.type_signature.result.measurements.member
+                    .is_equivalent_to(measurements))
+    self.assertTrue(process.next.type_signature.result.result.member
+                    .is_equivalent_to(_STRUCT))
+
+  def test_values_cross_only_through_secure_sums(self):
+    process = gaussian.GaussianFactory(1.0, 1.0, 5, secure_sum=True).create(
+        _STRUCT
+    )
+    body = process.next.to_building_block().compact_representation()
+    self.assertIn('federated_secure_sum_bitwidth', body)
+    self.assertNotIn('federated_sum', body.replace('federated_secure_sum', ''))
+    plain = gaussian.GaussianFactory(1.0, 1.0, 5).create(_STRUCT)
+    self.assertIn(
+        'federated_sum', plain.next.to_building_block().compact_representation()
+    )
+
+  def test_without_noise_decodes_the_clipped_mean_within_the_grid(self):
+    rng = np.random.default_rng(1)
+    clip, clients = 0.8, 4
+    values = [
+        collections.OrderedDict(
+            w=(scale * rng.standard_normal([2, 2])).astype(np.float32),
+            b=(scale * rng.standard_normal([3])).astype(np.float32),
+        )
+        for scale in (0.01, 0.3, 5.0, 1e4)
+    ]
+    process = gaussian.GaussianFactory(
+        0.0, clip, clients, secure_sum=True
+    ).create(_STRUCT)
+    output = process.next(process.initialize(), values)
+    expected = tf.nest.map_structure(
+        lambda *xs: np.mean(xs, axis=0), *[_clipped(v, clip) for v in values]
+    )
+    # Each client's value is off by at most half a grid step, S / (2 K f);
+    # the mean of the errors is too. f > 0.99 for 7 values.
+    bound = clip / (2 * gaussian.SECURE_LEVELS * 0.99) + 1e-6
+    for got, want in zip(tf.nest.flatten(output.result), tf.nest.flatten(expected)):
+      self.assertLess(np.max(np.abs(got - want)), bound)
+    # An update 10^4 above the clip is clipped first, never wrapped.
+    self.assertEqual(output.measurements['secure_clipped_count'], 0)
+    self.assertEqual(output.measurements['clipped_count'], 2)
+
+  def test_noise_and_event_are_those_of_the_central_mechanism(self):
+    noise_multiplier, clip, clients, size = 1.5, 0.5, 3, 20_000
+    factory = gaussian.GaussianFactory(
+        noise_multiplier, clip, clients, noise_seed=2, secure_sum=True
+    )
+    process = factory.create(tff.TensorType(np.float32, [size]))
+    output = process.next(
+        process.initialize(), [np.zeros(size, np.float32)] * clients
+    )
+    noise = np.asarray(output.result, np.float64)
+    # The server divides the noised sum by the shrink f afterwards.
+    shrink = (1 - np.sqrt(size) / (2 * gaussian.SECURE_LEVELS)) / (1 + 1e-6)
+    sigma = noise_multiplier * clip / clients / shrink
+    self.assertLess(abs(noise.std() - sigma), 5 * sigma / np.sqrt(2 * size))
+    self.assertEqual(
+        gaussian.dp_event_from_state(output.state),
+        dp_accounting.GaussianDpEvent(noise_multiplier),
+    )
+
+  @parameterized.named_parameters(
+      ('client_noise', dict(noise_placement='client'), 'noise_placement=server'),
+      ('cohort_too_large', dict(expected_clients_per_round=20_000),
+       'at most 32768'),
+      ('not_a_bool', dict(secure_sum=1), 'secure_sum must be a bool'),
+  )
+  def test_invalid_arguments_raise(self, overrides, message):
+    kwargs = dict(
+        noise_multiplier=1.0, clip=1.0, expected_clients_per_round=2,
+        secure_sum=True,
+    )
+    kwargs.update(overrides)
+    with self.assertRaisesRegex((ValueError, TypeError), message):
+      gaussian.GaussianFactory(**kwargs)
 
 
 if __name__ == '__main__':

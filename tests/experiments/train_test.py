@@ -205,6 +205,48 @@ class TrainBinaryTest(absltest.TestCase):
     self.assertIn('--data_dir', last_line)
 
 
+class SecureAggregatorBinaryTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('secure_gaussian', ('--aggregator=secure_gaussian', '--adaptive_clip',
+                           '--sampling=poisson')),
+      ('distributed_dp', ('--aggregator=distributed_dp', '--sampling=uniform',
+                          '--ddp_mechanism=skellam')),
+  )
+  def test_three_rounds_in_the_secure_simulation_with_epsilon(self, flags_):
+    output_dir = self.create_tempdir().full_path
+    result = _run_train(
+        f'--output_dir={output_dir}', '--rounds=3', '--eval_every=3',
+        '--num_clients=30', '--clients_per_round=6', *flags_,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('running in the context that simulates it', result.stderr)
+    with open(os.path.join(output_dir, 'metrics.csv')) as f:
+      rows = list(csv.DictReader(f))
+    epsilons = [float(r['epsilon']) for r in rows]
+    self.assertLen(epsilons, 3)
+    self.assertEqual(epsilons, sorted(epsilons))
+    self.assertTrue(all(0 < e < float('inf') for e in epsilons))
+    self.assertBetween(float(rows[-1]['eval_accuracy']), 0.0, 1.0)
+
+  def test_too_few_bits_exit_2_naming_the_bits_that_suffice(self):
+    result = _run_train(
+        '--aggregator=distributed_dp', '--sampling=uniform', '--bits=6',
+        f'--output_dir={self.create_tempdir().full_path}',
+    )
+    self.assertEqual(result.returncode, 2)
+    last_line = result.stderr.strip().splitlines()[-1]
+    self.assertRegex(last_line, r'bits=6 is too small.*bits=\d+ would suffice')
+
+  def test_distributed_dp_under_poisson_sampling_is_refused(self):
+    result = _run_train(
+        '--aggregator=distributed_dp', '--sampling=poisson',
+        f'--output_dir={self.create_tempdir().full_path}',
+    )
+    self.assertEqual(result.returncode, 2)
+    self.assertIn('--sampling=uniform', result.stderr.strip().splitlines()[-1])
+
+
 class ResumeTest(absltest.TestCase):
 
   def test_killed_run_resumes_to_the_uninterrupted_model_and_epsilon(self):

@@ -10,3 +10,8 @@ import logging
 
 # TensorFlow's SavedModel writer logs every asset at INFO on each checkpoint.
 logging.getLogger('tensorflow').setLevel(logging.WARNING)
+
+# Imported for its side effect: it replaces the execution context TFF creates
+# at import, whose leftover worker manager otherwise prints an AttributeError
+# at every exit of a binary that never starts a worker (privacy_report).
+from dp_fedavg import execution  # noqa: E402,F401  # pylint: disable=g-import-not-at-top,unused-import

@@ -5,6 +5,7 @@ model's metrics: the values describe single clients' updates.
 """
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
 
 
@@ -23,9 +24,12 @@ class UpdateNormProbe:
         client_weighting=tff.learning.ClientWeighting.UNIFORM,
     )
     self._state = self._client_work.initialize()
-    self.layer_names = [
-        variable.name for variable in model_fn().trainable_variables
-    ]
+    # Built in a fresh graph, where Keras numbers layers from zero again, so
+    # names do not depend on how many models the process built before.
+    with tf.Graph().as_default():
+      self.layer_names = [
+          variable.name for variable in model_fn().trainable_variables
+      ]
 
   def __call__(
       self, model_weights: tff.learning.models.ModelWeights, client_datasets: list

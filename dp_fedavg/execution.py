@@ -26,14 +26,25 @@ import tensorflow_federated as tff
 # The compiler and argument transforms that TFF's own local context uses; they
 # are not exported at the top level.
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
+from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
 from tensorflow_federated.python.core.backends.test import compiler as test_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context
 
-_WORKER_BINARY = os.path.join(
+WORKER_BINARY = os.path.join(
     os.path.dirname(tff.__file__), 'data', 'worker_binary'
 )
 _STARTUP_TIMEOUT_SECONDS = 60.0
 _PR_SET_PDEATHSIG = 1
+
+
+def _stub(address: str) -> tff.framework.RemoteExecutorGrpcStub:
+  channel = grpc.insecure_channel(
+      address,
+      options=[('grpc.max_receive_message_length', -1),
+               ('grpc.max_send_message_length', -1)],
+  )
+  return tff.framework.RemoteExecutorGrpcStub(channel)
 
 
 def _die_with_parent() -> None:
@@ -46,9 +57,9 @@ class LocalWorker:
   """One `worker_binary` process serving TFF's C++ runtime on localhost."""
 
   def __init__(self, max_concurrent_computation_calls: int = -1):
-    if not os.path.isfile(_WORKER_BINARY):
+    if not os.path.isfile(WORKER_BINARY):
       raise RuntimeError(
-          f'TFF worker binary not found at {_WORKER_BINARY}; reinstall '
+          f'TFF worker binary not found at {WORKER_BINARY}; reinstall '
           'tensorflow-federated (see BUILD.md).'
       )
     self.port = portpicker.pick_unused_port()
@@ -58,7 +69,7 @@ class LocalWorker:
     with open(self.log_path, 'wb') as log:
       self._process = subprocess.Popen(
           [
-              _WORKER_BINARY,
+              WORKER_BINARY,
               f'--port={self.port}',
               f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
           ],
@@ -68,12 +79,7 @@ class LocalWorker:
           preexec_fn=_die_with_parent,
       )
     atexit.register(self.stop)
-    channel = grpc.insecure_channel(
-        f'localhost:{self.port}',
-        options=[('grpc.max_receive_message_length', -1),
-                 ('grpc.max_send_message_length', -1)],
-    )
-    self.stub = tff.framework.RemoteExecutorGrpcStub(channel)
+    self.stub = _stub(f'localhost:{self.port}')
     deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
     while not self.stub.is_ready:
       if self._process.poll() is not None or time.monotonic() > deadline:
@@ -132,19 +138,23 @@ def _simulate_secure_intrinsics(comp):
   )
 
 
-def _context_for(
-    worker: LocalWorker, simulate_secure_aggregation: bool
-) -> tff.framework.SyncExecutionContext:
+def _executor_factory(stub) -> tff.framework.ResourceManagingExecutorFactory:
   def stack_fn(cardinalities):
     # Computations with no CLIENTS-placed argument (initialize) still need a
     # clients cardinality on the worker; TFF's local context uses 0 too.
     cardinalities.setdefault(tff.CLIENTS, 0)
-    executor = tff.framework.RemoteExecutor(worker.stub)
+    executor = tff.framework.RemoteExecutor(stub)
     executor.set_cardinalities(cardinalities)
     return executor
 
+  return tff.framework.ResourceManagingExecutorFactory(stack_fn)
+
+
+def _context_for(
+    worker: LocalWorker, simulate_secure_aggregation: bool
+) -> tff.framework.SyncExecutionContext:
   return tff.framework.SyncExecutionContext(
-      executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
+      executor_fn=_executor_factory(worker.stub),
       compiler_fn=_simulate_secure_intrinsics if simulate_secure_aggregation
       else native_compiler.desugar_and_transform_to_native,
       transform_args=tensorflow_computation.transform_args,
@@ -182,3 +192,93 @@ def local_execution(
         _active_contexts[-1] if _active_contexts else _OutsideLocalExecution()
     )
     worker.stop()
+
+
+class WorkerUnavailableError(RuntimeError):
+  """A remote TFF worker cannot be reached or failed during a computation."""
+
+
+class _FailFastExecutionContext(tff.framework.AsyncExecutionContext):
+  """An async context on one remote worker that fails instead of waiting.
+
+  TFF's `AsyncExecutionContext.invoke` retries an unavailable worker forever
+  (backing off to 30 s), so a run whose worker died hangs. This context runs
+  the same invocation once and turns the failure into a
+  `WorkerUnavailableError` naming the worker.
+  """
+
+  def __init__(self, address: str, **kwargs):
+    super().__init__(**kwargs)
+    self._address = address
+
+  async def invoke(self, comp, arg):
+    try:
+      # The undecorated invoke: TFF's retry wrapper is what would hang.
+      return await tff.framework.AsyncExecutionContext.invoke.__wrapped__(
+          self, comp, arg
+      )
+    except (grpc.RpcError, tff.framework.RetryableError) as e:
+      cause = e.grpc_error if hasattr(e, 'grpc_error') else e
+      status = cause.code().name if isinstance(cause, grpc.Call) else type(e).__name__
+      raise WorkerUnavailableError(
+          f'the TFF worker at {self._address} failed or became unreachable '
+          f'during a computation (gRPC {status}).'
+      ) from e
+
+
+def _check_reachable(address: str, stub, timeout_seconds: float) -> None:
+  deadline = time.monotonic() + timeout_seconds
+  while not stub.is_ready:
+    if time.monotonic() > deadline:
+      raise WorkerUnavailableError(
+          f'no TFF worker answers at {address} (waited {timeout_seconds:g}s); '
+          'start one there with `python -m dp_fedavg.worker --port=PORT`.'
+      )
+    time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def remote_execution(
+    addresses: list[str], connect_timeout_seconds: float = 30.0
+) -> Iterator[None]:
+  """Runs TFF computations on the TFF workers at `addresses` (host:port).
+
+  Each computation is compiled to TFF's mergeable form: every worker runs the
+  clients' part on its share of the clients and returns partial aggregates;
+  those are merged, and the server part (for our aggregators: the noise, the
+  clip update, the optimizer step) runs once on the merged result. Secure
+  sums are not supported across workers.
+
+  Raises:
+    WorkerUnavailableError: a worker does not answer within the timeout.
+  """
+  if not addresses:
+    raise ValueError('remote_execution needs at least one host:port address.')
+  stubs = [_stub(address) for address in addresses]
+  for address, stub in zip(addresses, stubs):
+    _check_reachable(address, stub, connect_timeout_seconds)
+  context = mergeable_comp_execution_context.MergeableCompExecutionContext(
+      async_contexts=[
+          _FailFastExecutionContext(
+              address,
+              executor_fn=_executor_factory(stub),
+              compiler_fn=native_compiler.desugar_and_transform_to_native,
+              transform_args=tensorflow_computation.transform_args,
+              transform_result=tensorflow_computation.transform_result,
+          )
+          for address, stub in zip(addresses, stubs)
+      ],
+      compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
+      transform_args=tensorflow_computation.transform_args,
+      transform_result=tensorflow_computation.transform_result,
+  )
+  context_stack = tff.framework.get_context_stack()
+  context_stack.set_default_context(context)
+  _active_contexts.append(context)
+  try:
+    yield
+  finally:
+    _active_contexts.remove(context)
+    context_stack.set_default_context(
+        _active_contexts[-1] if _active_contexts else _OutsideLocalExecution()
+    )

@@ -35,7 +35,7 @@ _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Replace an earlier study\'s results in output_dir.')
 
 STUDY_DEFAULTS = dict(
-    task='femnist', clients_per_round=10, sampling='uniform', rounds=10,
+    task='femnist', clients_per_round=40, sampling='uniform', rounds=10,
     clip=2.0, clipping='per_layer_adaptive', local_epochs=5, batch_size=10,
     client_lr=0.05, server_momentum=0.0, eval_every=5,
 )

@@ -83,7 +83,20 @@ def flag_values(*modules) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def execution_context() -> Iterator[None]:
-  """The local TFF execution for the flags' aggregator; says which it is."""
+  """Where TFF runs for the flags: remote workers or one local worker.
+
+  Says which in the log. Raises `execution.WorkerUnavailableError` when a
+  remote worker cannot be reached.
+  """
+  if training_flags.WORKERS.value:
+    logging.info(
+        'running rounds on %d TFF workers: %s (clients split among them; the '
+        'server step, noise included, runs once)',
+        len(training_flags.WORKERS.value), ', '.join(training_flags.WORKERS.value),
+    )
+    with execution.remote_execution(training_flags.WORKERS.value):
+      yield
+    return
   secure = privacy_flags.uses_secure_aggregation()
   if secure:
     logging.info(

@@ -24,6 +24,7 @@ from absl import flags
 import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
 from dp_fedavg import checkpoints
+from dp_fedavg import execution
 from dp_fedavg import outputs
 from experiments import privacy_flags
 from experiments import runner
@@ -43,8 +44,9 @@ _RESUME = flags.DEFINE_bool(
     'Continue the run in --output_dir from its latest checkpoint; every other '
     'flag must equal the run\'s config.json.')
 
-# Flags that may differ between a run and its resumption.
-_NOT_PART_OF_THE_RUN = ('overwrite', 'resume', 'checkpoint_every')
+# Flags that may differ between a run and its resumption (where it runs is
+# not part of what it computes).
+_NOT_PART_OF_THE_RUN = ('overwrite', 'resume', 'checkpoint_every', 'workers')
 
 
 def _resume_error() -> Optional[str]:
@@ -109,15 +111,26 @@ def main(argv):
     privacy = runner.PrivacyPlan.from_flags(task)
   except ValueError as e:
     privacy_flags.exit_with_usage_error(str(e))
-  with runner.execution_context():
-    runner.Runner(task).run(
-        privacy,
-        _OUTPUT_DIR.value,
-        runner.flag_values(sys.modules[__name__]),
-        overwrite=_OVERWRITE.value,
-        resume=_RESUME.value,
-        checkpoint_every=_CHECKPOINT_EVERY.value,
-    )
+  try:
+    with runner.execution_context():
+      runner.Runner(task).run(
+          privacy,
+          _OUTPUT_DIR.value,
+          runner.flag_values(sys.modules[__name__]),
+          overwrite=_OVERWRITE.value,
+          resume=_RESUME.value,
+          checkpoint_every=_CHECKPOINT_EVERY.value,
+      )
+  except execution.WorkerUnavailableError as e:
+    if _CHECKPOINT_EVERY.value:
+      advice = (
+          'once the workers are back, continue from the last checkpoint: '
+          'rerun with --resume'
+      )
+    else:
+      advice = 'use --checkpoint_every so that a run can be resumed'
+    print(f'train.py: error: {e} {advice}.', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -35,6 +35,10 @@ SERVER_MOMENTUM = flags.DEFINE_float(
     'server_momentum', 0.9, 'Server SGD momentum.')
 EVAL_EVERY = flags.DEFINE_integer(
     'eval_every', 1, 'Evaluate on the evaluation clients every this many rounds.')
+WORKERS = flags.DEFINE_list(
+    'workers', [],
+    'host:port of TFF workers (`python -m dp_fedavg.worker --port=PORT`) to '
+    'run the rounds on, clients split among them; empty: one local worker.')
 SEED = flags.DEFINE_integer(
     'seed', 0, 'Seed of data split, sampling, shuffling, model init and noise.')
 
@@ -54,9 +58,27 @@ RANGE_CHECKS = (
 )
 
 
+def _workers_error() -> Optional[str]:
+  for address in WORKERS.value:
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+      return (
+          f'--workers: {address!r} is not host:port (a port in [1, 65535]).'
+      )
+  if WORKERS.value and privacy_flags.uses_secure_aggregation():
+    return (
+        f'--aggregator={privacy_flags.AGGREGATOR.value} needs the secure-sum '
+        'simulation, which runs on one local worker; drop --workers.'
+    )
+  return None
+
+
 def flag_error() -> Optional[str]:
   """The first problem with the task, training and privacy flags; None if none."""
-  return privacy_flags.range_error(RANGE_CHECKS) or privacy_flags.flag_error()
+  return (
+      privacy_flags.range_error(RANGE_CHECKS) or privacy_flags.flag_error()
+      or _workers_error()
+  )
 
 
 def build_task_or_exit() -> tasks.FederatedTask:

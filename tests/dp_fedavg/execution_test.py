@@ -7,9 +7,14 @@ import time
 
 from absl.testing import absltest
 import numpy as np
+import portpicker
+import tensorflow as tf
 import tensorflow_federated as tff
 
+from aggregators import gaussian
 from dp_fedavg import execution
+from dp_fedavg import process
+from dp_fedavg.tasks import digits
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -76,3 +81,109 @@ class LocalExecutionTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+def _start_workers(count):
+  """`python -m dp_fedavg.worker` processes on free ports; (addresses, procs)."""
+  ports = [portpicker.pick_unused_port() for _ in range(count)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, '-m', 'dp_fedavg.worker', f'--port={port}'],
+          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      )
+      for port in ports
+  ]
+  return [f'localhost:{port}' for port in ports], procs
+
+
+def _stop(procs):
+  for proc in procs:
+    proc.kill()
+    proc.wait()
+
+
+class RemoteExecutionTest(absltest.TestCase):
+  """Two TFF workers on loopback, as on two hosts."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.addresses, cls.procs = _start_workers(2)
+    cls.task = digits.build_task(num_clients=8, seed=2)
+    cls.datasets = [
+        cls.task.preprocess(
+            cls.task.train_data.create_tf_dataset_for_client(c), 1, 8, 0
+        )
+        for c in cls.task.train_data.client_ids[:6]
+    ]
+
+  @classmethod
+  def tearDownClass(cls):
+    _stop(cls.procs)
+    super().tearDownClass()
+
+  def _train_two_rounds(self):
+    tf.keras.utils.set_random_seed(0)
+    learning_process = process.build_process(
+        self.task.model_fn, gaussian.GaussianFactory(0.0, 1.0, 6), 0.3, 1.0, 0.9
+    )
+    state = learning_process.initialize()
+    for _ in range(2):
+      state = learning_process.next(state, self.datasets).state
+    return learning_process.get_model_weights(state).trainable
+
+  def test_split_clients_give_the_single_worker_model(self):
+    local = self._train_two_rounds()  # The session's local worker.
+    with execution.remote_execution(self.addresses):
+      remote = self._train_two_rounds()
+    for a, b in zip(local, remote):
+      # Only the order of float32 additions differs.
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+  def test_noise_is_added_once_not_per_worker(self):
+    size, clients, noise_multiplier, clip = 20_000, 4, 2.0, 0.5
+    with execution.remote_execution(self.addresses):
+      aggregator = gaussian.GaussianFactory(
+          noise_multiplier, clip, clients, noise_seed=7
+      ).create(tff.TensorType(np.float32, [size]))
+      output = aggregator.next(
+          aggregator.initialize(), [np.zeros(size, np.float32)] * clients
+      )
+    sigma = noise_multiplier * clip / clients
+    # Noise per worker would give sqrt(2) sigma, 70 standard errors away.
+    self.assertLess(
+        abs(np.std(output.result) - sigma), 5 * sigma / np.sqrt(2 * size)
+    )
+
+
+class WorkerFailureTest(absltest.TestCase):
+
+  def test_unreachable_worker_is_named(self):
+    port = portpicker.pick_unused_port()
+    with self.assertRaisesRegex(
+        execution.WorkerUnavailableError, f'localhost:{port}.*dp_fedavg.worker'
+    ):
+      with execution.remote_execution(
+          [f'localhost:{port}'], connect_timeout_seconds=1
+      ):
+        pass
+
+  def test_worker_dying_between_rounds_fails_fast_and_names_it(self):
+    addresses, procs = _start_workers(2)
+    try:
+      with execution.remote_execution(addresses):
+        aggregator = gaussian.GaussianFactory(0.0, 1.0, 2).create(
+            tff.TensorType(np.float32, [3])
+        )
+        state = aggregator.initialize()
+        aggregator.next(state, [np.ones(3, np.float32)] * 2)
+        procs[1].kill()
+        procs[1].wait()
+        start = time.monotonic()
+        with self.assertRaisesRegex(
+            execution.WorkerUnavailableError, addresses[1]
+        ):
+          aggregator.next(state, [np.ones(3, np.float32)] * 2)
+        self.assertLess(time.monotonic() - start, 30)
+    finally:
+      _stop(procs)

@@ -8,11 +8,19 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 _WORKER_BINARY = b'worker_binary'
 
 
-def start(module: str, *args: str) -> subprocess.Popen:
-  """Starts a binary in the background; its output is discarded (an unread
-  pipe would block it once full)."""
+def start(module: str, *args: str, stderr_path: str = os.devnull) -> subprocess.Popen:
+  """Starts a binary in the background, its stderr to `stderr_path` (a pipe
+  nobody reads would block it once full)."""
+  with open(stderr_path, 'w') as stderr:
+    return subprocess.Popen(
+        [sys.executable, '-m', f'experiments.{module}', *args],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+    )
+
+
+def start_worker(port: int) -> subprocess.Popen:
   return subprocess.Popen(
-      [sys.executable, '-m', f'experiments.{module}', *args],
+      [sys.executable, '-m', 'dp_fedavg.worker', f'--port={port}'],
       cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
   )
 

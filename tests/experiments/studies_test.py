@@ -107,7 +107,10 @@ class LayerNormsTest(absltest.TestCase):
     rows = _rows(os.path.join(output_dir, 'layer_norms.csv'))
     # digits' model: 2 dense layers, kernel and bias each; 6 clients, 2 rounds.
     self.assertLen(rows, 2 * 6 * 4)
-    self.assertLen({r['layer'] for r in rows}, 4)
+    self.assertEqual(
+        {r['layer'] for r in rows},
+        {'dense/kernel:0', 'dense/bias:0', 'dense_1/kernel:0', 'dense_1/bias:0'},
+    )
     self.assertTrue(all(float(r['norm']) > 0 for r in rows))
     self.assertTrue(os.path.getsize(os.path.join(output_dir, 'layer_norms.png')))
 

@@ -10,6 +10,7 @@ from absl.testing import flagsaver
 from absl.testing import parameterized
 import dp_accounting
 import numpy as np
+import portpicker
 import tensorflow as tf
 
 from experiments import train
@@ -292,6 +293,43 @@ class ResumeTest(absltest.TestCase):
     ]
     for a, b in zip(models[0].get_weights(), models[1].get_weights()):
       np.testing.assert_array_equal(a, b)
+
+  def test_run_on_workers_fails_clearly_when_one_dies_and_resumes(self):
+    ports = [portpicker.pick_unused_port() for _ in range(2)]
+    workers = [binaries.start_worker(port) for port in ports]
+    output_dir = self.create_tempdir().full_path
+    log = os.path.join(self.create_tempdir().full_path, 'stderr.txt')
+    run_flags = (
+        f'--output_dir={output_dir}', '--rounds=4', '--checkpoint_every=1',
+        '--num_clients=20', '--clients_per_round=4', '--sampling=uniform',
+        '--eval_every=4', '--workers=' + ','.join(f'localhost:{p}' for p in ports),
+    )
+    try:
+      run = binaries.start('train', *run_flags, stderr_path=log)
+      checkpoint = os.path.join(output_dir, 'checkpoints', 'program_state_1')
+      deadline = time.monotonic() + 240
+      while not os.path.isdir(checkpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+      workers[1].kill()
+      workers[1].wait()
+      self.assertEqual(run.wait(timeout=120), 1)
+      with open(log) as f:
+        last_line = f.read().strip().splitlines()[-1]
+      self.assertIn(f'localhost:{ports[1]} failed or became unreachable', last_line)
+      self.assertIn('--resume', last_line)
+
+      workers[1] = binaries.start_worker(ports[1])
+      resumed = _run_train(*run_flags, '--resume')
+      self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+      self.assertIn('running rounds on 2 TFF workers', resumed.stderr)
+      with open(os.path.join(output_dir, 'metrics.csv')) as f:
+        self.assertEqual(
+            [r['round'] for r in csv.DictReader(f)], ['1', '2', '3', '4']
+        )
+    finally:
+      for worker in workers:
+        worker.kill()
+        worker.wait()
 
   def test_resume_needs_the_same_flags(self):
     output_dir = self.create_tempdir()

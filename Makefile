@@ -1,5 +1,6 @@
 # make demo: a DP-FedAvg run on the embedded digits task.
 # make test: the whole test suite.
+# make bench: round time, memory and compute floor -> BENCHMARKS.md.
 # Both create .venv (python3.11) and install the locked versions first.
 PYTHON ?= python3.11
 VENV := .venv
@@ -9,7 +10,7 @@ UV_VERSION := 0.13.9
 INSTALLED := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 
-.PHONY: install demo test lock clean
+.PHONY: install demo test bench lock clean
 
 install: $(INSTALLED)
 
@@ -31,6 +32,9 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest
+
+bench: $(INSTALLED)
+	$(PY) -m benchmarks.run --output=BENCHMARKS.md --json=benchmarks/results.json --repeats=5
 
 # Re-resolves every version; see BUILD.md before committing a new lock.
 lock: | $(UV)

@@ -1,0 +1,69 @@
+"""Peak memory of a few DP rounds at one population size (one process per size).
+
+  python -m benchmarks.memory --population=100000
+
+Prints one JSON line: the population, the Python process's peak resident set
+(ru_maxrss) and the TFF worker's (VmHWM), in MiB. Run by `benchmarks.run`
+once per population, each in a fresh process, because peak RSS only grows.
+"""
+
+import json
+import resource
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from aggregators import gaussian
+from benchmarks import synthetic
+from dp_fedavg import execution
+from dp_fedavg import process
+from dp_fedavg import sampling
+
+_POPULATION = flags.DEFINE_integer('population', 1000, 'Clients in the population.')
+_COHORT = flags.DEFINE_integer('clients_per_round', 50, 'Clients per round.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds to run.')
+
+
+def _worker_peak_mib(pid: int) -> float:
+  with open(f'/proc/{pid}/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) / 1024
+  return float('nan')
+
+
+def main(argv):
+  del argv
+  task = synthetic.build_task(_POPULATION.value)
+  sampler = sampling.ClientSampler(
+      sampling.SamplingScheme.UNIFORM, _POPULATION.value, _COHORT.value, seed=0
+  )
+  with execution.local_execution() as worker:
+    learning_process = process.build_process(
+        task.model_fn,
+        gaussian.GaussianFactory(1.0, 1.0, _COHORT.value, noise_seed=0),
+        0.1, 1.0, 0.0,
+    )
+    state = learning_process.initialize()
+    for round_num in range(1, _ROUNDS.value + 1):
+      cohort = sampler.sample(round_num)
+      datasets = [
+          task.preprocess(
+              task.train_data.create_tf_dataset_for_client(str(i)), 1, 16, 0
+          )
+          for i in cohort
+      ]
+      state = learning_process.next(state, datasets).state
+    worker_mib = _worker_peak_mib(worker.pid)
+    weights = learning_process.get_model_weights(state).trainable
+  print(json.dumps({
+      'population': _POPULATION.value,
+      'python_peak_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'worker_peak_mib': worker_mib,
+      'model_finite': bool(all(np.all(np.isfinite(w)) for w in weights)),
+  }))
+
+
+if __name__ == '__main__':
+  app.run(main)

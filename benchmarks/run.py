@@ -1,0 +1,331 @@
+r"""Round time, memory and the compute floor, side by side: `make bench`.
+
+  python -m benchmarks.run --output=BENCHMARKS.md --json=benchmarks/results.json
+
+Measures, in one process and with the same client datasets for every
+aggregator of a setting, the wall time of `process.next` (one DP-FedAvg round)
+for plain FedAvg, TFF's built-in `DifferentiallyPrivateFactory.gaussian_fixed`
+and `gaussian_adaptive`, and each of this project's aggregators; at 10, 50 and
+200 clients per round on the synthetic MLP (784-200-10, 64 examples per
+client, one epoch of batch 16) and at 10 and 50 on the FEMNIST CNN (the shared
+sample; skipped when absent). Each setting runs one warm-up round and then
+`--repeats` timed rounds; the report gives the median and the range. It also
+measures the machine's float32 matmul throughput, which turns each setting's
+training FLOPs into a compute floor, the time of one round's phases in the
+training loop, and peak memory at two population sizes (`benchmarks.memory`,
+one fresh process each). Results go to a Markdown report and a JSON file.
+"""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from aggregators import distributed_dp
+from aggregators import gaussian
+from aggregators import laplace
+from benchmarks import synthetic
+from dp_fedavg import accounting
+from dp_fedavg import execution
+from dp_fedavg import process
+from dp_fedavg import sampling
+from dp_fedavg import tasks
+
+_OUTPUT = flags.DEFINE_string('output', 'BENCHMARKS.md', 'Markdown report.')
+_JSON = flags.DEFINE_string('json', 'benchmarks/results.json', 'Raw numbers.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed rounds per setting.')
+_QUICK = flags.DEFINE_bool(
+    'quick', False, 'Smallest settings only (checks the harness, not speed).')
+
+_NOISE, _CLIP = 1.0, 1.0
+_LOCAL_EPOCHS, _BATCH = 1, 16
+_MLP_POPULATION = 1000
+
+
+def _aggregators(n: int, secure: bool) -> dict[str, object]:
+  """Name -> factory for a cohort of n; the secure ones need the simulation."""
+  if secure:
+    return {
+        'ours secure_gaussian': gaussian.GaussianFactory(
+            _NOISE, _CLIP, n, noise_seed=0, secure_sum=True),
+        'ours distributed_dp': distributed_dp.DistributedDpFactory(
+            _NOISE, _CLIP, n, bits=20, rotation_seed=0),
+    }
+  return {
+      'FedAvg, no DP': tff.aggregators.UnweightedMeanFactory(),
+      'TFF gaussian_fixed': tff.aggregators.DifferentiallyPrivateFactory
+      .gaussian_fixed(_NOISE, n, _CLIP),
+      'TFF gaussian_adaptive': tff.aggregators.DifferentiallyPrivateFactory
+      .gaussian_adaptive(_NOISE, n, _CLIP, clipped_count_stddev=max(0.05 * n, 5 * _NOISE)),
+      'ours gaussian_fixed': gaussian.GaussianFactory(_NOISE, _CLIP, n, noise_seed=0),
+      'ours gaussian_adaptive': gaussian.GaussianFactory(
+          _NOISE, _CLIP, n, adaptive=gaussian.AdaptiveClipping(), noise_seed=0),
+      'ours laplace': laplace.LaplaceFactory(1.0, _CLIP, n, noise_seed=0),
+  }
+
+
+def _datasets(task, client_ids):
+  return [
+      task.preprocess(
+          task.train_data.create_tf_dataset_for_client(c), _LOCAL_EPOCHS, _BATCH, 0
+      )
+      for c in client_ids
+  ]
+
+
+def _time_rounds(learning_process, cohorts) -> list[float]:
+  state = learning_process.initialize()
+  state = learning_process.next(state, cohorts[0]).state  # Warm-up.
+  seconds = []
+  for datasets in cohorts[1:]:
+    start = time.perf_counter()
+    state = learning_process.next(state, datasets).state
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
+def _matmul_gflops() -> float:
+  a = tf.random.normal([1024, 1024])
+  b = tf.random.normal([1024, 1024])
+  tf.matmul(a, b).numpy()
+  runs = []
+  for _ in range(5):
+    start = time.perf_counter()
+    for _ in range(10):
+      c = tf.matmul(a, b)
+    c.numpy()
+    runs.append(10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9)
+  return statistics.median(runs)
+
+
+def _examples_per_round(task, client_ids) -> int:
+  return sum(
+      sum(1 for _ in task.train_data.create_tf_dataset_for_client(c))
+      for c in client_ids
+  ) * _LOCAL_EPOCHS
+
+
+def _bench_task(name, task, cohort_sizes, repeats, gflops, rng, results):
+  flops_per_example = synthetic.training_flops_per_example(task.keras_model_fn())
+  population = task.train_data.client_ids
+  for n in cohort_sizes:
+    if n > len(population):
+      continue
+    cohorts_ids = [
+        [population[i] for i in rng.choice(len(population), n, replace=False)]
+        for _ in range(repeats + 1)
+    ]
+    start = time.perf_counter()
+    cohorts = [_datasets(task, ids) for ids in cohorts_ids]
+    dataset_seconds = (time.perf_counter() - start) / len(cohorts)
+    floor = (
+        flops_per_example * _examples_per_round(task, cohorts_ids[1])
+        / (gflops * 1e9)
+    )
+    for secure in (False, True):
+      context = execution.local_execution(simulate_secure_aggregation=secure)
+      with context:
+        for aggregator_name, factory in _aggregators(n, secure).items():
+          if name != 'synthetic_mlp' and 'laplace' in aggregator_name:
+            continue
+          tf.keras.utils.set_random_seed(0)
+          built = time.perf_counter()
+          learning_process = process.build_process(
+              task.model_fn, factory, 0.1, 1.0, 0.0
+          )
+          build_seconds = time.perf_counter() - built
+          seconds = _time_rounds(learning_process, cohorts)
+          results.append(dict(
+              task=name, clients_per_round=n, aggregator=aggregator_name,
+              secure_simulation=secure, round_seconds=seconds,
+              median=statistics.median(seconds), build_seconds=build_seconds,
+              dataset_seconds=dataset_seconds, floor_seconds=floor,
+          ))
+          print(f'{name} n={n} {aggregator_name}: median '
+                f'{statistics.median(seconds):.3f}s', file=sys.stderr, flush=True)
+
+
+def _loop_phases(task, repeats) -> dict[str, float]:
+  """Seconds per phase of a training-loop round (50 clients, ours fixed)."""
+  n = 50
+  sampler = sampling.ClientSampler(
+      sampling.SamplingScheme.POISSON, len(task.train_data.client_ids), n, 0
+  )
+  accountant = accounting.PrivacyAccountant(
+      sampling.SamplingScheme.POISSON, len(task.train_data.client_ids), n, 1e-5
+  )
+  phases = {'sample cohort and build datasets': [], 'process.next': [],
+            'accounting (PLD and RDP)': []}
+  with execution.local_execution():
+    learning_process = process.build_process(
+        task.model_fn, gaussian.GaussianFactory(_NOISE, _CLIP, n, noise_seed=0),
+        0.1, 1.0, 0.0,
+    )
+    state = learning_process.initialize()
+    for round_num in range(repeats + 1):
+      start = time.perf_counter()
+      cohort = sampler.sample(round_num)
+      datasets = _datasets(task, [str(i) for i in cohort])
+      built = time.perf_counter()
+      state = learning_process.next(state, datasets).state
+      trained = time.perf_counter()
+      accountant.compose_round(gaussian.dp_event_from_state(state.aggregator))
+      accountant.epsilons()
+      done = time.perf_counter()
+      if round_num:  # Round 0 is the warm-up.
+        phases['sample cohort and build datasets'].append(built - start)
+        phases['process.next'].append(trained - built)
+        phases['accounting (PLD and RDP)'].append(done - trained)
+  return {phase: statistics.median(s) for phase, s in phases.items()}
+
+
+def _memory(populations) -> list[dict]:
+  rows = []
+  for population in populations:
+    result = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.memory', f'--population={population}'],
+        capture_output=True, text=True, check=True,
+    )
+    rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+  return rows
+
+
+def _machine() -> dict:
+  cpu = platform.processor()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  with open('/proc/meminfo') as f:
+    memory_gib = int(f.readline().split()[1]) / 2**20
+  return dict(
+      cpu=cpu, cores=os.cpu_count(), memory_gib=round(memory_gib, 1),
+      python=platform.python_version(), tensorflow=tf.__version__,
+      tensorflow_federated=tff.__version__,
+      date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+  )
+
+
+def _report(machine, gflops, results, phases, memory, command) -> str:
+  def cell(task, n, aggregator):
+    for r in results:
+      if (r['task'], r['clients_per_round'], r['aggregator']) == (task, n, aggregator):
+        return r
+    return None
+
+  lines = [
+      '# Benchmarks', '',
+      f'Produced by `{command}` (`make bench`) on {machine["date"]}.', '',
+      f'Machine: {machine["cpu"]}, {machine["cores"]} cores, '
+      f'{machine["memory_gib"]} GiB; Python {machine["python"]}, TensorFlow '
+      f'{machine["tensorflow"]}, TFF {machine["tensorflow_federated"]}.', '',
+      f'Float32 matmul throughput (1024x1024, median of 5): **{gflops:.0f} GFLOP/s**.',
+      '', 'Round time is the wall time of one `process.next` (local training of '
+      'the cohort, aggregation, server update), median of '
+      f'{len(results[0]["round_seconds"])} rounds after a warm-up, with the '
+      'range. Every aggregator of a setting trains on the same client datasets. '
+      'Noise multiplier 1, clip 1; one local epoch of batch 16. The compute '
+      'floor is the local training FLOPs (3 x forward, Dense and Conv2D) '
+      'divided by the matmul throughput. These machines are noisy: compare '
+      'ratios within one table, not across runs.', '',
+  ]
+  for task in dict.fromkeys(r['task'] for r in results):
+    sizes = sorted({r['clients_per_round'] for r in results if r['task'] == task})
+    aggregators = list(dict.fromkeys(r['aggregator'] for r in results if r['task'] == task))
+    lines += [f'## {task}', '',
+              '| aggregator | ' + ' | '.join(f'n={n}' for n in sizes) + ' |',
+              '| --- |' + ' --- |' * len(sizes)]
+    for aggregator in aggregators:
+      cells = []
+      for n in sizes:
+        r = cell(task, n, aggregator)
+        cells.append('-' if r is None else
+                     f'{r["median"]:.3f} s ({min(r["round_seconds"]):.3f}-'
+                     f'{max(r["round_seconds"]):.3f})')
+      lines.append(f'| {aggregator} | ' + ' | '.join(cells) + ' |')
+    lines += ['', '| ratio (medians) | ' + ' | '.join(f'n={n}' for n in sizes) + ' |',
+              '| --- |' + ' --- |' * len(sizes)]
+    ratio_rows = [
+        ('ours gaussian_fixed / TFF gaussian_fixed (target <= 1.0)',
+         'ours gaussian_fixed', 'TFF gaussian_fixed'),
+        ('ours gaussian_adaptive / TFF gaussian_adaptive (target <= 1.0)',
+         'ours gaussian_adaptive', 'TFF gaussian_adaptive'),
+        ('ours gaussian_fixed / no DP (target <= 1.05)',
+         'ours gaussian_fixed', 'FedAvg, no DP'),
+        ('TFF gaussian_fixed / no DP', 'TFF gaussian_fixed', 'FedAvg, no DP'),
+    ]
+    for label, numerator, denominator in ratio_rows:
+      values = []
+      for n in sizes:
+        a, b = cell(task, n, numerator), cell(task, n, denominator)
+        values.append('-' if a is None or b is None else f'{a["median"] / b["median"]:.2f}')
+      lines.append(f'| {label} | ' + ' | '.join(values) + ' |')
+    floors, gaps, per_client = [], [], []
+    for n in sizes:
+      r = cell(task, n, 'ours gaussian_fixed')
+      floors.append(f'{r["floor_seconds"] * 1000:.1f} ms')
+      gaps.append(f'{r["median"] / r["floor_seconds"]:.0f}x')
+      per_client.append(f'{r["median"] / n * 1000:.1f} ms')
+    lines += [f'| compute floor | ' + ' | '.join(floors) + ' |',
+              f'| ours gaussian_fixed / floor | ' + ' | '.join(gaps) + ' |',
+              f'| ours gaussian_fixed per client | ' + ' | '.join(per_client) + ' |',
+              '']
+  lines += ['## Where a training-loop round goes (synthetic MLP, 50 expected clients, '
+            'Poisson, ours gaussian_fixed)', '',
+            '| phase | median seconds |', '| --- | --- |']
+  lines += [f'| {phase} | {seconds:.3f} |' for phase, seconds in phases.items()]
+  lines += ['', '## Peak memory against population (synthetic MLP, 3 rounds of 50)', '',
+            '| population | Python peak (MiB) | TFF worker peak (MiB) |',
+            '| --- | --- | --- |']
+  lines += [f'| {m["population"]:,} | {m["python_peak_mib"]:.0f} | '
+            f'{m["worker_peak_mib"]:.0f} |' for m in memory]
+  lines.append('')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  command = 'python -m benchmarks.run ' + ' '.join(
+      f'--{name}={flags.FLAGS[name].value}' for name in ('output', 'json', 'repeats')
+  ) + (' --quick' if _QUICK.value else '')
+  rng = np.random.default_rng(0)
+  gflops = _matmul_gflops()
+  print(f'matmul: {gflops:.0f} GFLOP/s', file=sys.stderr)
+  results = []
+  sizes = (10,) if _QUICK.value else (10, 50, 200)
+  mlp = synthetic.build_task(_MLP_POPULATION)
+  _bench_task('synthetic_mlp', mlp, sizes, _REPEATS.value, gflops, rng, results)
+  if not _QUICK.value:
+    try:
+      femnist = tasks.build_task('femnist')
+    except tasks.DataNotFoundError as e:
+      print(f'skipping femnist: {e}', file=sys.stderr)
+    else:
+      _bench_task('femnist_cnn', femnist, (10, 50), _REPEATS.value, gflops, rng,
+                  results)
+  phases = _loop_phases(mlp, _REPEATS.value)
+  memory = _memory((1_000,) if _QUICK.value else (1_000, 100_000))
+  machine = _machine()
+  report = _report(machine, gflops, results, phases, memory, command)
+  with open(_OUTPUT.value, 'w') as f:
+    f.write(report)
+  os.makedirs(os.path.dirname(_JSON.value) or '.', exist_ok=True)
+  with open(_JSON.value, 'w') as f:
+    json.dump(dict(machine=machine, matmul_gflops=gflops, rounds=results,
+                   loop_phases=phases, memory=memory, command=command), f, indent=1)
+  print(f'report: {_OUTPUT.value}\nraw: {_JSON.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

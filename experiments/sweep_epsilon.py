@@ -43,13 +43,12 @@ _EPSILONS_PER_ROUND = flags.DEFINE_list(
 _BASELINE = flags.DEFINE_bool(
     'baseline', True, 'Also train once without DP, for reference.')
 
-# (list flag, the run flags it sets for a value, aggregators it applies to).
+# (list flag, the run flag it sets, other run flags, aggregators it applies to).
 _SWEEPS = (
-    (_TARGET_EPSILONS,
-     lambda v: dict(target_epsilon=v, calibrate='noise'), None),
-    (_NOISE_MULTIPLIERS, lambda v: dict(noise_multiplier=v),
-     ('gaussian_fixed', 'gaussian_adaptive')),
-    (_EPSILONS_PER_ROUND, lambda v: dict(epsilon_per_round=v), ('laplace',)),
+    (_TARGET_EPSILONS, 'target_epsilon', dict(calibrate='noise'), None),
+    (_NOISE_MULTIPLIERS, 'noise_multiplier', {},
+     ('gaussian_fixed', 'gaussian_adaptive', 'secure_gaussian', 'distributed_dp')),
+    (_EPSILONS_PER_ROUND, 'epsilon_per_round', {}, ('laplace',)),
 )
 
 
@@ -72,7 +71,7 @@ def study_error() -> str | None:
         'give exactly one of --target_epsilons, --noise_multipliers and '
         '--epsilons_per_round.'
     )
-  holder, _, aggregators = sweep
+  holder, _, _, aggregators = sweep
   if aggregators and privacy_flags.AGGREGATOR.value not in aggregators:
     return (
         f'--{holder.name} applies to --aggregator={"|".join(aggregators)}, '
@@ -97,7 +96,11 @@ def main(argv):
   if error:
     privacy_flags.exit_with_usage_error(error)
   task = training_flags.build_task_or_exit()
-  holder, run_flags, _ = _chosen_sweep()
+  holder, run_flag, other_flags, _ = _chosen_sweep()
+
+  def run_flags(value):
+    return {run_flag: value, **other_flags}
+
   values = studies.parse_floats(holder)
   # Calibrating every point first: an unreachable target fails before training.
   plans = []
@@ -121,13 +124,13 @@ def main(argv):
             runner.flag_values(sys.modules[__name__]), overwrite=True,
         )
       rows.append({
-          holder.name[:-1]: value, 'noise': summary.noise,
+          run_flag: value, 'noise': summary.noise,
           'epsilon': summary.epsilon, 'delta': summary.delta,
           'accountant': summary.accountant, 'rounds': summary.rounds_completed,
           'eval_accuracy': summary.eval_accuracy, 'eval_loss': summary.eval_loss,
       })
       progress.run_finished(
-          f'{holder.name[:-1]}={value:g}: epsilon {summary.epsilon:.4g}, '
+          f'{run_flag}={value:g}: epsilon {summary.epsilon:.4g}, '
           f'accuracy {summary.eval_accuracy}'
       )
     if _BASELINE.value:

@@ -277,9 +277,9 @@ def _report(machine, gflops, results, phases, memory, command) -> str:
       floors.append(f'{r["floor_seconds"] * 1000:.1f} ms')
       gaps.append(f'{r["median"] / r["floor_seconds"]:.0f}x')
       per_client.append(f'{r["median"] / n * 1000:.1f} ms')
-    lines += [f'| compute floor | ' + ' | '.join(floors) + ' |',
-              f'| ours gaussian_fixed / floor | ' + ' | '.join(gaps) + ' |',
-              f'| ours gaussian_fixed per client | ' + ' | '.join(per_client) + ' |',
+    lines += ['| compute floor | ' + ' | '.join(floors) + ' |',
+              '| ours gaussian_fixed / floor | ' + ' | '.join(gaps) + ' |',
+              '| ours gaussian_fixed per client | ' + ' | '.join(per_client) + ' |',
               '']
   lines += ['## Where a training-loop round goes (synthetic MLP, 50 expected clients, '
             'Poisson, ours gaussian_fixed)', '',

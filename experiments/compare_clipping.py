@@ -79,11 +79,7 @@ def study_error() -> str | None:
 
 
 def main(argv):
-  privacy_flags.check_no_arguments(argv)
-  error = study_error()
-  if error:
-    privacy_flags.exit_with_usage_error(error)
-  task = training_flags.build_task_or_exit()
+  task = training_flags.start_or_exit(argv, study_error())
   output_dir = _OUTPUT_DIR.value
   studies.write_flags(output_dir, sys.modules[__name__])
   noise_levels = studies.parse_floats(_NOISE_MULTIPLIERS)

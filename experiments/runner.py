@@ -70,6 +70,14 @@ class PrivacyPlan:
     return cls(accountant, noise, aggregator, dp_event_fn)
 
 
+def plan_or_exit(task: tasks.FederatedTask) -> PrivacyPlan:
+  """`PrivacyPlan.from_flags`, exiting with one line on a ValueError."""
+  try:
+    return PrivacyPlan.from_flags(task)
+  except ValueError as e:
+    privacy_flags.exit_with_usage_error(str(e))
+
+
 def flag_values(*modules) -> dict[str, Any]:
   """{name: value} of every flag defined in `modules` (and the shared ones)."""
   holders = [

@@ -91,11 +91,7 @@ def study_error() -> str | None:
 
 
 def main(argv):
-  privacy_flags.check_no_arguments(argv)
-  error = study_error()
-  if error:
-    privacy_flags.exit_with_usage_error(error)
-  task = training_flags.build_task_or_exit()
+  task = training_flags.start_or_exit(argv, study_error())
   holder, run_flag, other_flags, _ = _chosen_sweep()
 
   def run_flags(value):

@@ -26,7 +26,6 @@ import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before
 from dp_fedavg import checkpoints
 from dp_fedavg import execution
 from dp_fedavg import outputs
-from experiments import privacy_flags
 from experiments import runner
 from experiments import training_flags
 
@@ -102,15 +101,8 @@ def flag_error() -> Optional[str]:
 
 
 def main(argv):
-  privacy_flags.check_no_arguments(argv)
-  error = flag_error()
-  if error:
-    privacy_flags.exit_with_usage_error(error)
-  task = training_flags.build_task_or_exit()
-  try:
-    privacy = runner.PrivacyPlan.from_flags(task)
-  except ValueError as e:
-    privacy_flags.exit_with_usage_error(str(e))
+  task = training_flags.start_or_exit(argv, flag_error())
+  privacy = runner.plan_or_exit(task)
   try:
     with runner.execution_context():
       runner.Runner(task).run(

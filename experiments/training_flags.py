@@ -81,6 +81,15 @@ def flag_error() -> Optional[str]:
   )
 
 
+def start_or_exit(argv: list[str], error: Optional[str]) -> tasks.FederatedTask:
+  """A binary's start: exits (status 2, one line) on extra arguments or
+  `error`, else returns the flags' task."""
+  privacy_flags.check_no_arguments(argv)
+  if error:
+    privacy_flags.exit_with_usage_error(error)
+  return build_task_or_exit()
+
+
 def build_task_or_exit() -> tasks.FederatedTask:
   """The task of the flags; a missing file or bad option exits with one line."""
   options = tasks.TaskOptions(

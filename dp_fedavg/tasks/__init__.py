@@ -17,7 +17,7 @@ from dp_fedavg.tasks import shakespeare
 FederatedTask = base.FederatedTask
 DataNotFoundError = client_data.DataNotFoundError
 PARTITIONS = client_data.PARTITIONS
-DATA_SOURCES = base.DATA_SOURCES
+DATA_SOURCES = client_data.DATA_SOURCES
 # Tasks whose clients are natural users (a role, a writer): the population is
 # theirs, and num_clients only takes the first that many.
 NATURAL_TASKS = ('femnist', 'shakespeare')

@@ -7,10 +7,6 @@ from typing import Callable
 import tensorflow as tf
 import tensorflow_federated as tff
 
-# Where a task's data comes from: the project's files ('local': the shared
-# data or --data_dir) or TFF's own dataset loaders ('tff').
-DATA_SOURCES = ('local', 'tff')
-
 @dataclasses.dataclass(frozen=True)
 class FederatedTask:
   """A model plus its federated data.

@@ -13,6 +13,9 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 PARTITIONS = ('iid', 'dirichlet')
+# Where a task's data comes from: the project's files ('local': the shared
+# data or --data_dir) or TFF's own dataset loaders ('tff').
+DATA_SOURCES = ('local', 'tff')
 
 # The project's root is two levels above this package; the shared data sits
 # beside it (a user's own clone has none and passes --data_dir).
@@ -27,6 +30,16 @@ class DataNotFoundError(FileNotFoundError):
   def __init__(self, path: str, how_to_get: str):
     super().__init__(f'no data at {path}; {how_to_get}')
     self.path = path
+
+
+def check_source_and_count(data_source: str, num_clients: Optional[int]) -> None:
+  """Validates the arguments shared by the natural-client tasks."""
+  if data_source not in DATA_SOURCES:
+    raise ValueError(
+        f'data_source must be one of {DATA_SOURCES}, got {data_source!r}.'
+    )
+  if num_clients is not None and num_clients < 1:
+    raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
 
 
 def require_file(path: str, how_to_get: str) -> str:

@@ -144,12 +144,7 @@ def build_task(
     DataNotFoundError: an h5 file is not where `data_dir` says.
     ValueError: an argument out of range.
   """
-  if data_source not in base.DATA_SOURCES:
-    raise ValueError(
-        f'data_source must be one of {base.DATA_SOURCES}, got {data_source!r}.'
-    )
-  if num_clients is not None and num_clients < 1:
-    raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
+  client_data.check_source_and_count(data_source, num_clients)
   if data_source == 'tff':
     train, test = _from_tff(data_dir, num_clients)
   else:

@@ -2,8 +2,9 @@ r"""Round time, memory and the compute floor, side by side: `make bench`.
 
   python -m benchmarks.run --output=BENCHMARKS.md --json=benchmarks/results.json
 
-Measures, in one process and with the same client datasets for every
-aggregator of a setting, the wall time of `process.next` (one DP-FedAvg round)
+Measures, in one process, with the same client datasets for every aggregator
+of a setting and their rounds alternating, the wall time of `process.next`
+(one DP-FedAvg round)
 for plain FedAvg, TFF's built-in `DifferentiallyPrivateFactory.gaussian_fixed`
 and `gaussian_adaptive`, and each of this project's aggregators; at 10, 50 and
 200 clients per round on the synthetic MLP (784-200-10, 64 examples per
@@ -83,17 +84,6 @@ def _datasets(task, client_ids):
   ]
 
 
-def _time_rounds(learning_process, cohorts) -> list[float]:
-  state = learning_process.initialize()
-  state = learning_process.next(state, cohorts[0]).state  # Warm-up.
-  seconds = []
-  for datasets in cohorts[1:]:
-    start = time.perf_counter()
-    state = learning_process.next(state, datasets).state
-    seconds.append(time.perf_counter() - start)
-  return seconds
-
-
 def _matmul_gflops() -> float:
   a = tf.random.normal([1024, 1024])
   b = tf.random.normal([1024, 1024])
@@ -132,27 +122,45 @@ def _bench_task(name, task, cohort_sizes, repeats, gflops, rng, results):
         flops_per_example * _examples_per_round(task, cohorts_ids[1])
         / (gflops * 1e9)
     )
-    for secure in (False, True):
-      context = execution.local_execution(simulate_secure_aggregation=secure)
-      with context:
-        for aggregator_name, factory in _aggregators(n, secure).items():
-          if name != 'synthetic_mlp' and 'laplace' in aggregator_name:
-            continue
-          tf.keras.utils.set_random_seed(0)
-          built = time.perf_counter()
-          learning_process = process.build_process(
-              task.model_fn, factory, 0.1, 1.0, 0.0
-          )
-          build_seconds = time.perf_counter() - built
-          seconds = _time_rounds(learning_process, cohorts)
-          results.append(dict(
-              task=name, clients_per_round=n, aggregator=aggregator_name,
-              secure_simulation=secure, round_seconds=seconds,
-              median=statistics.median(seconds), build_seconds=build_seconds,
-              dataset_seconds=dataset_seconds, floor_seconds=floor,
-          ))
-          print(f'{name} n={n} {aggregator_name}: median '
-                f'{statistics.median(seconds):.3f}s', file=sys.stderr, flush=True)
+    # One context for every aggregator, so their rounds can alternate: the
+    # secure-sum compilation leaves computations without secure sums as they
+    # are, and compiled computations are cached.
+    with execution.local_execution(simulate_secure_aggregation=True):
+      processes, states, build_seconds = {}, {}, {}
+      factories = {**_aggregators(n, secure=False), **_aggregators(n, secure=True)}
+      for aggregator_name, factory in factories.items():
+        if name != 'synthetic_mlp' and 'laplace' in aggregator_name:
+          continue
+        tf.keras.utils.set_random_seed(0)
+        built = time.perf_counter()
+        processes[aggregator_name] = process.build_process(
+            task.model_fn, factory, 0.1, 1.0, 0.0
+        )
+        build_seconds[aggregator_name] = time.perf_counter() - built
+        initial = processes[aggregator_name].initialize()
+        # Warm-up round (tracing, first-call compilation).
+        states[aggregator_name] = processes[aggregator_name].next(
+            initial, cohorts[0]
+        ).state
+      seconds = {aggregator_name: [] for aggregator_name in processes}
+      # Round-robin over aggregators, so drift of the machine's speed over
+      # the minutes of a setting affects every aggregator alike.
+      for datasets in cohorts[1:]:
+        for aggregator_name, learning_process in processes.items():
+          start = time.perf_counter()
+          states[aggregator_name] = learning_process.next(
+              states[aggregator_name], datasets
+          ).state
+          seconds[aggregator_name].append(time.perf_counter() - start)
+    for aggregator_name, times in seconds.items():
+      results.append(dict(
+          task=name, clients_per_round=n, aggregator=aggregator_name,
+          round_seconds=times, median=statistics.median(times),
+          build_seconds=build_seconds[aggregator_name],
+          dataset_seconds=dataset_seconds, floor_seconds=floor,
+      ))
+      print(f'{name} n={n} {aggregator_name}: median '
+            f'{statistics.median(times):.3f}s', file=sys.stderr, flush=True)
 
 
 def _loop_phases(task, repeats) -> dict[str, float]:
@@ -234,7 +242,9 @@ def _report(machine, gflops, results, phases, memory, command) -> str:
       '', 'Round time is the wall time of one `process.next` (local training of '
       'the cohort, aggregation, server update), median of '
       f'{len(results[0]["round_seconds"])} rounds after a warm-up, with the '
-      'range. Every aggregator of a setting trains on the same client datasets. '
+      'range. Every aggregator of a setting trains on the same client datasets, '
+      'and their rounds alternate (round 1 of each, then round 2 of each, ...), '
+      'all in the context that simulates secure sums. '
       'Noise multiplier 1, clip 1; one local epoch of batch 16. The compute '
       'floor is the local training FLOPs (3 x forward, Dense and Conv2D) '
       'divided by the matmul throughput. These machines are noisy: compare '

@@ -22,6 +22,15 @@ from dp_fedavg import accounting
 CHECKPOINT_DIR = 'checkpoints'
 # Older checkpoints are deleted; the latest few survive a crash while saving.
 _KEEP = 3
+_PREFIX = 'program_state_'
+
+
+def has_checkpoint(output_dir: str) -> bool:
+  """Whether `output_dir` holds a saved checkpoint (creates nothing)."""
+  directory = os.path.join(output_dir, CHECKPOINT_DIR)
+  return os.path.isdir(directory) and any(
+      name.startswith(_PREFIX) for name in os.listdir(directory)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +45,7 @@ class Checkpointer:
   def __init__(self, output_dir: str):
     self.directory = os.path.join(output_dir, CHECKPOINT_DIR)
     self._manager = tff.program.FileProgramStateManager(
-        self.directory, keep_total=_KEEP, keep_first=False
+        self.directory, prefix=_PREFIX, keep_total=_KEEP, keep_first=False
     )
 
   def save(

@@ -203,7 +203,9 @@ class Runner:
         seed=seed,
         target_epsilon=privacy_flags.TARGET_EPSILON.value,
         on_round=release,
-        checkpointer=checkpoints.Checkpointer(output_dir),
+        # Only a run that saves or resumes gets a checkpoints/ directory.
+        checkpointer=checkpoints.Checkpointer(output_dir)
+        if checkpoint_every or resume else None,
         checkpoint_every=checkpoint_every,
         resume=resume,
         inspect_round=inspect_round,

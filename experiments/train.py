@@ -69,9 +69,7 @@ def _resume_error() -> Optional[str]:
             for name in differing
         )
     )
-  if not os.path.isdir(
-      os.path.join(_OUTPUT_DIR.value, checkpoints.CHECKPOINT_DIR)
-  ):
+  if not checkpoints.has_checkpoint(_OUTPUT_DIR.value):
     return (
         f'--resume: no checkpoints in {_OUTPUT_DIR.value}; the run was started '
         'without --checkpoint_every.'

@@ -171,6 +171,8 @@ class TrainBinaryTest(absltest.TestCase):
                  'local_epochs', 'batch_size', 'client_lr', 'server_lr',
                  'server_momentum', 'delta', 'seed', 'output_dir'):
       self.assertIn(name, config)
+    # Without --checkpoint_every nothing is saved, so --resume has nothing.
+    self.assertFalse(os.path.exists(os.path.join(output_dir, 'checkpoints')))
     # The run stopped its TFF worker before exiting.
     self.assertEmpty(binaries.worker_pids() - workers_before)
 

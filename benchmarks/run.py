@@ -53,15 +53,8 @@ _LOCAL_EPOCHS, _BATCH = 1, 16
 _MLP_POPULATION = 1000
 
 
-def _aggregators(n: int, secure: bool) -> dict[str, object]:
-  """Name -> factory for a cohort of n; the secure ones need the simulation."""
-  if secure:
-    return {
-        'ours secure_gaussian': gaussian.GaussianFactory(
-            _NOISE, _CLIP, n, noise_seed=0, secure_sum=True),
-        'ours distributed_dp': distributed_dp.DistributedDpFactory(
-            _NOISE, _CLIP, n, bits=20, rotation_seed=0),
-    }
+def _aggregators(n: int) -> dict[str, object]:
+  """Name -> factory for a cohort of n (the secure ones need the simulation)."""
   return {
       'FedAvg, no DP': tff.aggregators.UnweightedMeanFactory(),
       'TFF gaussian_fixed': tff.aggregators.DifferentiallyPrivateFactory
@@ -72,6 +65,10 @@ def _aggregators(n: int, secure: bool) -> dict[str, object]:
       'ours gaussian_adaptive': gaussian.GaussianFactory(
           _NOISE, _CLIP, n, adaptive=gaussian.AdaptiveClipping(), noise_seed=0),
       'ours laplace': laplace.LaplaceFactory(1.0, _CLIP, n, noise_seed=0),
+      'ours secure_gaussian': gaussian.GaussianFactory(
+          _NOISE, _CLIP, n, noise_seed=0, secure_sum=True),
+      'ours distributed_dp': distributed_dp.DistributedDpFactory(
+          _NOISE, _CLIP, n, bits=20, rotation_seed=0),
   }
 
 
@@ -127,8 +124,7 @@ def _bench_task(name, task, cohort_sizes, repeats, gflops, rng, results):
     # are, and compiled computations are cached.
     with execution.local_execution(simulate_secure_aggregation=True):
       processes, states, build_seconds = {}, {}, {}
-      factories = {**_aggregators(n, secure=False), **_aggregators(n, secure=True)}
-      for aggregator_name, factory in factories.items():
+      for aggregator_name, factory in _aggregators(n).items():
         if name != 'synthetic_mlp' and 'laplace' in aggregator_name:
           continue
         tf.keras.utils.set_random_seed(0)

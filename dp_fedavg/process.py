@@ -8,9 +8,33 @@ would make one client's influence depend on its data size, which breaks the
 per-client sensitivity bound of user-level DP.
 """
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
+import tensorflow as tf
 import tensorflow_federated as tff
+
+
+@contextlib.contextmanager
+def _graph_optimizer(enabled: bool) -> Iterator[None]:
+  """Traces TFF computations that the worker runs with or without Grappler.
+
+  A traced function call records the optimizer options in force when it is
+  traced, and TFF's worker instantiates (and so optimizes) the client graphs
+  again in every round. On the reference MLP round (50 clients) Grappler's
+  rewrites cost 16% of the round and saved nothing: the arithmetic is small
+  matmuls that no rewrite makes cheaper. Measured in BENCHMARKS.md.
+  """
+  previous = tf.config.optimizer.get_experimental_options()
+  tf.config.optimizer.set_experimental_options(
+      {'disable_meta_optimizer': not enabled}
+  )
+  try:
+    yield
+  finally:
+    tf.config.optimizer.set_experimental_options(
+        {'disable_meta_optimizer': previous.get('disable_meta_optimizer', False)}
+    )
 
 
 def build_process(
@@ -19,6 +43,7 @@ def build_process(
     client_learning_rate: float,
     server_learning_rate: float,
     server_momentum: float,
+    graph_optimizer: bool = False,
 ) -> tff.learning.templates.LearningProcess:
   """Returns a `tff.learning` federated averaging process.
 
@@ -29,6 +54,8 @@ def build_process(
     client_learning_rate: SGD step size on the clients, > 0.
     server_learning_rate: server step size, > 0.
     server_momentum: server momentum in [0, 1).
+    graph_optimizer: let the worker run Grappler on the round's graphs; off
+      by default (see `_graph_optimizer`).
   """
   if not client_learning_rate > 0:
     raise ValueError(
@@ -40,16 +67,17 @@ def build_process(
     )
   if not 0 <= server_momentum < 1:
     raise ValueError(f'server_momentum must be in [0, 1), got {server_momentum}.')
-  return tff.learning.algorithms.build_unweighted_fed_avg(
-      model_fn,
-      client_optimizer_fn=tff.learning.optimizers.build_sgdm(
-          learning_rate=client_learning_rate
-      ),
-      server_optimizer_fn=tff.learning.optimizers.build_sgdm(
-          learning_rate=server_learning_rate, momentum=server_momentum
-      ),
-      model_aggregator=aggregator or tff.aggregators.UnweightedMeanFactory(),
-  )
+  with _graph_optimizer(graph_optimizer):
+    return tff.learning.algorithms.build_unweighted_fed_avg(
+        model_fn,
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(
+            learning_rate=client_learning_rate
+        ),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(
+            learning_rate=server_learning_rate, momentum=server_momentum
+        ),
+        model_aggregator=aggregator or tff.aggregators.UnweightedMeanFactory(),
+    )
 
 
 class FederatedEvaluator:
@@ -66,7 +94,8 @@ class FederatedEvaluator:
   ):
     if not client_datasets:
       raise ValueError('evaluation needs at least one held-out client dataset.')
-    self._process = tff.learning.algorithms.build_fed_eval(model_fn)
+    with _graph_optimizer(False):
+      self._process = tff.learning.algorithms.build_fed_eval(model_fn)
     self._client_datasets = client_datasets
     self._state = None
 

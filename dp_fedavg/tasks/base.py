@@ -7,6 +7,21 @@ from typing import Callable
 import tensorflow as tf
 import tensorflow_federated as tff
 
+
+def _client_dataset_options() -> tf.data.Options:
+  """tf.data options for client datasets: no graph rewrites, no autotuning.
+
+  TFF's worker rewrites each client's dataset graph with tf.data's default
+  optimizations every time it is iterated; a shuffle-repeat-batch pipeline
+  over in-memory tensors has nothing for them to fuse or parallelize, and the
+  rewrite cost 20% of the reference MLP round (BENCHMARKS.md).
+  """
+  options = tf.data.Options()
+  options.experimental_optimization.apply_default_optimizations = False
+  options.autotune.enabled = False
+  return options
+
+
 @dataclasses.dataclass(frozen=True)
 class FederatedTask:
   """A model plus its federated data.
@@ -38,6 +53,7 @@ class FederatedTask:
         dataset.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
         .repeat(local_epochs)
         .batch(batch_size)
+        .with_options(_client_dataset_options())
     )
 
   @functools.cached_property
@@ -71,7 +87,9 @@ class FederatedTask:
   def eval_client_datasets(self, batch_size: int = 256) -> list[tf.data.Dataset]:
     """Every held-out client's data, batched for evaluation."""
     return [
-        self.eval_data.create_tf_dataset_for_client(client_id).batch(batch_size)
+        self.eval_data.create_tf_dataset_for_client(client_id)
+        .batch(batch_size)
+        .with_options(_client_dataset_options())
         for client_id in self.eval_data.client_ids
     ]
 

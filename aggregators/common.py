@@ -57,6 +57,59 @@ def float_value_specs(value_type, factory_name: str):
   return tff.types.type_to_tf_tensor_specs(value_type)
 
 
+def check_stacked_users(stacked_users) -> bool:
+  if not isinstance(stacked_users, bool):
+    raise TypeError(f'stacked_users must be a bool, got {stacked_users!r}.')
+  return stacked_users
+
+
+def unstacked_type(value_type, factory_name: str):
+  """One user's update type from a stack of users' updates (leading axis)."""
+  specs = float_value_specs(value_type, factory_name)
+  for spec in tf.nest.flatten(specs):
+    if spec.shape.rank is None or spec.shape.rank < 1 or spec.shape[0] is not None:
+      raise TypeError(
+          f'{factory_name}(stacked_users=True) aggregates stacks of users\' '
+          f'updates, tensors with a leading users axis of unknown size; got '
+          f'{value_type}.'
+      )
+  return tff.types.to_type(tf.nest.map_structure(
+      lambda spec: tff.TensorType(spec.dtype.as_numpy_dtype, spec.shape[1:]),
+      specs,
+  ))
+
+
+def client_update_computation(
+    client_update_fn, value_type, params_type, stacked_users: bool
+) -> tff.Computation:
+  """The clients' step: `client_update_fn(update, params) -> (clipped, counts)`.
+
+  With `stacked_users`, a client's value is a stack of users' updates (the
+  vectorized engine): the function runs on every user on its own, so every
+  user is clipped (and counted) separately, and the client sends the sums over
+  its users. One user still moves the round's sums by at most its clipped
+  update, so the sensitivity and the noise are those of one user per client.
+  """
+  one_user = tff.tensorflow.computation(client_update_fn, value_type, params_type)
+  if not stacked_users:
+    return one_user
+  result_specs = tff.types.type_to_tf_tensor_specs(one_user.type_signature.result)
+  stacked_type = tff.types.to_type(tf.nest.map_structure(
+      lambda spec: tff.TensorType(spec.dtype.as_numpy_dtype, [None, *spec.shape]),
+      tff.types.type_to_tf_tensor_specs(value_type),
+  ))
+
+  @tff.tensorflow.computation(stacked_type, params_type)
+  def stacked_client_update(stack, params):
+    per_user = tf.map_fn(
+        lambda update: client_update_fn(update, params), stack,
+        fn_output_signature=result_specs,
+    )
+    return tf.nest.map_structure(lambda t: tf.reduce_sum(t, axis=0), per_user)
+
+  return stacked_client_update
+
+
 @dataclasses.dataclass(frozen=True)
 class SecureSumming:
   """How a factory's clipped values cross to the server through secure sums.
@@ -86,7 +139,6 @@ def _secure_sum(factory, value):
 
 
 def clip_sum_noise_process(
-    value_type,
     initial_state: tff.Computation,
     client_params: tff.Computation,
     client_update: tff.Computation,
@@ -125,8 +177,12 @@ def clip_sum_noise_process(
           **count_sums, secure_clipped=secure_clipped
       )
 
+  # A user's update, or a stack of users' (see `client_update_computation`).
+  client_value_type = client_update.type_signature.parameter[0]
+
   @tff.federated_computation(
-      init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+      init_fn.type_signature.result,
+      tff.FederatedType(client_value_type, tff.CLIENTS),
   )
   def next_fn(state, value):
     params = tff.federated_broadcast(tff.federated_map(client_params, state))

@@ -461,7 +461,7 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
       )
 
     return common.clip_sum_noise_process(
-        value_type, initial_state, client_params, client_update, finish_round,
+        initial_state, client_params, client_update, finish_round,
         common.SecureSumming(
             value_factory=tff.aggregators.SecureModularSumFactory(modulus),
             count_factory=tff.aggregators.SecureSumFactory(

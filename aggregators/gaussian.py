@@ -147,6 +147,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       noise_placement: str = 'server',
       noise_seed: Optional[int] = None,
       secure_sum: bool = False,
+      stacked_users: bool = False,
   ):
     """Initializes the factory.
 
@@ -161,6 +162,9 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       noise_seed: seed of the server's noise stream; None draws one.
       secure_sum: sum the clipped updates and counts with secure sums (server
         noise only).
+      stacked_users: each client's value is a stack of users' updates (the
+        vectorized engine); each user is clipped, counted and, with client
+        noise, noised on its own.
 
     Raises:
       TypeError: if an argument is not of its type.
@@ -196,6 +200,13 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           'margin for larger sampled cohorts.'
       )
     self._secure_sum = secure_sum
+    self._stacked_users = common.check_stacked_users(stacked_users)
+    if secure_sum and stacked_users:
+      raise ValueError(
+          'secure_sum cannot aggregate stacked users: a secure sum protects '
+          'each user\'s update from everyone else, and a stack puts several '
+          'users\' updates in one client.'
+      )
     self._adaptive = adaptive
     if adaptive is None:
       self._update_noise, self._count_stddev = self._noise_multiplier, 0.0
@@ -238,6 +249,8 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
   def create(
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
   ) -> tff.templates.AggregationProcess:
+    if self._stacked_users:
+      value_type = common.unstacked_type(value_type, 'GaussianFactory')
     value_specs = common.float_value_specs(value_type, 'GaussianFactory')
     num_layers = len(tf.nest.flatten(value_specs))
     secure = self._secure_sum
@@ -281,7 +294,6 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
 
     params_type = client_params.type_signature.result
 
-    @tff.tensorflow.computation(value_type, params_type)
     def client_update(value, params):
       tensors = tf.nest.flatten(value)
       is_finite = common.all_finite(tensors)
@@ -311,6 +323,9 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           ),
       )
 
+    client_update = common.client_update_computation(
+        client_update, value_type, params_type, self._stacked_users
+    )
     counts_type = client_update.type_signature.result[1]
     secure_summing = None
     if secure:
@@ -390,7 +405,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       )
 
     return common.clip_sum_noise_process(
-        value_type, initial_state, client_params, client_update, finish_round,
+        initial_state, client_params, client_update, finish_round,
         secure_summing,
     )
 

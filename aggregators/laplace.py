@@ -18,6 +18,7 @@ import collections
 from typing import Optional
 
 import dp_accounting
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -59,6 +60,7 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
       l1_clip: float,
       expected_clients_per_round: float,
       noise_seed: Optional[int] = None,
+      stacked_users: bool = False,
   ):
     """Initializes the factory.
 
@@ -67,6 +69,8 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
       l1_clip: the L1 norm bound of one client's whole update, > 0.
       expected_clients_per_round: the constant denominator of the mean, > 0.
       noise_seed: seed of the noise stream; None draws one at `initialize`.
+      stacked_users: each client's value is a stack of users' updates (the
+        vectorized engine), and each user is clipped on its own.
 
     Raises:
       TypeError: if an argument is not a number (or an int seed).
@@ -80,10 +84,13 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
         expected_clients_per_round, 'expected_clients_per_round', 0, strict=True
     )
     self._noise_seed = common.check_seed(noise_seed)
+    self._stacked_users = common.check_stacked_users(stacked_users)
 
   def create(
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
   ) -> tff.templates.AggregationProcess:
+    if self._stacked_users:
+      value_type = common.unstacked_type(value_type, 'LaplaceFactory')
     value_specs = common.float_value_specs(value_type, 'LaplaceFactory')
     num_tensors = len(tf.nest.flatten(value_specs))
 
@@ -101,7 +108,6 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
     def get_l1_clip(state):
       return state['l1_clip']
 
-    @tff.tensorflow.computation(value_type, tf.float32)
     def clip_update(value, l1_clip):
       tensors = tf.nest.flatten(value)
       is_finite = common.all_finite(tensors)
@@ -115,6 +121,9 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
           ),
       )
 
+    clip_update = common.client_update_computation(
+        clip_update, value_type, tff.TensorType(np.float32), self._stacked_users
+    )
     counts_type = clip_update.type_signature.result[1]
 
     @tff.tensorflow.computation(value_type, counts_type, state_type)
@@ -142,7 +151,7 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
       return tf.nest.pack_sequence_as(value_specs, mean), new_state, measurements
 
     return common.clip_sum_noise_process(
-        value_type, initial_state, get_l1_clip, clip_update, add_noise_and_average
+        initial_state, get_l1_clip, clip_update, add_noise_and_average
     )
 
 

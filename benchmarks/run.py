@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -41,6 +42,7 @@ from dp_fedavg import execution
 from dp_fedavg import process
 from dp_fedavg import sampling
 from dp_fedavg import tasks
+from dp_fedavg import vectorized
 
 _OUTPUT = flags.DEFINE_string('output', 'BENCHMARKS.md', 'Markdown report.')
 _JSON = flags.DEFINE_string('json', 'benchmarks/results.json', 'Raw numbers.')
@@ -53,8 +55,25 @@ _LOCAL_EPOCHS, _BATCH = 1, 16
 _MLP_POPULATION = 1000
 
 
-def _aggregators(n: int) -> dict[str, object]:
-  """Name -> factory for a cohort of n (the secure ones need the simulation)."""
+# Aggregators also timed on the vectorized engine.
+_VECTORIZED = ('FedAvg, no DP', 'ours gaussian_fixed', 'ours gaussian_adaptive')
+
+
+def _aggregators(n: int, stacked_users: bool = False) -> dict[str, object]:
+  """Name -> factory for a cohort of n (the secure ones need the simulation).
+
+  With `stacked_users`, those of `_VECTORIZED`, for the vectorized engine
+  (None is its plain mean over users).
+  """
+  if stacked_users:
+    return {
+        'FedAvg, no DP': None,
+        'ours gaussian_fixed': gaussian.GaussianFactory(
+            _NOISE, _CLIP, n, noise_seed=0, stacked_users=True),
+        'ours gaussian_adaptive': gaussian.GaussianFactory(
+            _NOISE, _CLIP, n, adaptive=gaussian.AdaptiveClipping(),
+            noise_seed=0, stacked_users=True),
+    }
   return {
       'FedAvg, no DP': tff.aggregators.UnweightedMeanFactory(),
       'TFF gaussian_fixed': tff.aggregators.DifferentiallyPrivateFactory
@@ -108,13 +127,28 @@ def _bench_task(name, task, cohort_sizes, repeats, gflops, rng, results):
   for n in cohort_sizes:
     if n > len(population):
       continue
-    cohorts_ids = [
-        [population[i] for i in rng.choice(len(population), n, replace=False)]
+    cohorts_indices = [
+        list(rng.choice(len(population), n, replace=False))
         for _ in range(repeats + 1)
     ]
+    cohorts_ids = [[population[i] for i in indices] for indices in cohorts_indices]
     start = time.perf_counter()
     cohorts = [_datasets(task, ids) for ids in cohorts_ids]
     dataset_seconds = (time.perf_counter() - start) / len(cohorts)
+    aggregators = {
+        name: (factory, None) for name, factory in _aggregators(n).items()
+    }
+    # Written before the timed rounds, as a run writes a user's files the
+    # first time it is sampled.
+    files = vectorized.UserFiles(task, tempfile.mkdtemp(prefix='bench_users_'))
+    users_per_client = vectorized.default_users_per_client(n)
+    groups = [
+        vectorized.pack_cohort(files, indices, users_per_client, 0)
+        for indices in cohorts_indices
+    ]
+    for aggregator_name in _VECTORIZED:
+      aggregators[f'vectorized {aggregator_name}'] = (
+          _aggregators(n, stacked_users=True)[aggregator_name], groups)
     floor = (
         flops_per_example * _examples_per_round(task, cohorts_ids[1])
         / (gflops * 1e9)
@@ -124,28 +158,36 @@ def _bench_task(name, task, cohort_sizes, repeats, gflops, rng, results):
     # are, and compiled computations are cached.
     with execution.local_execution(simulate_secure_aggregation=True):
       processes, states, build_seconds = {}, {}, {}
-      for aggregator_name, factory in _aggregators(n).items():
+      data = {}
+      for aggregator_name, (factory, groups) in aggregators.items():
         if name != 'synthetic_mlp' and 'laplace' in aggregator_name:
           continue
         tf.keras.utils.set_random_seed(0)
         built = time.perf_counter()
-        processes[aggregator_name] = process.build_process(
-            task.model_fn, factory, 0.1, 1.0, 0.0
-        )
+        if groups is None:
+          processes[aggregator_name] = process.build_process(
+              task.model_fn, factory, 0.1, 1.0, 0.0
+          )
+          data[aggregator_name] = cohorts
+        else:
+          processes[aggregator_name] = vectorized.build_process(
+              task, factory, 0.1, 1.0, 0.0, _LOCAL_EPOCHS, _BATCH
+          )
+          data[aggregator_name] = groups
         build_seconds[aggregator_name] = time.perf_counter() - built
         initial = processes[aggregator_name].initialize()
         # Warm-up round (tracing, first-call compilation).
         states[aggregator_name] = processes[aggregator_name].next(
-            initial, cohorts[0]
+            initial, data[aggregator_name][0]
         ).state
       seconds = {aggregator_name: [] for aggregator_name in processes}
       # Round-robin over aggregators, so drift of the machine's speed over
       # the minutes of a setting affects every aggregator alike.
-      for datasets in cohorts[1:]:
+      for round_index in range(1, repeats + 1):
         for aggregator_name, learning_process in processes.items():
           start = time.perf_counter()
           states[aggregator_name] = learning_process.next(
-              states[aggregator_name], datasets
+              states[aggregator_name], data[aggregator_name][round_index]
           ).state
           seconds[aggregator_name].append(time.perf_counter() - start)
     for aggregator_name, times in seconds.items():
@@ -315,6 +357,14 @@ def _report(machine, gflops, results, overhead, phases, memory, command) -> str:
         ('ours gaussian_fixed / no DP (target <= 1.05)',
          'ours gaussian_fixed', 'FedAvg, no DP'),
         ('TFF gaussian_fixed / no DP', 'TFF gaussian_fixed', 'FedAvg, no DP'),
+        ('vectorized / standard engine, ours gaussian_fixed',
+         'vectorized ours gaussian_fixed', 'ours gaussian_fixed'),
+        ('vectorized / standard engine, ours gaussian_adaptive',
+         'vectorized ours gaussian_adaptive', 'ours gaussian_adaptive'),
+        ('vectorized / standard engine, no DP',
+         'vectorized FedAvg, no DP', 'FedAvg, no DP'),
+        ('vectorized: ours gaussian_fixed / no DP (target <= 1.05)',
+         'vectorized ours gaussian_fixed', 'vectorized FedAvg, no DP'),
     ]
     for label, numerator, denominator in ratio_rows:
       values = []
@@ -322,14 +372,19 @@ def _report(machine, gflops, results, overhead, phases, memory, command) -> str:
         a, b = cell(task, n, numerator), cell(task, n, denominator)
         values.append('-' if a is None or b is None else f'{a["median"] / b["median"]:.2f}')
       lines.append(f'| {label} | ' + ' | '.join(values) + ' |')
-    floors, gaps, per_client = [], [], []
+    floors, gaps, vectorized_gaps, per_client = [], [], [], []
     for n in sizes:
       r = cell(task, n, 'ours gaussian_fixed')
       floors.append(f'{r["floor_seconds"] * 1000:.1f} ms')
       gaps.append(f'{r["median"] / r["floor_seconds"]:.0f}x')
+      v = cell(task, n, 'vectorized ours gaussian_fixed')
+      vectorized_gaps.append(
+          '-' if v is None else f'{v["median"] / v["floor_seconds"]:.1f}x')
       per_client.append(f'{r["median"] / n * 1000:.1f} ms')
     lines += ['| compute floor | ' + ' | '.join(floors) + ' |',
               '| ours gaussian_fixed / floor | ' + ' | '.join(gaps) + ' |',
+              '| vectorized ours gaussian_fixed / floor (target <= 3) | '
+              + ' | '.join(vectorized_gaps) + ' |',
               '| ours gaussian_fixed per client | ' + ' | '.join(per_client) + ' |',
               '']
   baseline = statistics.median(next(iter(overhead.values())))

@@ -81,6 +81,11 @@ def _log_round(result: RoundResult, total_rounds: int, eta_seconds: float):
   )
 
 
+def round_shuffle_seed(seed: int, round_num: int) -> int:
+  """The seed of every client's local example order in a round."""
+  return seed * 1_000_003 + round_num
+
+
 def run_training(
     process: tff.learning.templates.LearningProcess,
     task: base.FederatedTask,
@@ -101,6 +106,7 @@ def run_training(
     inspect_round: Optional[
         Callable[[int, tff.learning.models.ModelWeights, list], None]
     ] = None,
+    client_data_fn: Optional[Callable[[list[int], int], list]] = None,
 ) -> TrainingOutcome:
   """Trains for `rounds` rounds, or until the privacy budget would run out.
 
@@ -129,6 +135,9 @@ def run_training(
     inspect_round: called before each round with the round number, the model
       weights the cohort starts from and the cohort's datasets (diagnostics
       such as `dp_fedavg.diagnostics.UpdateNormProbe`).
+    client_data_fn: the process's client data for a cohort (indices into
+      `task.train_data.client_ids`) and the round's shuffle seed; None builds
+      one preprocessed dataset per client (the standard engine).
 
   Raises:
     ValueError: `resume` without a checkpoint to resume from.
@@ -167,18 +176,20 @@ def run_training(
         return TrainingOutcome(state, last_round, reason)
     start = time.monotonic()
     cohort = sampler.sample(round_num)
-    client_datasets = [
-        task.preprocess(
-            task.train_data.create_tf_dataset_for_client(client_ids[i]),
-            local_epochs, batch_size, seed=seed * 1_000_003 + round_num,
-        )
-        for i in cohort
-    ]
+    shuffle_seed = round_shuffle_seed(seed, round_num)
+    if client_data_fn is None:
+      client_data = [
+          task.preprocess(
+              task.train_data.create_tf_dataset_for_client(client_ids[i]),
+              local_epochs, batch_size, seed=shuffle_seed,
+          )
+          for i in cohort
+      ]
+    else:
+      client_data = client_data_fn(list(cohort), shuffle_seed)
     if inspect_round is not None:
-      inspect_round(
-          round_num, process.get_model_weights(state), client_datasets
-      )
-    output = process.next(state, client_datasets)
+      inspect_round(round_num, process.get_model_weights(state), client_data)
+    output = process.next(state, client_data)
     state = output.state
     accountant.compose_round(dp_event_fn(state.aggregator))
     aggregator_measurements = _scalar_measurements(output.metrics['aggregator'])

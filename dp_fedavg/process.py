@@ -16,7 +16,7 @@ import tensorflow_federated as tff
 
 
 @contextlib.contextmanager
-def _graph_optimizer(enabled: bool) -> Iterator[None]:
+def tracing_with_grappler(enabled: bool) -> Iterator[None]:
   """Traces TFF computations that the worker runs with or without Grappler.
 
   A traced function call records the optimizer options in force when it is
@@ -37,6 +37,23 @@ def _graph_optimizer(enabled: bool) -> Iterator[None]:
     )
 
 
+def check_optimizer_args(
+    client_learning_rate: float, server_learning_rate: float,
+    server_momentum: float,
+) -> None:
+  """ValueError unless both learning rates are > 0 and momentum in [0, 1)."""
+  if not client_learning_rate > 0:
+    raise ValueError(
+        f'client_learning_rate must be > 0, got {client_learning_rate}.'
+    )
+  if not server_learning_rate > 0:
+    raise ValueError(
+        f'server_learning_rate must be > 0, got {server_learning_rate}.'
+    )
+  if not 0 <= server_momentum < 1:
+    raise ValueError(f'server_momentum must be in [0, 1), got {server_momentum}.')
+
+
 def build_process(
     model_fn: Callable[[], tff.learning.models.VariableModel],
     aggregator: Optional[tff.aggregators.UnweightedAggregationFactory],
@@ -55,19 +72,12 @@ def build_process(
     server_learning_rate: server step size, > 0.
     server_momentum: server momentum in [0, 1).
     graph_optimizer: let the worker run Grappler on the round's graphs; off
-      by default (see `_graph_optimizer`).
+      by default (see `tracing_with_grappler`).
   """
-  if not client_learning_rate > 0:
-    raise ValueError(
-        f'client_learning_rate must be > 0, got {client_learning_rate}.'
-    )
-  if not server_learning_rate > 0:
-    raise ValueError(
-        f'server_learning_rate must be > 0, got {server_learning_rate}.'
-    )
-  if not 0 <= server_momentum < 1:
-    raise ValueError(f'server_momentum must be in [0, 1), got {server_momentum}.')
-  with _graph_optimizer(graph_optimizer):
+  check_optimizer_args(
+      client_learning_rate, server_learning_rate, server_momentum
+  )
+  with tracing_with_grappler(graph_optimizer):
     return tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn,
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(
@@ -94,7 +104,7 @@ class FederatedEvaluator:
   ):
     if not client_datasets:
       raise ValueError('evaluation needs at least one held-out client dataset.')
-    with _graph_optimizer(False):
+    with tracing_with_grappler(False):
       self._process = tff.learning.algorithms.build_fed_eval(model_fn)
     self._client_datasets = client_datasets
     self._state = None

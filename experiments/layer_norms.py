@@ -45,6 +45,11 @@ def study_error() -> str | None:
   error = training_flags.flag_error()
   if error:
     return error
+  if training_flags.ENGINE.value != 'standard':
+    return (
+        'layer_norms measures each user\'s update from its own dataset; run '
+        'it with --engine=standard.'
+    )
   norms = os.path.join(_OUTPUT_DIR.value, NORMS_FILE)
   if os.path.exists(norms) and not _OVERWRITE.value:
     return (

@@ -307,7 +307,8 @@ def noise_parameter(
 
 
 def build_aggregator(
-    noise: float, expected_clients_per_round: float, seed: int
+    noise: float, expected_clients_per_round: float, seed: int,
+    stacked_users: bool = False,
 ) -> tuple[Optional[object], Callable[[object], dp_accounting.DpEvent]]:
   """The aggregator factory for the flags and its state -> DpEvent function.
 
@@ -315,10 +316,22 @@ def build_aggregator(
     noise: from `noise_parameter`.
     expected_clients_per_round: the mean's denominator.
     seed: the noise seed.
+    stacked_users: the factory takes stacks of users' updates (the vectorized
+      engine) and clips each user.
 
   Returns:
     (factory, or None for plain FedAvg; per-round DpEvent of its state).
+
+  Raises:
+    ValueError: `stacked_users` with an aggregator that models each user's
+      trust boundary (secure sums), which a stack of users would break.
   """
+  if stacked_users and AGGREGATOR.value in SECURE_AGGREGATORS:
+    raise ValueError(
+        f'--aggregator={AGGREGATOR.value} keeps each user\'s update from '
+        'everyone else, and --engine=vectorized puts many users in one TFF '
+        'client; use --engine=standard.'
+    )
   if AGGREGATOR.value == 'none':
     return None, lambda state: dp_accounting.NonPrivateDpEvent()
   if AGGREGATOR.value == 'laplace':
@@ -328,6 +341,7 @@ def build_aggregator(
             l1_clip=L1_CLIP.value,
             expected_clients_per_round=expected_clients_per_round,
             noise_seed=seed,
+            stacked_users=stacked_users,
         ),
         laplace.dp_event_from_state,
     )
@@ -356,6 +370,7 @@ def build_aggregator(
           noise_placement=NOISE_PLACEMENT.value,
           noise_seed=seed,
           secure_sum=AGGREGATOR.value == 'secure_gaussian',
+          stacked_users=stacked_users,
       ),
       gaussian.local_dp_event_from_state
       if NOISE_PLACEMENT.value == 'client' else gaussian.dp_event_from_state,

@@ -9,6 +9,7 @@ accountant. Flags are read when `run` is called; studies set them per run with
 
 import contextlib
 import dataclasses
+import tempfile
 from typing import Any, Callable, Iterator, Optional
 
 from absl import flags
@@ -22,6 +23,7 @@ from dp_fedavg import outputs
 from dp_fedavg import process
 from dp_fedavg import sampling
 from dp_fedavg import tasks
+from dp_fedavg import vectorized
 from experiments import privacy_flags
 from experiments import training_flags
 
@@ -58,7 +60,8 @@ class PrivacyPlan:
     accountant = privacy_flags.build_accountant(len(task.train_data.client_ids))
     noise = privacy_flags.noise_parameter(accountant, task.update_dimension)
     aggregator, dp_event_fn = privacy_flags.build_aggregator(
-        noise, accountant.clients_per_round, training_flags.SEED.value
+        noise, accountant.clients_per_round, training_flags.SEED.value,
+        stacked_users=training_flags.ENGINE.value == 'vectorized',
     )
     if privacy_flags.CALIBRATE.value == 'noise':
       logging.info(
@@ -127,6 +130,44 @@ class Runner:
     self.evaluator = process.FederatedEvaluator(
         task.model_fn, task.eval_client_datasets()
     )
+    self._user_files = None
+    self._user_data_tmp = None
+
+  def _engine(self, privacy: PrivacyPlan, expected_clients_per_round: float):
+    """The learning process of --engine and its client data function."""
+    client_learning_rate = training_flags.CLIENT_LR.value
+    server_learning_rate = training_flags.SERVER_LR.value
+    server_momentum = training_flags.SERVER_MOMENTUM.value
+    if training_flags.ENGINE.value == 'standard':
+      return process.build_process(
+          self.task.model_fn, privacy.aggregator, client_learning_rate,
+          server_learning_rate, server_momentum,
+      ), None
+    learning_process = vectorized.build_process(
+        self.task, privacy.aggregator, client_learning_rate,
+        server_learning_rate, server_momentum,
+        local_epochs=training_flags.LOCAL_EPOCHS.value,
+        batch_size=training_flags.BATCH_SIZE.value,
+    )
+    if self._user_files is None:
+      directory = training_flags.USER_DATA_DIR.value
+      if not directory:
+        # Removed with the Runner (or at exit); shared by a study's runs.
+        self._user_data_tmp = tempfile.TemporaryDirectory(prefix='dp_fedavg_users_')
+        directory = self._user_data_tmp.name
+      self._user_files = vectorized.UserFiles(self.task, directory)
+    users_per_client = (
+        training_flags.USERS_PER_WORKER_CLIENT.value
+        or vectorized.default_users_per_client(expected_clients_per_round)
+    )
+    logging.info(
+        'vectorized engine: %d users per TFF client; user data in %s',
+        users_per_client, self._user_files.directory,
+    )
+    files = self._user_files
+    return learning_process, lambda cohort, shuffle_seed: vectorized.pack_cohort(
+        files, cohort, users_per_client, shuffle_seed
+    )
 
   def run(
       self,
@@ -172,12 +213,8 @@ class Runner:
     )
     # Model initialization draws from the global seed.
     tf.keras.utils.set_random_seed(seed)
-    learning_process = process.build_process(
-        task.model_fn,
-        privacy.aggregator,
-        client_learning_rate=training_flags.CLIENT_LR.value,
-        server_learning_rate=training_flags.SERVER_LR.value,
-        server_momentum=training_flags.SERVER_MOMENTUM.value,
+    learning_process, client_data_fn = self._engine(
+        privacy, accountant.clients_per_round
     )
     results = []
 
@@ -209,6 +246,7 @@ class Runner:
         checkpoint_every=checkpoint_every,
         resume=resume,
         inspect_round=inspect_round,
+        client_data_fn=client_data_fn,
     )
     model_weights = learning_process.get_model_weights(outcome.state)
     model_path = run_outputs.save_model(task, model_weights)

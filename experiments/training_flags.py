@@ -39,6 +39,21 @@ WORKERS = flags.DEFINE_list(
     'workers', [],
     'host:port of TFF workers (`python -m dp_fedavg.worker --port=PORT`) to '
     'run the rounds on, clients split among them; empty: one local worker.')
+ENGINE = flags.DEFINE_enum(
+    'engine', 'standard', ['standard', 'vectorized'],
+    'standard: one TFF client per user. vectorized: many users per TFF client, '
+    'their data read inside the worker, Dense models trained all users at '
+    'once (not with secure_gaussian or distributed_dp). Same training, same '
+    'privacy.')
+USERS_PER_WORKER_CLIENT = flags.DEFINE_integer(
+    'users_per_worker_client', None,
+    '--engine=vectorized: users packed into one TFF client; default '
+    'ceil(expected users per round / CPU cores).')
+USER_DATA_DIR = flags.DEFINE_string(
+    'user_data_dir', None,
+    '--engine=vectorized: where each sampled user\'s examples are written for '
+    'the worker to read; default a temporary directory. With --workers on '
+    'other hosts, a directory every host sees at the same path.')
 SEED = flags.DEFINE_integer(
     'seed', 0, 'Seed of data split, sampling, shuffling, model init and noise.')
 
@@ -55,6 +70,8 @@ RANGE_CHECKS = (
     (SERVER_LR, lambda v: 0 < v < math.inf, 'a finite number > 0'),
     (SERVER_MOMENTUM, lambda v: 0 <= v < 1, 'in [0, 1)'),
     (EVAL_EVERY, lambda v: v >= 1, 'an integer >= 1'),
+    (USERS_PER_WORKER_CLIENT, lambda v: v is None or v >= 1,
+     'an integer >= 1'),
 )
 
 

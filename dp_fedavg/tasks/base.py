@@ -8,7 +8,26 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 
-def _client_dataset_options() -> tf.data.Options:
+# A batch size that holds every example of any client.
+_ALL_EXAMPLES = 2**31 - 1
+
+
+def local_example_order(
+    num_examples: tf.Tensor, local_epochs: int, seed
+) -> tf.Tensor:
+  """Indices of a client's examples in local-training order.
+
+  Each epoch is a fresh uniform permutation (a stateless function of `seed`
+  and the epoch), and epochs follow one another.
+  """
+  keys = tf.random.stateless_uniform(
+      tf.stack([local_epochs, num_examples]),
+      seed=tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)]),
+  )
+  return tf.reshape(tf.argsort(keys, axis=1, stable=True), [-1])
+
+
+def client_dataset_options() -> tf.data.Options:
   """tf.data options for client datasets: no graph rewrites, no autotuning.
 
   TFF's worker rewrites each client's dataset graph with tf.data's default
@@ -48,12 +67,27 @@ class FederatedTask:
   def preprocess(
       self, dataset: tf.data.Dataset, local_epochs: int, batch_size: int, seed: int
   ) -> tf.data.Dataset:
-    """One client's local training data: shuffled each epoch, then batched."""
+    """One client's local training data: shuffled each epoch, then batched.
+
+    The order is `local_example_order`'s, which the vectorized engine uses
+    too, so both engines train a user on the same batches.
+    """
+
+    def in_local_order(*components):
+      # tf.data passes a tuple element's parts as separate arguments.
+      examples = components if len(components) > 1 else components[0]
+      order = local_example_order(
+          tf.shape(tf.nest.flatten(examples)[0])[0], local_epochs, seed
+      )
+      return tf.data.Dataset.from_tensor_slices(
+          tf.nest.map_structure(lambda t: tf.gather(t, order), examples)
+      )
+
     return (
-        dataset.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
-        .repeat(local_epochs)
+        dataset.batch(_ALL_EXAMPLES)
+        .flat_map(in_local_order)
         .batch(batch_size)
-        .with_options(_client_dataset_options())
+        .with_options(client_dataset_options())
     )
 
   @functools.cached_property
@@ -89,7 +123,7 @@ class FederatedTask:
     return [
         self.eval_data.create_tf_dataset_for_client(client_id)
         .batch(batch_size)
-        .with_options(_client_dataset_options())
+        .with_options(client_dataset_options())
         for client_id in self.eval_data.client_ids
     ]
 

@@ -250,6 +250,53 @@ class SecureAggregatorBinaryTest(parameterized.TestCase):
     self.assertIn('--sampling=uniform', result.stderr.strip().splitlines()[-1])
 
 
+class VectorizedEngineBinaryTest(absltest.TestCase):
+
+  def test_same_losses_and_epsilon_as_the_standard_engine(self):
+    """Same noise stream, same batches: rows agree up to float32 rounding."""
+    run_flags = (
+        '--rounds=3', '--eval_every=3', '--num_clients=40',
+        '--clients_per_round=8', '--aggregator=gaussian_adaptive', '--seed=2',
+    )
+    rows = {}
+    for engine in ('standard', 'vectorized'):
+      output_dir = self.create_tempdir().full_path
+      result = _run_train(
+          f'--output_dir={output_dir}', f'--engine={engine}',
+          '--users_per_worker_client=3', *run_flags,
+      )
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      with open(os.path.join(output_dir, 'metrics.csv')) as f:
+        rows[engine] = list(csv.DictReader(f))
+    self.assertIn('vectorized engine: 3 users per TFF client', result.stderr)
+    self.assertLen(rows['vectorized'], 3)
+    for standard, fast in zip(rows['standard'], rows['vectorized']):
+      self.assertEqual(fast['epsilon'], standard['epsilon'])
+      self.assertEqual(fast['aggregator_clipped_count'],
+                       standard['aggregator_clipped_count'])
+      self.assertAlmostEqual(float(fast['train_loss']),
+                             float(standard['train_loss']), delta=1e-4)
+    self.assertAlmostEqual(float(rows['vectorized'][-1]['eval_accuracy']),
+                           float(rows['standard'][-1]['eval_accuracy']),
+                           delta=0.01)
+
+  def test_secure_aggregators_are_refused(self):
+    result = _run_train(
+        '--engine=vectorized', '--aggregator=secure_gaussian',
+        f'--output_dir={self.create_tempdir().full_path}',
+    )
+    self.assertEqual(result.returncode, 2)
+    self.assertIn('--engine=standard', result.stderr.strip().splitlines()[-1])
+
+  def test_layer_norms_study_is_refused(self):
+    result = binaries.run(
+        'layer_norms', '--engine=vectorized',
+        f'--output_dir={self.create_tempdir().full_path}',
+    )
+    self.assertEqual(result.returncode, 2)
+    self.assertIn('--engine=standard', result.stderr.strip().splitlines()[-1])
+
+
 class ResumeTest(absltest.TestCase):
 
   def test_killed_run_resumes_to_the_uninterrupted_model_and_epsilon(self):

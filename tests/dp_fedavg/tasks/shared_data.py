@@ -7,11 +7,22 @@ from absl.testing import absltest
 from dp_fedavg.tasks import client_data
 
 
+def _absent_reason(name: str) -> str:
+  path = os.path.join(client_data.SHARED_DATA_DIR, name)
+  if os.path.exists(path):
+    return ''
+  return (
+      f'{path} is absent: the shared data sits beside the project root (CI '
+      'has it; a user\'s own clone does not).'
+  )
+
+
 def require(name: str):
   """Skips the decorated test (class) unless ../shared/data/<name> exists."""
-  path = os.path.join(client_data.SHARED_DATA_DIR, name)
-  return absltest.skipUnless(
-      os.path.exists(path),
-      f'{path} is absent: the shared data sits beside the project root (CI '
-      'has it; a user\'s own clone does not).',
-  )
+  return absltest.skipIf(bool(_absent_reason(name)), _absent_reason(name))
+
+
+def skip_unless_present(test_case: absltest.TestCase, name: str) -> None:
+  """Skips the running test unless ../shared/data/<name> exists."""
+  if _absent_reason(name):
+    test_case.skipTest(_absent_reason(name))

@@ -1,0 +1,461 @@
+"""The vectorized engine: many users per TFF client, trained simultaneously.
+
+The standard engine gives every user its own TFF client, and TFF's worker
+spends tens of milliseconds per client (instantiating the client graph, its
+dataset pipeline) on a few hundred microseconds of arithmetic. Here a TFF
+client holds a group of users: it reads their examples from files inside the
+worker (a round sends file paths, not tensors), trains a copy of the model per
+user, all users at once with batched matmuls, and hands the aggregator the
+stack of per-user model deltas. The aggregators, created with
+`stacked_users=True`, clip every user's delta on its own and add noise once,
+so user-level DP is exactly that of the standard engine: a user's influence on
+the sum is still bounded by the clip, and the noise is calibrated to it.
+
+Local training is the standard engine's, user by user: the same example order
+(`base.local_example_order`), the same batches (the last one of a user may be
+short), plain SGD on the mean loss of each batch. Users with fewer batches
+than others in their group are padded with masked batches that change
+nothing.
+
+Sequential stacks of Dense layers (the digits and benchmark MLPs) train all
+users of a TFF client at once: per-user weight copies, batched matmuls. Other
+models (the FEMNIST CNN, the Shakespeare GRU) train the client's users one
+after another inside the worker's graph, with TFF's own forward pass; they
+still save the per-client overhead, not the per-user arithmetic.
+"""
+
+import collections
+import math
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+# Turns an unweighted factory into the weighted one compose_learning_process
+# requires, as build_unweighted_fed_avg does; not exported at the top level.
+from tensorflow_federated.python.aggregators import factory_utils
+
+from dp_fedavg import process as process_lib
+from dp_fedavg.tasks import base
+
+
+class UnsupportedModelError(ValueError):
+  """The task's data does not fit the vectorized engine."""
+
+
+_DENSE_STACK_LAYERS = (tf.keras.layers.InputLayer, tf.keras.layers.Dense)
+
+
+def dense_activations(
+    keras_model_fn: Callable[[], tf.keras.Model]
+) -> Optional[list]:
+  """The activation of each Dense layer of a Sequential stack of Dense layers
+  with biases; None for any other model."""
+  # A fresh graph, so this model's variables do not outlive the call.
+  with tf.Graph().as_default():
+    model = keras_model_fn()
+    if not isinstance(model, tf.keras.Sequential) or not all(
+        isinstance(layer, _DENSE_STACK_LAYERS) for layer in model.layers
+    ):
+      return None
+    layers = [l for l in model.layers if isinstance(l, tf.keras.layers.Dense)]
+    if not all(layer.use_bias for layer in layers):
+      return None
+    return [layer.activation for layer in layers]
+
+
+class UserFiles:
+  """Each user's training examples, written once to files the worker reads.
+
+  A user's examples are written the first time the user is sampled (so the
+  cost is spread over the first rounds and memory does not grow with the
+  population), one file per element component, as serialized tensors.
+  """
+
+  def __init__(self, task: base.FederatedTask, directory: str):
+    self._task = task
+    self._directory = directory
+    self._specs = tf.nest.flatten(task.train_data.element_type_structure)
+    os.makedirs(directory, exist_ok=True)
+
+  @property
+  def directory(self) -> str:
+    return self._directory
+
+  @property
+  def num_components(self) -> int:
+    return len(self._specs)
+
+  def paths(self, user_index: int) -> list[str]:
+    """The user's files, written now if they are not yet."""
+    paths = [
+        os.path.join(self._directory, f'{user_index}.{component}.tensor')
+        for component in range(len(self._specs))
+    ]
+    if not all(os.path.exists(path) for path in paths):
+      client_id = self._task.train_data.client_ids[user_index]
+      dataset = self._task.train_data.create_tf_dataset_for_client(client_id)
+      components = [[] for _ in self._specs]
+      for element in dataset.batch(4096):
+        for j, tensor in enumerate(tf.nest.flatten(element)):
+          components[j].append(tensor)
+      for j, (spec, path) in enumerate(zip(self._specs, paths)):
+        tensor = (
+            tf.concat(components[j], axis=0) if components[j]
+            else tf.zeros([0, *spec.shape], spec.dtype)
+        )
+        # Written under a temporary name and renamed, so a killed run never
+        # leaves a truncated file that a resumed run would trust.
+        tf.io.write_file(path + '.partial', tf.io.serialize_tensor(tensor))
+        os.replace(path + '.partial', path)
+    return paths
+
+
+def default_users_per_client(expected_users_per_round: float) -> int:
+  """Enough TFF clients to keep every core busy, no more: ceil(n / cores)."""
+  cores = os.cpu_count() or 1
+  return max(1, math.ceil(expected_users_per_round / cores))
+
+
+def pack_cohort(
+    user_files: UserFiles, cohort: list[int], users_per_client: int,
+    shuffle_seed: int,
+) -> list[tf.data.Dataset]:
+  """The round's client data: groups of at most `users_per_client` users.
+
+  Each TFF client gets a one-element dataset (TFF's client work takes
+  sequences) holding its users' file paths and the round's shuffle seed.
+  """
+  groups = []
+  for start in range(0, len(cohort), users_per_client):
+    users = cohort[start:start + users_per_client]
+    group = collections.OrderedDict(
+        paths=tf.constant(
+            [user_files.paths(user) for user in users], tf.string,
+            shape=[len(users), user_files.num_components],
+        ),
+        shuffle_seed=tf.constant(shuffle_seed, tf.int64),
+    )
+    groups.append(
+        tf.data.Dataset.from_tensors(group)
+        .with_options(base.client_dataset_options())
+    )
+  return groups
+
+
+def _read_group(paths, specs, local_epochs, batch_size, shuffle_seed):
+  """[users, steps, batch, ...] examples per component and their mask."""
+
+  def read_user(user_paths):
+    tensors = [
+        tf.ensure_shape(
+            tf.io.parse_tensor(tf.io.read_file(user_paths[j]), spec.dtype),
+            [None, *spec.shape],
+        )
+        for j, spec in enumerate(specs)
+    ]
+    order = base.local_example_order(
+        tf.shape(tensors[0])[0], local_epochs, shuffle_seed
+    )
+    return [tf.gather(t, order) for t in tensors]
+
+  ragged = tf.map_fn(
+      read_user, paths,
+      fn_output_signature=[
+          tf.RaggedTensorSpec([None, *spec.shape], spec.dtype, ragged_rank=0)
+          for spec in specs
+      ],
+  )
+  lengths = tf.cast(ragged[0].row_lengths(), tf.int32)
+  longest = tf.reduce_max(tf.concat([lengths, tf.zeros([1], lengths.dtype)], 0))
+  steps = (longest + batch_size - 1) // batch_size
+  padded_length = steps * batch_size
+  batched = []
+  for values, spec in zip(ragged, specs):
+    dense = values.to_tensor()
+    dense = tf.pad(dense, [[0, 0], [0, padded_length - longest]]
+                   + [[0, 0]] * len(spec.shape))
+    batched.append(tf.reshape(dense, tf.concat(
+        [tf.stack([-1, steps, batch_size]),
+         tf.constant(spec.shape.as_list(), tf.int32)], axis=0,
+    )))
+  mask = tf.reshape(
+      tf.sequence_mask(lengths, padded_length, dtype=tf.float32),
+      [-1, steps, batch_size],
+  )
+  return batched, mask, steps
+
+
+def _train_users(kernels, biases, activations, features, labels, mask, steps,
+                 learning_rate):
+  """Local SGD of every user at once; (final kernels, biases, loss sum)."""
+  users = tf.shape(mask)[0]
+  kernels = [tf.tile(k[tf.newaxis], [users, 1, 1]) for k in kernels]
+  biases = [tf.tile(b[tf.newaxis], [users, 1]) for b in biases]
+  loss_sum = tf.constant(0.0)
+  for step in tf.range(steps):
+    x, y, m = features[:, step], labels[:, step], mask[:, step]
+    with tf.GradientTape() as tape:
+      tape.watch(kernels + biases)
+      h = x
+      for kernel, bias, activation in zip(kernels, biases, activations):
+        h = activation(tf.einsum('ubi,uio->ubo', h, kernel) + bias[:, tf.newaxis])
+      losses = tf.keras.losses.sparse_categorical_crossentropy(
+          y, h, from_logits=True
+      )
+      # Each user's loss is the mean over its batch, as Keras computes it;
+      # users are independent, so the sum gives each its own gradient.
+      batch_sizes = tf.reduce_sum(m, axis=1)
+      user_losses = tf.reduce_sum(losses * m, axis=1) / tf.maximum(batch_sizes, 1.0)
+      total = tf.reduce_sum(user_losses)
+    kernel_grads, bias_grads = tape.gradient(total, (kernels, biases))
+    kernels = [k - learning_rate * g for k, g in zip(kernels, kernel_grads)]
+    biases = [b - learning_rate * g for b, g in zip(biases, bias_grads)]
+    loss_sum += tf.reduce_sum(losses * m)
+  return kernels, biases, loss_sum
+
+
+def _train_users_one_by_one(model, initial, features, labels, mask, steps,
+                            learning_rate):
+  """Any model: users one after another, in the worker's graph.
+
+  Exactly TFF's client update (`forward_pass`, its SGD) per user; batches are
+  sliced to their true size, so a short last batch averages its own examples.
+  Returns (each user's delta, stacked, per variable; loss sum).
+  """
+  variables = model.trainable_variables
+  # TFF's own client optimizer, as the standard engine steps with it.
+  optimizer = tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
+  optimizer_state = optimizer.initialize(
+      tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables)
+  )
+  users = tf.shape(mask)[0]
+  deltas = [
+      tf.TensorArray(v.dtype, size=users, element_shape=v.shape)
+      for v in variables
+  ]
+  loss_sum = tf.constant(0.0)
+  for user in tf.range(users):
+    for variable, value in zip(variables, initial):
+      variable.assign(value)
+    for step in tf.range(steps):
+      size = tf.cast(tf.reduce_sum(mask[user, step]), tf.int32)
+      if size > 0:
+        batch = (features[user, step, :size], labels[user, step, :size])
+        with tf.GradientTape() as tape:
+          output = model.forward_pass(batch, training=True)
+        gradients = tape.gradient(output.loss, variables)
+        _, updated = optimizer.next(
+            optimizer_state, tuple(variables), tuple(gradients)
+        )
+        for variable, value in zip(variables, updated):
+          variable.assign(value)
+        loss_sum += output.loss * tf.cast(size, tf.float32)
+    deltas = [
+        delta.write(user, value - variable)
+        for delta, value, variable in zip(deltas, initial, variables)
+    ]
+  return [delta.stack() for delta in deltas], loss_sum
+
+
+def build_client_work(
+    task: base.FederatedTask,
+    client_learning_rate: float,
+    local_epochs: int,
+    batch_size: int,
+) -> tff.learning.templates.ClientWorkProcess:
+  """Client work on groups of users: stacked per-user deltas, train metrics.
+
+  Stacks of Dense layers train all users at once (batched matmuls over
+  per-user weight copies); other models train the group's users one after
+  another inside the worker.
+  """
+  activations = dense_activations(task.keras_model_fn)
+  weights_type = tff.learning.models.weights_type_from_model(task.model_fn)
+  specs = tf.nest.flatten(task.train_data.element_type_structure)
+  if len(specs) != 2:
+    raise UnsupportedModelError(
+        '--engine=vectorized needs (features, label) examples.'
+    )
+  data_type = tff.SequenceType(collections.OrderedDict(
+      paths=tff.TensorType(np.str_, [None, len(specs)]),
+      shuffle_seed=tff.TensorType(np.int64),
+  ))
+  trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
+
+  def read(data):
+    group = data.get_single_element()
+    return _read_group(
+        group['paths'], specs, local_epochs, batch_size, group['shuffle_seed']
+    )
+
+  def result(deltas, loss_sum, mask):
+    return (
+        tff.learning.templates.ClientResult(
+            update=tf.nest.pack_sequence_as(trainable_specs, deltas),
+            update_weight=tf.constant(1.0),
+        ),
+        collections.OrderedDict(
+            loss_sum=loss_sum, num_examples=tf.reduce_sum(mask),
+            num_users=tf.shape(mask)[0],
+        ),
+    )
+
+  @tf.function
+  def train_dense_group(weights, data):
+    (features, labels), mask, steps = read(data)
+    trainable = list(weights.trainable)
+    kernels, biases = trainable[0::2], trainable[1::2]
+    final_kernels, final_biases, loss_sum = _train_users(
+        kernels, biases, activations, features, labels, mask, steps,
+        client_learning_rate,
+    )
+    final = [None] * len(trainable)
+    final[0::2], final[1::2] = final_kernels, final_biases
+    deltas = [w[tf.newaxis] - f for w, f in zip(trainable, final)]
+    return result(deltas, loss_sum, mask)
+
+  @tff.tensorflow.computation(weights_type, data_type)
+  def train_group(weights, data):
+    if activations is not None:
+      return train_dense_group(weights, data)
+    # Built here, as TFF's own client work builds its model: its variables
+    # belong to this computation's graph.
+    model = task.model_fn()
+
+    @tf.function
+    def train_one_by_one(weights, data):
+      for variable, value in zip(model.non_trainable_variables,
+                                 weights.non_trainable):
+        variable.assign(value)
+      (features, labels), mask, steps = read(data)
+      deltas, loss_sum = _train_users_one_by_one(
+          model, list(weights.trainable), features, labels, mask, steps,
+          client_learning_rate,
+      )
+      return result(deltas, loss_sum, mask)
+
+    return train_one_by_one(weights, data)
+
+  @tff.tensorflow.computation(train_group.type_signature.result[1])
+  def finalize(sums):
+    return collections.OrderedDict(
+        loss=sums['loss_sum'] / tf.maximum(sums['num_examples'], 1.0),
+        num_examples=tf.cast(sums['num_examples'], tf.int64),
+        num_users=sums['num_users'],
+    )
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_value((), tff.SERVER)
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(weights_type, tff.CLIENTS),
+      tff.FederatedType(data_type, tff.CLIENTS),
+  )
+  def next_fn(state, weights, data):
+    trained = tff.federated_map(train_group, (weights, data))
+    metrics = tff.federated_map(finalize, tff.federated_sum(trained[1]))
+    return tff.templates.MeasuredProcessOutput(
+        state=state, result=trained[0],
+        measurements=tff.federated_zip(collections.OrderedDict(train=metrics)),
+    )
+
+  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+def stacked_update_type(task: base.FederatedTask):
+  """The aggregators' value type: every update tensor with a users axis."""
+  weights_type = tff.learning.models.weights_type_from_model(task.model_fn)
+  return tff.types.to_type(tf.nest.map_structure(
+      lambda spec: tff.TensorType(spec.dtype.as_numpy_dtype, [None, *spec.shape]),
+      tff.types.type_to_tf_tensor_specs(weights_type.trainable),
+  ))
+
+
+def build_process(
+    task: base.FederatedTask,
+    aggregator: Optional[tff.aggregators.UnweightedAggregationFactory],
+    client_learning_rate: float,
+    server_learning_rate: float,
+    server_momentum: float,
+    local_epochs: int,
+    batch_size: int,
+) -> tff.learning.templates.LearningProcess:
+  """The vectorized DP-FedAvg process: a `tff.learning` LearningProcess.
+
+  Args:
+    task: any task; Sequential stacks of Dense layers train all users of a
+      TFF client at once, other models one user after another.
+    aggregator: a factory created with `stacked_users=True` (it clips each
+      user), or None for the plain mean over users (no privacy).
+    client_learning_rate, server_learning_rate, server_momentum: as in
+      `dp_fedavg.process.build_process`.
+    local_epochs: passes over each user's examples per round.
+    batch_size: examples per local step.
+  """
+  # The standard engine's checks of the learning rates and momentum.
+  process_lib.check_optimizer_args(
+      client_learning_rate, server_learning_rate, server_momentum
+  )
+  with process_lib.tracing_with_grappler(False):
+    # Traced before any other model is built, as build_unweighted_fed_avg
+    # does, so a seeded run starts from the standard engine's weights.
+    @tff.tensorflow.computation
+    def initial_model_weights():
+      return tff.learning.models.ModelWeights.from_model(task.model_fn())
+
+    client_work = build_client_work(
+        task, client_learning_rate, local_epochs, batch_size
+    )
+    weights_type = tff.learning.models.weights_type_from_model(task.model_fn)
+    factory = aggregator or StackedMeanFactory()
+    return tff.learning.templates.compose_learning_process(
+        initial_model_weights,
+        tff.learning.templates.build_broadcast_process(weights_type),
+        client_work,
+        factory_utils.as_weighted_aggregator(factory).create(
+            stacked_update_type(task), tff.TensorType(np.float32)
+        ),
+        tff.learning.templates.build_apply_optimizer_finalizer(
+            tff.learning.optimizers.build_sgdm(
+                learning_rate=server_learning_rate, momentum=server_momentum
+            ),
+            weights_type,
+        ),
+    )
+
+
+class StackedMeanFactory(tff.aggregators.UnweightedAggregationFactory):
+  """The plain mean over users of stacked updates (no privacy)."""
+
+  def create(self, value_type) -> tff.templates.AggregationProcess:
+    @tff.tensorflow.computation(value_type)
+    def sum_users(stack):
+      sums = tf.nest.map_structure(lambda t: tf.reduce_sum(t, axis=0), stack)
+      return sums, tf.shape(tf.nest.flatten(stack)[0])[0]
+
+    @tff.tensorflow.computation(sum_users.type_signature.result)
+    def mean(sums_and_count):
+      sums, count = sums_and_count
+      return tf.nest.map_structure(
+          lambda t: t / tf.cast(tf.maximum(count, 1), t.dtype), sums
+      )
+
+    @tff.federated_computation
+    def init_fn():
+      return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(
+        init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+    )
+    def next_fn(state, value):
+      total = tff.federated_sum(tff.federated_map(sum_users, value))
+      return tff.templates.MeasuredProcessOutput(
+          state=state, result=tff.federated_map(mean, total),
+          measurements=tff.federated_value((), tff.SERVER),
+      )
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)

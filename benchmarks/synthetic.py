@@ -6,6 +6,8 @@ built and memory does not depend on the population. The setting is the one
 the performance issues were measured on (50 clients x 64 examples, batch 16).
 """
 
+import math
+
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -49,18 +51,27 @@ def build_task(num_clients: int, examples_per_client: int = 64) -> base.Federate
 def training_flops_per_example(model: tf.keras.Model) -> float:
   """Multiply-adds x 2 of one forward pass, x 3 for forward plus backward.
 
-  Counts Dense and Conv2D layers (the arithmetic that dominates); the
-  backward pass costs about twice the forward one (gradients with respect to
-  inputs and to weights).
+  Counts Dense (at every position it is applied to), Conv2D and GRU layers
+  (the arithmetic that dominates); the backward pass costs about twice the
+  forward one (gradients with respect to inputs and to weights).
   """
   forward = 0.0
   for layer in model.layers:
     if isinstance(layer, tf.keras.layers.Dense):
-      forward += 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
+      positions = math.prod(layer.output_shape[1:-1])
+      forward += 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1] * positions
     elif isinstance(layer, tf.keras.layers.Conv2D):
       height, width, out_channels = layer.output_shape[1:]
       kernel_h, kernel_w, in_channels, _ = layer.kernel.shape
       forward += (
           2.0 * height * width * out_channels * kernel_h * kernel_w * in_channels
+      )
+    elif isinstance(layer, tf.keras.layers.GRU):
+      steps = layer.input_shape[1]
+      cell = layer.cell
+      # Input and recurrent kernels, three gates each, at every step.
+      forward += 2.0 * steps * (
+          cell.kernel.shape[0] * cell.kernel.shape[1]
+          + cell.recurrent_kernel.shape[0] * cell.recurrent_kernel.shape[1]
       )
   return 3 * forward

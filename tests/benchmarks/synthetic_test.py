@@ -1,5 +1,6 @@
 from absl.testing import absltest
 import numpy as np
+import tensorflow as tf
 
 from benchmarks import synthetic
 from dp_fedavg.tasks import models
@@ -30,6 +31,18 @@ class SyntheticTaskTest(absltest.TestCase):
     conv = 2 * (24 * 24 * 16 * 5 * 5 * 1 + 8 * 8 * 32 * 5 * 5 * 16)
     dense = 2 * (512 * 120 + 120 * 84 + 84 * 62)
     self.assertEqual(synthetic.training_flops_per_example(cnn), 3 * (conv + dense))
+
+  def test_training_flops_count_recurrent_steps_and_per_step_dense(self):
+    gru = tf.keras.Sequential([
+        tf.keras.layers.InputLayer(input_shape=(80,), dtype=tf.int32),
+        tf.keras.layers.Embedding(90, 8),
+        tf.keras.layers.GRU(128, return_sequences=True),
+        tf.keras.layers.Dense(90),
+    ])
+    recurrent = 2 * 80 * (8 * 384 + 128 * 384)
+    dense = 2 * 80 * 128 * 90
+    self.assertEqual(
+        synthetic.training_flops_per_example(gru), 3 * (recurrent + dense))
 
 
 if __name__ == '__main__':

@@ -74,10 +74,14 @@ class FederatedTask:
     examples are read here, eagerly: a dataset that reordered them itself
     would trace a function per client (8x the cost of building it).
     """
-    everything = list(dataset.batch(_ALL_EXAMPLES))
-    if not everything:  # A client without examples trains on no batch.
+    try:
+      # One op; an eager iterator would cost 2 ms more per client.
+      examples = dataset.batch(_ALL_EXAMPLES).get_single_element()
+    except tf.errors.InvalidArgumentError:
+      if any(True for _ in dataset.take(1)):
+        raise
+      # A client without examples trains on no batch.
       return dataset.batch(batch_size).with_options(client_dataset_options())
-    examples = everything[0]
     order = local_example_order(
         tf.shape(tf.nest.flatten(examples)[0])[0], local_epochs, seed
     )

@@ -403,7 +403,11 @@ def _report(machine, gflops, results, overhead, phases, memory, command) -> str:
             'alternating round by round. Predicted from a `perf` profile of the '
             'worker (share of its CPU time): tf.data\'s per-round dataset '
             'rewrites (FinalizeDataset, RewriteDataset) 6%; Grappler on every '
-            'function instantiation (OptimizeFunctionGraph) 11%.', '',
+            'function instantiation (OptimizeFunctionGraph) 11%. Left as they '
+            'were after measuring (MLP, n=50, separate processes): the '
+            'worker\'s max_concurrent_computation_calls (no limit 0.67 s; 1: '
+            '1.02 s; 2: 0.72 s; 4: 0.75 s), oneDNN off (0.72 s), one intra-op '
+            'thread with 2 concurrent calls (0.83 s).', '',
             '| variant | median round | range | vs TFF defaults |',
             '| --- | --- | --- | --- |']
   for name, times in overhead.items():

@@ -21,9 +21,11 @@ def tracing_with_grappler(enabled: bool) -> Iterator[None]:
 
   A traced function call records the optimizer options in force when it is
   traced, and TFF's worker instantiates (and so optimizes) the client graphs
-  again in every round. On the reference MLP round (50 clients) Grappler's
-  rewrites cost 16% of the round and saved nothing: the arithmetic is small
-  matmuls that no rewrite makes cheaper. Measured in BENCHMARKS.md.
+  again in every round. A profile of the worker put Grappler at 11% of its
+  CPU time on the reference MLP round (50 clients), and its rewrites make the
+  small matmuls no cheaper. Turning it off saved 16% of that round measured
+  in separate processes, 0-6% side by side in `make bench` (BENCHMARKS.md),
+  and made no difference on the FEMNIST CNN.
   """
   previous = tf.config.optimizer.get_experimental_options()
   tf.config.optimizer.set_experimental_options(

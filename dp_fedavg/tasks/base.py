@@ -33,7 +33,7 @@ def client_dataset_options() -> tf.data.Options:
   TFF's worker rewrites each client's dataset graph with tf.data's default
   optimizations every time it is iterated; a shuffle-repeat-batch pipeline
   over in-memory tensors has nothing for them to fuse or parallelize, and the
-  rewrite cost 20% of the reference MLP round (BENCHMARKS.md).
+  rewrite cost 10-20% of the reference MLP round (BENCHMARKS.md).
   """
   options = tf.data.Options()
   options.experimental_optimization.apply_default_optimizations = False

@@ -2,13 +2,14 @@
 
   python -m benchmarks.memory --population=100000
 
-Prints one JSON line: the population, the Python process's peak resident set
-(ru_maxrss) and the TFF worker's (VmHWM), in MiB. Run by `benchmarks.run`
+Prints one JSON line: the engine, the population, the Python process's peak
+resident set (ru_maxrss) and the TFF worker's (VmHWM), in MiB. Run by `benchmarks.run`
 once per population, each in a fresh process, because peak RSS only grows.
 """
 
 import json
 import resource
+import tempfile
 
 from absl import app
 from absl import flags
@@ -19,10 +20,13 @@ from benchmarks import synthetic
 from dp_fedavg import execution
 from dp_fedavg import process
 from dp_fedavg import sampling
+from dp_fedavg import vectorized
 
 _POPULATION = flags.DEFINE_integer('population', 1000, 'Clients in the population.')
 _COHORT = flags.DEFINE_integer('clients_per_round', 50, 'Clients per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds to run.')
+_ENGINE = flags.DEFINE_enum(
+    'engine', 'standard', ['standard', 'vectorized'], 'The training engine.')
 
 
 def _worker_peak_mib(pid: int) -> float:
@@ -39,25 +43,40 @@ def main(argv):
   sampler = sampling.ClientSampler(
       sampling.SamplingScheme.UNIFORM, _POPULATION.value, _COHORT.value, seed=0
   )
-  with execution.local_execution() as worker:
-    learning_process = process.build_process(
-        task.model_fn,
-        gaussian.GaussianFactory(1.0, 1.0, _COHORT.value, noise_seed=0),
-        0.1, 1.0, 0.0,
-    )
+  stacked = _ENGINE.value == 'vectorized'
+  factory = gaussian.GaussianFactory(
+      1.0, 1.0, _COHORT.value, noise_seed=0, stacked_users=stacked
+  )
+  with execution.local_execution() as worker, tempfile.TemporaryDirectory() as files_dir:
+    if stacked:
+      learning_process = vectorized.build_process(
+          task, factory, 0.1, 1.0, 0.0, 1, 16
+      )
+      files = vectorized.UserFiles(task, files_dir)
+      users_per_client = vectorized.default_users_per_client(_COHORT.value)
+    else:
+      learning_process = process.build_process(
+          task.model_fn, factory, 0.1, 1.0, 0.0
+      )
     state = learning_process.initialize()
     for round_num in range(1, _ROUNDS.value + 1):
       cohort = sampler.sample(round_num)
-      datasets = [
-          task.preprocess(
-              task.train_data.create_tf_dataset_for_client(str(i)), 1, 16, 0
-          )
-          for i in cohort
-      ]
-      state = learning_process.next(state, datasets).state
+      if stacked:
+        client_data = vectorized.pack_cohort(
+            files, list(cohort), users_per_client, 0
+        )
+      else:
+        client_data = [
+            task.preprocess(
+                task.train_data.create_tf_dataset_for_client(str(i)), 1, 16, 0
+            )
+            for i in cohort
+        ]
+      state = learning_process.next(state, client_data).state
     worker_mib = _worker_peak_mib(worker.pid)
     weights = learning_process.get_model_weights(state).trainable
   print(json.dumps({
+      'engine': _ENGINE.value,
       'population': _POPULATION.value,
       'python_peak_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       'worker_peak_mib': worker_mib,

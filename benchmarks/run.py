@@ -287,12 +287,14 @@ def _loop_phases(task, repeats) -> dict[str, float]:
 
 def _memory(populations) -> list[dict]:
   rows = []
-  for population in populations:
-    result = subprocess.run(
-        [sys.executable, '-m', 'benchmarks.memory', f'--population={population}'],
-        capture_output=True, text=True, check=True,
-    )
-    rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+  for engine in ('standard', 'vectorized'):
+    for population in populations:
+      result = subprocess.run(
+          [sys.executable, '-m', 'benchmarks.memory', f'--population={population}',
+           f'--engine={engine}'],
+          capture_output=True, text=True, check=True,
+      )
+      rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
   return rows
 
 
@@ -419,9 +421,9 @@ def _report(machine, gflops, results, overhead, phases, memory, command) -> str:
             '| phase | median seconds |', '| --- | --- |']
   lines += [f'| {phase} | {seconds:.3f} |' for phase, seconds in phases.items()]
   lines += ['', '## Peak memory against population (synthetic MLP, 3 rounds of 50)', '',
-            '| population | Python peak (MiB) | TFF worker peak (MiB) |',
-            '| --- | --- | --- |']
-  lines += [f'| {m["population"]:,} | {m["python_peak_mib"]:.0f} | '
+            '| engine | population | Python peak (MiB) | TFF worker peak (MiB) |',
+            '| --- | --- | --- | --- |']
+  lines += [f'| {m["engine"]} | {m["population"]:,} | {m["python_peak_mib"]:.0f} | '
             f'{m["worker_peak_mib"]:.0f} |' for m in memory]
   lines.append('')
   return '\n'.join(lines)

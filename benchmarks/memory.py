@@ -2,13 +2,14 @@
 
   python -m benchmarks.memory --population=100000
 
-Prints one JSON line: the engine, the population, the Python process's peak
-resident set (ru_maxrss) and the TFF worker's (VmHWM), in MiB. Run by `benchmarks.run`
+Prints one JSON line: the engine, the population, and the peak resident set
+(VmHWM) of the Python process and of the TFF worker, in MiB. Not ru_maxrss: a
+child starts with its parent's, so it would report the benchmark's own RSS. Run by `benchmarks.run`
 once per population, each in a fresh process, because peak RSS only grows.
 """
 
 import json
-import resource
+import os
 import tempfile
 
 from absl import app
@@ -29,7 +30,7 @@ _ENGINE = flags.DEFINE_enum(
     'engine', 'standard', ['standard', 'vectorized'], 'The training engine.')
 
 
-def _worker_peak_mib(pid: int) -> float:
+def _peak_mib(pid: int) -> float:
   with open(f'/proc/{pid}/status') as f:
     for line in f:
       if line.startswith('VmHWM:'):
@@ -73,12 +74,12 @@ def main(argv):
             for i in cohort
         ]
       state = learning_process.next(state, client_data).state
-    worker_mib = _worker_peak_mib(worker.pid)
+    worker_mib = _peak_mib(worker.pid)
     weights = learning_process.get_model_weights(state).trainable
   print(json.dumps({
       'engine': _ENGINE.value,
       'population': _POPULATION.value,
-      'python_peak_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'python_peak_mib': _peak_mib(os.getpid()),
       'worker_peak_mib': worker_mib,
       'model_finite': bool(all(np.all(np.isfinite(w)) for w in weights)),
   }))

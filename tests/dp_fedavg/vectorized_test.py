@@ -2,7 +2,6 @@
 
 import collections
 import math
-import tempfile
 
 from absl.testing import parameterized
 import numpy as np
@@ -118,7 +117,7 @@ class UserFilesTest(tf.test.TestCase):
 
   def test_files_hold_each_users_examples(self):
     task = _task()
-    files = vectorized.UserFiles(task, tempfile.mkdtemp())
+    files = vectorized.UserFiles(task, self.create_tempdir().full_path)
     for user in (0, 2):
       paths = files.paths(user)
       self.assertLen(paths, 2)
@@ -129,7 +128,7 @@ class UserFilesTest(tf.test.TestCase):
       self.assertAllEqual(labels, [y for _, y in expected])
 
   def test_groups_hold_at_most_users_per_client(self):
-    files = vectorized.UserFiles(_task(), tempfile.mkdtemp())
+    files = vectorized.UserFiles(_task(), self.create_tempdir().full_path)
     groups = [
         group.get_single_element()
         for group in vectorized.pack_cohort(files, [1, 2, 3, 4, 5, 6, 0], 3, 9)
@@ -172,7 +171,7 @@ class EngineEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
     weights = _initial_weights(standard)
     standard_state = standard.set_model_weights(standard.initialize(), weights)
     fast_state = fast.set_model_weights(fast.initialize(), weights)
-    files = vectorized.UserFiles(task, tempfile.mkdtemp())
+    files = vectorized.UserFiles(task, self.create_tempdir().full_path)
     cohort = list(range(users))
     for round_num in (1, 2):
       datasets = [
@@ -226,7 +225,7 @@ class RealTaskEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
     standard_state = standard.next(
         standard.set_model_weights(standard.initialize(), weights), datasets
     ).state
-    files = vectorized.UserFiles(task, tempfile.mkdtemp())
+    files = vectorized.UserFiles(task, self.create_tempdir().full_path)
     fast_state = fast.next(
         fast.set_model_weights(fast.initialize(), weights),
         vectorized.pack_cohort(files, list(range(users)), 2, 1),
@@ -249,7 +248,7 @@ class VectorizedNoiseTest(tf.test.TestCase):
     )
     state = fast.initialize()
     before = fast.get_model_weights(state).trainable
-    files = vectorized.UserFiles(task, tempfile.mkdtemp())
+    files = vectorized.UserFiles(task, self.create_tempdir().full_path)
     state = fast.next(
         state, vectorized.pack_cohort(files, list(range(users)), 3, 1)).state
     moved = np.concatenate([

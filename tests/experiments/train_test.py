@@ -250,7 +250,7 @@ class SecureAggregatorBinaryTest(parameterized.TestCase):
     self.assertIn('--sampling=uniform', result.stderr.strip().splitlines()[-1])
 
 
-class VectorizedEngineBinaryTest(absltest.TestCase):
+class VectorizedEngineBinaryTest(parameterized.TestCase):
 
   def test_same_losses_and_epsilon_as_the_standard_engine(self):
     """Same noise stream, same batches: rows agree up to float32 rounding."""
@@ -280,17 +280,13 @@ class VectorizedEngineBinaryTest(absltest.TestCase):
                            float(rows['standard'][-1]['eval_accuracy']),
                            delta=0.01)
 
-  def test_secure_aggregators_are_refused(self):
-    result = _run_train(
-        '--engine=vectorized', '--aggregator=secure_gaussian',
-        f'--output_dir={self.create_tempdir().full_path}',
-    )
-    self.assertEqual(result.returncode, 2)
-    self.assertIn('--engine=standard', result.stderr.strip().splitlines()[-1])
-
-  def test_layer_norms_study_is_refused(self):
+  @parameterized.named_parameters(
+      ('secure_aggregator', 'train', ('--aggregator=secure_gaussian',)),
+      ('layer_norms_study', 'layer_norms', ()),
+  )
+  def test_refused_with_advice_to_use_the_standard_engine(self, module, args):
     result = binaries.run(
-        'layer_norms', '--engine=vectorized',
+        module, '--engine=vectorized', *args,
         f'--output_dir={self.create_tempdir().full_path}',
     )
     self.assertEqual(result.returncode, 2)

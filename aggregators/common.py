@@ -63,6 +63,14 @@ def check_stacked_users(stacked_users) -> bool:
   return stacked_users
 
 
+def stacked_type(value_type):
+  """`value_type` with a leading users axis, of unknown size, on every tensor."""
+  return tff.types.to_type(tf.nest.map_structure(
+      lambda spec: tff.TensorType(spec.dtype.as_numpy_dtype, [None, *spec.shape]),
+      tff.types.type_to_tf_tensor_specs(value_type),
+  ))
+
+
 def unstacked_type(value_type, factory_name: str):
   """One user's update type from a stack of users' updates (leading axis)."""
   specs = float_value_specs(value_type, factory_name)
@@ -94,12 +102,8 @@ def client_update_computation(
   if not stacked_users:
     return one_user
   result_specs = tff.types.type_to_tf_tensor_specs(one_user.type_signature.result)
-  stacked_type = tff.types.to_type(tf.nest.map_structure(
-      lambda spec: tff.TensorType(spec.dtype.as_numpy_dtype, [None, *spec.shape]),
-      tff.types.type_to_tf_tensor_specs(value_type),
-  ))
 
-  @tff.tensorflow.computation(stacked_type, params_type)
+  @tff.tensorflow.computation(stacked_type(value_type), params_type)
   def stacked_client_update(stack, params):
     per_user = tf.map_fn(
         lambda update: client_update_fn(update, params), stack,

@@ -36,6 +36,7 @@ import tensorflow_federated as tff
 # requires, as build_unweighted_fed_avg does; not exported at the top level.
 from tensorflow_federated.python.aggregators import factory_utils
 
+from aggregators import common
 from dp_fedavg import process as process_lib
 from dp_fedavg.tasks import base
 
@@ -261,6 +262,7 @@ def _train_users_one_by_one(model, initial, features, labels, mask, steps,
 
 def build_client_work(
     task: base.FederatedTask,
+    weights_type,
     client_learning_rate: float,
     local_epochs: int,
     batch_size: int,
@@ -269,10 +271,10 @@ def build_client_work(
 
   Stacks of Dense layers train all users at once (batched matmuls over
   per-user weight copies); other models train the group's users one after
-  another inside the worker.
+  another inside the worker. `weights_type` is the model's `ModelWeights`
+  type.
   """
   activations = dense_activations(task.keras_model_fn)
-  weights_type = tff.learning.models.weights_type_from_model(task.model_fn)
   specs = tf.nest.flatten(task.train_data.element_type_structure)
   if len(specs) != 2:
     raise UnsupportedModelError(
@@ -366,15 +368,6 @@ def build_client_work(
   return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
 
 
-def stacked_update_type(task: base.FederatedTask):
-  """The aggregators' value type: every update tensor with a users axis."""
-  weights_type = tff.learning.models.weights_type_from_model(task.model_fn)
-  return tff.types.to_type(tf.nest.map_structure(
-      lambda spec: tff.TensorType(spec.dtype.as_numpy_dtype, [None, *spec.shape]),
-      tff.types.type_to_tf_tensor_specs(weights_type.trainable),
-  ))
-
-
 def build_process(
     task: base.FederatedTask,
     aggregator: Optional[tff.aggregators.UnweightedAggregationFactory],
@@ -407,17 +400,19 @@ def build_process(
     def initial_model_weights():
       return tff.learning.models.ModelWeights.from_model(task.model_fn())
 
+    weights_type = initial_model_weights.type_signature.result
     client_work = build_client_work(
-        task, client_learning_rate, local_epochs, batch_size
+        task, weights_type, client_learning_rate, local_epochs, batch_size
     )
-    weights_type = tff.learning.models.weights_type_from_model(task.model_fn)
     factory = aggregator or StackedMeanFactory()
     return tff.learning.templates.compose_learning_process(
         initial_model_weights,
         tff.learning.templates.build_broadcast_process(weights_type),
         client_work,
+        # The aggregators take every user's update: a users axis in front.
         factory_utils.as_weighted_aggregator(factory).create(
-            stacked_update_type(task), tff.TensorType(np.float32)
+            common.stacked_type(weights_type.trainable),
+            tff.TensorType(np.float32),
         ),
         tff.learning.templates.build_apply_optimizer_finalizer(
             tff.learning.optimizers.build_sgdm(

@@ -96,16 +96,14 @@ class UserFiles:
     ]
     if not all(os.path.exists(path) for path in paths):
       client_id = self._task.train_data.client_ids[user_index]
-      dataset = self._task.train_data.create_tf_dataset_for_client(client_id)
-      components = [[] for _ in self._specs]
-      for element in dataset.batch(4096):
-        for j, tensor in enumerate(tf.nest.flatten(element)):
-          components[j].append(tensor)
-      for j, (spec, path) in enumerate(zip(self._specs, paths)):
-        tensor = (
-            tf.concat(components[j], axis=0) if components[j]
-            else tf.zeros([0, *spec.shape], spec.dtype)
-        )
+      examples = base.all_examples(
+          self._task.train_data.create_tf_dataset_for_client(client_id)
+      )
+      tensors = (
+          [tf.zeros([0, *spec.shape], spec.dtype) for spec in self._specs]
+          if examples is None else tf.nest.flatten(examples)
+      )
+      for tensor, path in zip(tensors, paths):
         # Written under a temporary name and renamed, so a killed run never
         # leaves a truncated file that a resumed run would trust.
         tf.io.write_file(path + '.partial', tf.io.serialize_tensor(tensor))

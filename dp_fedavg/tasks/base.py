@@ -27,12 +27,25 @@ def local_example_order(
   return tf.reshape(tf.argsort(keys, axis=1, stable=True), [-1])
 
 
+def all_examples(dataset: tf.data.Dataset):
+  """Every example of a client's dataset as one batch; None if it has none.
+
+  One op: an eager iterator would cost 2 ms more per client.
+  """
+  try:
+    return dataset.batch(_ALL_EXAMPLES).get_single_element()
+  except tf.errors.InvalidArgumentError:
+    if any(True for _ in dataset.take(1)):
+      raise
+    return None
+
+
 def client_dataset_options() -> tf.data.Options:
   """tf.data options for client datasets: no graph rewrites, no autotuning.
 
   TFF's worker rewrites each client's dataset graph with tf.data's default
-  optimizations every time it is iterated; a shuffle-repeat-batch pipeline
-  over in-memory tensors has nothing for them to fuse or parallelize, and the
+  optimizations every time it is iterated; batching examples held in memory
+  leaves them nothing to fuse or parallelize, and the
   rewrite cost 10-20% of the reference MLP round (BENCHMARKS.md).
   """
   options = tf.data.Options()
@@ -74,13 +87,8 @@ class FederatedTask:
     examples are read here, eagerly: a dataset that reordered them itself
     would trace a function per client (8x the cost of building it).
     """
-    try:
-      # One op; an eager iterator would cost 2 ms more per client.
-      examples = dataset.batch(_ALL_EXAMPLES).get_single_element()
-    except tf.errors.InvalidArgumentError:
-      if any(True for _ in dataset.take(1)):
-        raise
-      # A client without examples trains on no batch.
+    examples = all_examples(dataset)
+    if examples is None:  # A client without examples trains on no batch.
       return dataset.batch(batch_size).with_options(client_dataset_options())
     order = local_example_order(
         tf.shape(tf.nest.flatten(examples)[0])[0], local_epochs, seed

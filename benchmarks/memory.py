@@ -4,8 +4,9 @@
 
 Prints one JSON line: the engine, the population, and the peak resident set
 (VmHWM) of the Python process and of the TFF worker, in MiB. Not ru_maxrss: a
-child starts with its parent's, so it would report the benchmark's own RSS. Run by `benchmarks.run`
-once per population, each in a fresh process, because peak RSS only grows.
+child starts with its parent's, so it would report the benchmark's own RSS.
+Run by `benchmarks.run` once per engine and population, each in a fresh
+process, because peak RSS only grows.
 """
 
 import json

@@ -55,15 +55,11 @@ _LOCAL_EPOCHS, _BATCH = 1, 16
 _MLP_POPULATION = 1000
 
 
-# Aggregators also timed on the vectorized engine.
-_VECTORIZED = ('FedAvg, no DP', 'ours gaussian_fixed', 'ours gaussian_adaptive')
-
-
 def _aggregators(n: int, stacked_users: bool = False) -> dict[str, object]:
   """Name -> factory for a cohort of n (the secure ones need the simulation).
 
-  With `stacked_users`, those of `_VECTORIZED`, for the vectorized engine
-  (None is its plain mean over users).
+  With `stacked_users`, those also timed on the vectorized engine (None is
+  its plain mean over users).
   """
   if stacked_users:
     return {
@@ -142,8 +138,8 @@ def _bench_task(name, task, cohort_sizes, repeats, gflops, rng, results,
         for aggregator_name, factory in _aggregators(n).items()
     }
     # Written before the timed rounds, as a run writes a user's files the
-    # first time it is sampled.
-    # Removed when the setting is done (users of a 1,000-client MLP: 200 MB).
+    # first time it is sampled; removed when the setting is done (the users
+    # of the 1,000-client MLP take 200 MB).
     files_dir = tempfile.TemporaryDirectory(prefix='bench_users_')
     files = vectorized.UserFiles(task, files_dir.name)
     users_per_client = vectorized.default_users_per_client(n)
@@ -151,9 +147,8 @@ def _bench_task(name, task, cohort_sizes, repeats, gflops, rng, results,
         vectorized.pack_cohort(files, indices, users_per_client, 0)
         for indices in cohorts_indices
     ]
-    for aggregator_name in _VECTORIZED:
-      aggregators[f'vectorized {aggregator_name}'] = (
-          _aggregators(n, stacked_users=True)[aggregator_name], groups)
+    for aggregator_name, factory in _aggregators(n, stacked_users=True).items():
+      aggregators[f'vectorized {aggregator_name}'] = (factory, groups)
     floor = (
         flops_per_example * _examples_per_round(task, cohorts_ids[1])
         / (gflops * 1e9)

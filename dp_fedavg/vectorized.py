@@ -41,8 +41,8 @@ from dp_fedavg import process as process_lib
 from dp_fedavg.tasks import base
 
 
-class UnsupportedModelError(ValueError):
-  """The task's data does not fit the vectorized engine."""
+class UnsupportedDataError(ValueError):
+  """The task's examples are not (features, label) pairs."""
 
 
 _DENSE_STACK_LAYERS = (tf.keras.layers.InputLayer, tf.keras.layers.Dense)
@@ -275,7 +275,7 @@ def build_client_work(
   activations = dense_activations(task.keras_model_fn)
   specs = tf.nest.flatten(task.train_data.element_type_structure)
   if len(specs) != 2:
-    raise UnsupportedModelError(
+    raise UnsupportedDataError(
         '--engine=vectorized needs (features, label) examples.'
     )
   data_type = tff.SequenceType(collections.OrderedDict(

@@ -19,10 +19,12 @@ def _absent_reason(name: str) -> str:
 
 def require(name: str):
   """Skips the decorated test (class) unless ../shared/data/<name> exists."""
-  return absltest.skipIf(bool(_absent_reason(name)), _absent_reason(name))
+  reason = _absent_reason(name)
+  return absltest.skipIf(bool(reason), reason)
 
 
 def skip_unless_present(test_case: absltest.TestCase, name: str) -> None:
   """Skips the running test unless ../shared/data/<name> exists."""
-  if _absent_reason(name):
-    test_case.skipTest(_absent_reason(name))
+  reason = _absent_reason(name)
+  if reason:
+    test_case.skipTest(reason)

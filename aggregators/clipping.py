@@ -32,29 +32,35 @@ def uniform_shares(num_layers: int) -> tf.Tensor:
   return tf.fill([num_layers], 1.0 / tf.sqrt(float(num_layers)))
 
 
-def clip_update(
-    tensors: list[tf.Tensor],
+def clip_scales(
+    norms: tf.Tensor,
     clip: tf.Tensor,
     layer_shares: tf.Tensor,
     clipping: Clipping,
-) -> tuple[list[tf.Tensor], tf.Tensor]:
-  """Clips one update; returns (clipped tensors, whether nothing was scaled).
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """The factors that clip users' updates, and whether each was left as is.
 
   Args:
-    tensors: the update's tensors, all finite.
+    norms: [users, layers], the L2 norm of each layer of each user's update
+      (inf where too large to represent: that layer is scaled to zero).
     clip: the total bound S.
     layer_shares: w with ||w|| = 1 (per-layer strategies only).
     clipping: the strategy.
+
+  Returns:
+    ([users, layers] factors in [0, 1], [users] bool: no layer was scaled).
   """
   if clipping is Clipping.FLAT:
-    clipped, norm = tf.clip_by_global_norm(tensors, clip)
-    return clipped, norm <= clip
+    total = tf.norm(norms, axis=1)
+    # min(1, S / norm); a zero bound gives zero, never 0 / 0.
+    scale = tf.math.divide_no_nan(clip, tf.maximum(total, clip))
+    return (
+        tf.tile(scale[:, tf.newaxis], tf.stack([1, tf.shape(norms)[1]])),
+        total <= clip,
+    )
   bounds = clip * layer_shares
-  norms = tf.stack([tf.norm(t) for t in tensors])
-  clipped = [
-      tf.clip_by_norm(t, bounds[j]) for j, t in enumerate(tensors)
-  ]
-  return clipped, tf.reduce_all(norms <= bounds)
+  scales = tf.math.divide_no_nan(bounds, tf.maximum(norms, bounds))
+  return scales, tf.reduce_all(norms <= bounds, axis=1)
 
 
 def adaptive_shares(released: list[tf.Tensor], previous: tf.Tensor) -> tf.Tensor:

@@ -41,12 +41,6 @@ def initial_seed(noise_seed: Optional[int]) -> tf.Tensor:
   return tf.constant([noise_seed, 0], tf.int64)
 
 
-def all_finite(tensors) -> tf.Tensor:
-  return tf.reduce_all(
-      [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(tensors)]
-  )
-
-
 def float_value_specs(value_type, factory_name: str):
   """The TensorSpecs of `value_type`; TypeError unless it is all floats."""
   if not tff.types.is_structure_of_floats(value_type):
@@ -87,31 +81,98 @@ def unstacked_type(value_type, factory_name: str):
   ))
 
 
+def _user_norms(flat_tensors: list[tf.Tensor], norm_order: int) -> tf.Tensor:
+  """[users, tensors]: each user's L1 or L2 norm of each tensor."""
+  if norm_order == 2:
+    # One pass, no squared temporary, unlike reduce_sum(square(.)).
+    norms = [tf.math.reduce_euclidean_norm(t, axis=1) for t in flat_tensors]
+  else:
+    norms = [tf.reduce_sum(tf.abs(t), axis=1) for t in flat_tensors]
+  return tf.stack(norms, axis=1)
+
+
+def _users_all_finite(flat_tensors: list[tf.Tensor]) -> tf.Tensor:
+  """[users] bool: whether all of each user's values are finite."""
+  return tf.reduce_all(tf.stack(
+      [tf.reduce_all(tf.math.is_finite(t), axis=1) for t in flat_tensors],
+      axis=1,
+  ), axis=1)
+
+
 def client_update_computation(
-    client_update_fn, value_type, params_type, stacked_users: bool
+    clip_fn, norm_order: int, value_type, params_type, stacked_users: bool,
+    client_noise_fn=None,
 ) -> tff.Computation:
-  """The clients' step: `client_update_fn(update, params) -> (clipped, counts)`.
+  """The clients' step: (update, params) -> (clipped update, counts).
+
+  Every clipping here multiplies each tensor of a user's update by a factor
+  found from the tensors' norms, so the factories give only that rule:
+  `clip_fn(norms, is_finite, params) -> (scales, counts)`, where `norms` is
+  [users, tensors] (L1 or L2 by `norm_order`, inf where too large to
+  represent), `is_finite` [users] says whether each user's values are all
+  finite, `scales` [users, tensors] are the factors and `counts` a structure of
+  [users] int32. A user whose update is not finite contributes zeros whatever
+  its scale. `client_noise_fn(clipped_sums, params, num_users)`, if given,
+  adds the noise of `num_users` users to the sums.
 
   With `stacked_users`, a client's value is a stack of users' updates (the
-  vectorized engine): the function runs on every user on its own, so every
-  user is clipped (and counted) separately, and the client sends the sums over
-  its users. One user still moves the round's sums by at most its clipped
-  update, so the sensitivity and the noise are those of one user per client.
+  vectorized engine): every user is clipped (and counted) on its own, and the
+  client sends the sums over its users, so one user still moves the round's
+  sums by at most its clipped update: the sensitivity and the noise are those
+  of one user per client. The norms and the scaled sum are computed for all
+  users at once (two passes over the stack); a per-user `tf.map_fn` made the
+  vectorized engine's DP rounds 1.2-1.6x its no-DP rounds.
   """
-  one_user = tff.tensorflow.computation(client_update_fn, value_type, params_type)
-  if not stacked_users:
-    return one_user
-  result_specs = tff.types.type_to_tf_tensor_specs(one_user.type_signature.result)
+  if norm_order not in (1, 2):
+    raise ValueError(f'norm_order must be 1 or 2, got {norm_order}.')
 
-  @tff.tensorflow.computation(stacked_type(value_type), params_type)
-  def stacked_client_update(stack, params):
-    per_user = tf.map_fn(
-        lambda update: client_update_fn(update, params), stack,
-        fn_output_signature=result_specs,
+  def clip_and_sum(stack, params):
+    tensors = tf.nest.flatten(stack)
+    users = tf.shape(tensors[0])[0]
+    flat = [tf.reshape(t, tf.stack([users, -1])) for t in tensors]
+    norms = _user_norms(flat, norm_order)
+    # Any non-finite value makes its norm non-finite, so finite norms prove
+    # every value finite; the exact check runs only when they do not.
+    is_finite = tf.cond(
+        tf.reduce_all(tf.math.is_finite(norms)),
+        lambda: tf.ones(tf.stack([users]), tf.bool),
+        lambda: _users_all_finite(flat),
     )
-    return tf.nest.map_structure(lambda t: tf.reduce_sum(t, axis=0), per_user)
+    scales, counts = clip_fn(norms, is_finite, params)
+    # A non-finite user's scale may be nan, and 0 * inf is nan: both its
+    # scale and its values are zeroed.
+    scales = tf.where(is_finite[:, tf.newaxis], scales, tf.zeros_like(scales))
+    flat = tf.cond(
+        tf.reduce_all(is_finite),
+        lambda: flat,
+        lambda: [tf.where(is_finite[:, tf.newaxis], t, tf.zeros_like(t))
+                 for t in flat],
+    )
+    sums = [
+        tf.reshape(tf.linalg.matvec(f, scales[:, j], transpose_a=True),
+                   tf.shape(t)[1:])
+        for j, (f, t) in enumerate(zip(flat, tensors))
+    ]
+    if client_noise_fn is not None:
+      sums = client_noise_fn(sums, params, users)
+    return (
+        tf.nest.pack_sequence_as(value_specs, sums),
+        tf.nest.map_structure(lambda c: tf.reduce_sum(c, axis=0), counts),
+    )
 
-  return stacked_client_update
+  value_specs = tff.types.type_to_tf_tensor_specs(value_type)
+  if stacked_users:
+    return tff.tensorflow.computation(
+        clip_and_sum, stacked_type(value_type), params_type
+    )
+
+  @tff.tensorflow.computation(value_type, params_type)
+  def one_user(value, params):
+    return clip_and_sum(
+        tf.nest.map_structure(lambda t: t[tf.newaxis], value), params
+    )
+
+  return one_user
 
 
 @dataclasses.dataclass(frozen=True)

@@ -294,37 +294,35 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
 
     params_type = client_params.type_signature.result
 
-    def client_update(value, params):
-      tensors = tf.nest.flatten(value)
-      is_finite = common.all_finite(tensors)
-      clipped, unclipped = clipping_lib.clip_update(
-          tensors, params['clip'], params['layer_shares'], clipping
+    def clip_users(norms, is_finite, params):
+      scales, unclipped = clipping_lib.clip_scales(
+          norms, params['clip'], params['layer_shares'], clipping
       )
-      clipped = [tf.where(is_finite, c, tf.zeros_like(c)) for c in clipped]
-      if client_noise:
-        # Unseeded on purpose: a seed broadcast from the server would give
-        # every client the same noise, and the server could subtract it.
-        clipped = [
-            c + tf.random.normal(
-                tf.shape(c), stddev=params['client_noise_stddev'], dtype=c.dtype
-            )
-            for c in clipped
-        ]
       unclipped = tf.logical_and(is_finite, unclipped)
-      return (
-          tf.nest.pack_sequence_as(value, clipped),
-          collections.OrderedDict(
-              clipped=tf.cast(
-                  tf.logical_and(is_finite, tf.logical_not(unclipped)), tf.int32
-              ),
-              nonfinite=tf.cast(tf.logical_not(is_finite), tf.int32),
-              unclipped=tf.cast(unclipped, tf.int32),
-              participants=tf.constant(1, tf.int32),
+      return scales, collections.OrderedDict(
+          clipped=tf.cast(
+              tf.logical_and(is_finite, tf.logical_not(unclipped)), tf.int32
           ),
+          nonfinite=tf.cast(tf.logical_not(is_finite), tf.int32),
+          unclipped=tf.cast(unclipped, tf.int32),
+          participants=tf.ones_like(norms[:, 0], tf.int32),
       )
 
+    def add_client_noise(clipped_sums, params, num_users):
+      # Unseeded on purpose: a seed broadcast from the server would give
+      # every client the same noise, and the server could subtract it. The
+      # sum of num_users users' independent noises is one draw with
+      # sqrt(num_users) times the stddev.
+      stddev = params['client_noise_stddev'] * tf.sqrt(
+          tf.cast(num_users, tf.float32))
+      return [
+          c + tf.random.normal(tf.shape(c), stddev=stddev, dtype=c.dtype)
+          for c in clipped_sums
+      ]
+
     client_update = common.client_update_computation(
-        client_update, value_type, params_type, self._stacked_users
+        clip_users, 2, value_type, params_type, self._stacked_users,
+        client_noise_fn=add_client_noise if client_noise else None,
     )
     counts_type = client_update.type_signature.result[1]
     secure_summing = None

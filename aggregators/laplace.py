@@ -36,13 +36,6 @@ def laplace_noise(shape, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   )
 
 
-def clip_by_l1_norm(tensors: list[tf.Tensor], l1_clip: tf.Tensor):
-  """Scales `tensors` to total L1 norm <= l1_clip; returns (clipped, norm)."""
-  norm = tf.add_n([tf.reduce_sum(tf.abs(t)) for t in tensors])
-  scale = tf.minimum(1.0, l1_clip / tf.maximum(norm, 1e-30))
-  return [t * scale for t in tensors], norm
-
-
 class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
   """Clips each client update to an L1 norm and adds Laplace noise to the sum.
 
@@ -108,21 +101,22 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
     def get_l1_clip(state):
       return state['l1_clip']
 
-    def clip_update(value, l1_clip):
-      tensors = tf.nest.flatten(value)
-      is_finite = common.all_finite(tensors)
-      clipped, norm = clip_by_l1_norm(tensors, l1_clip)
-      clipped = [tf.where(is_finite, c, tf.zeros_like(c)) for c in clipped]
+    def clip_users(norms, is_finite, l1_clip):
+      total = tf.reduce_sum(norms, axis=1)
+      # min(1, l1_clip / norm): the whole update scaled to L1 norm <= l1_clip.
+      scale = tf.math.divide_no_nan(l1_clip, tf.maximum(total, l1_clip))
       return (
-          tf.nest.pack_sequence_as(value, clipped),
+          tf.tile(scale[:, tf.newaxis], tf.stack([1, tf.shape(norms)[1]])),
           collections.OrderedDict(
-              clipped=tf.cast(tf.logical_and(is_finite, norm > l1_clip), tf.int32),
+              clipped=tf.cast(tf.logical_and(is_finite, total > l1_clip),
+                              tf.int32),
               nonfinite=tf.cast(tf.logical_not(is_finite), tf.int32),
           ),
       )
 
     clip_update = common.client_update_computation(
-        clip_update, value_type, tff.TensorType(np.float32), self._stacked_users
+        clip_users, 1, value_type, tff.TensorType(np.float32),
+        self._stacked_users,
     )
     counts_type = clip_update.type_signature.result[1]
 

@@ -4,9 +4,9 @@ The standard engine gives every user its own TFF client, and TFF's worker
 spends tens of milliseconds per client (instantiating the client graph, its
 dataset pipeline) on a few hundred microseconds of arithmetic. Here a TFF
 client holds a group of users: it reads their examples from files inside the
-worker (a round sends file paths, not tensors), trains a copy of the model per
-user, all users at once with batched matmuls, and hands the aggregator the
-stack of per-user model deltas. The aggregators, created with
+worker (a round sends file paths, not tensors), trains each user's model
+from the round's weights, and hands the aggregator the stack of per-user
+model deltas. The aggregators, created with
 `stacked_users=True`, clip every user's delta on its own and add noise once,
 so user-level DP is exactly that of the standard engine: a user's influence on
 the sum is still bounded by the clip, and the noise is calibrated to it.
@@ -18,8 +18,10 @@ than others in their group are padded with masked batches that change
 nothing.
 
 Sequential stacks of Dense layers (the digits and benchmark MLPs) train all
-users of a TFF client at once: per-user weight copies, batched matmuls. Other
-models (the FEMNIST CNN, the Shakespeare GRU) train the client's users one
+users of a TFF client at once, and never copy a kernel per user: under SGD a
+user's kernel is the shared one plus a low-rank term built from its own
+inputs and gradients (`_train_dense_users`), so a step is one GEMM for all
+users plus small per-user corrections. Other models (the FEMNIST CNN, the Shakespeare GRU) train the client's users one
 after another inside the worker's graph, with TFF's own forward pass; they
 still save the per-client overhead, not the per-user arithmetic.
 """
@@ -186,33 +188,81 @@ def _read_group(paths, specs, local_epochs, batch_size, shuffle_seed):
   return batched, mask, steps
 
 
-def _train_users(kernels, biases, activations, features, labels, mask, steps,
-                 learning_rate):
-  """Local SGD of every user at once; (final kernels, biases, loss sum)."""
-  users = tf.shape(mask)[0]
-  kernels = [tf.tile(k[tf.newaxis], [users, 1, 1]) for k in kernels]
-  biases = [tf.tile(b[tf.newaxis], [users, 1]) for b in biases]
+def _train_dense_users(kernels, biases, activations, features, labels, mask,
+                       steps, learning_rate):
+  """Local SGD of every user at once, never copying a kernel per user.
+
+  Under SGD a user's kernel after s steps is the shared one plus a low-rank
+  term, W_s = W_0 - lr * sum_{t<s} H_t^T G_t (H_t the layer's inputs at step
+  t, G_t the loss gradient at its outputs), so its outputs are
+  H_s W_s = H_s W_0 - lr * sum_{t<s} (H_s H_t^T) G_t: one GEMM shared by all
+  users plus a correction through each user's small Gram matrix of its own
+  inputs. The first layer's inputs are the data, so its GEMM and Grams are
+  computed once for every step. Biases are small and copied per user.
+  Exact for SGD up to float32 rounding (the products are summed in another
+  order). Returns (each user's kernel and bias deltas, loss sum).
+  """
+  users, batch = tf.shape(mask)[0], tf.shape(mask)[2]
+  rows = steps * batch
+  widths = [kernel.shape[1] for kernel in kernels]
+  # Every step's inputs and output gradients, [users, steps * batch, width];
+  # steps not yet taken hold zeros, so they add nothing to the corrections.
+  inputs = [tf.reshape(features, [users, rows, kernels[0].shape[0]])] + [
+      tf.zeros(tf.stack([users, rows, kernel.shape[0]])) for kernel in kernels[1:]
+  ]
+  output_grads = [tf.zeros(tf.stack([users, rows, width])) for width in widths]
+  first_layer_gram = tf.einsum('uai,ubi->uab', inputs[0], inputs[0])
+  first_layer_shared = tf.einsum('usbi,io->usbo', features, kernels[0])
+  user_biases = [tf.tile(bias[tf.newaxis], [users, 1]) for bias in biases]
   loss_sum = tf.constant(0.0)
   for step in tf.range(steps):
-    x, y, m = features[:, step], labels[:, step], mask[:, step]
+    step_rows = slice(step * batch, (step + 1) * batch)
     with tf.GradientTape() as tape:
-      tape.watch(kernels + biases)
-      h = x
-      for kernel, bias, activation in zip(kernels, biases, activations):
-        h = activation(tf.einsum('ubi,uio->ubo', h, kernel) + bias[:, tf.newaxis])
+      outputs, hidden_inputs = [], []
+      h = None
+      for layer, (kernel, activation) in enumerate(zip(kernels, activations)):
+        if layer == 0:
+          shared = first_layer_shared[:, step]
+          gram = first_layer_gram[:, step_rows]
+        else:
+          hidden_inputs.append(h)
+          shared = tf.einsum('ubi,io->ubo', h, kernel)
+          gram = tf.einsum('ubi,uti->ubt', h, inputs[layer])
+        z = (shared + user_biases[layer][:, tf.newaxis]
+             - learning_rate * tf.einsum('ubt,uto->ubo', gram, output_grads[layer]))
+        tape.watch(z)
+        outputs.append(z)
+        h = activation(z)
+      m = mask[:, step]
       losses = tf.keras.losses.sparse_categorical_crossentropy(
-          y, h, from_logits=True
+          labels[:, step], h, from_logits=True
       )
       # Each user's loss is the mean over its batch, as Keras computes it;
       # users are independent, so the sum gives each its own gradient.
-      batch_sizes = tf.reduce_sum(m, axis=1)
-      user_losses = tf.reduce_sum(losses * m, axis=1) / tf.maximum(batch_sizes, 1.0)
+      user_losses = (tf.reduce_sum(losses * m, axis=1)
+                     / tf.maximum(tf.reduce_sum(m, axis=1), 1.0))
       total = tf.reduce_sum(user_losses)
-    kernel_grads, bias_grads = tape.gradient(total, (kernels, biases))
-    kernels = [k - learning_rate * g for k, g in zip(kernels, kernel_grads)]
-    biases = [b - learning_rate * g for b, g in zip(biases, bias_grads)]
+    gradients = tape.gradient(total, outputs)
+    output_grads = [_record_step(g, d, step, steps)
+                    for g, d in zip(output_grads, gradients)]
+    inputs = inputs[:1] + [_record_step(i, h, step, steps)
+                           for i, h in zip(inputs[1:], hidden_inputs)]
+    user_biases = [b - learning_rate * tf.reduce_sum(d, axis=1)
+                   for b, d in zip(user_biases, gradients)]
     loss_sum += tf.reduce_sum(losses * m)
-  return kernels, biases, loss_sum
+  kernel_deltas = [learning_rate * tf.einsum('uti,uto->uio', i, g)
+                   for i, g in zip(inputs, output_grads)]
+  bias_deltas = [b[tf.newaxis] - u for b, u in zip(biases, user_biases)]
+  return kernel_deltas, bias_deltas, loss_sum
+
+
+def _record_step(history, value, step, steps):
+  """`history` [users, steps * batch, width] with `value` [users, batch,
+  width] added at the rows of `step`."""
+  shape = tf.shape(history)
+  by_step = tf.reshape(history, tf.stack([shape[0], steps, -1, shape[2]]))
+  at_step = tf.one_hot(step, steps)[tf.newaxis, :, tf.newaxis, tf.newaxis]
+  return tf.reshape(by_step + at_step * value[:, tf.newaxis], shape)
 
 
 def _train_users_one_by_one(model, initial, features, labels, mask, steps,
@@ -267,8 +317,8 @@ def build_client_work(
 ) -> tff.learning.templates.ClientWorkProcess:
   """Client work on groups of users: stacked per-user deltas, train metrics.
 
-  Stacks of Dense layers train all users at once (batched matmuls over
-  per-user weight copies); other models train the group's users one after
+  Stacks of Dense layers train all users at once (shared GEMMs plus
+  per-user low-rank corrections); other models train the group's users one after
   another inside the worker. `weights_type` is the model's `ModelWeights`
   type.
   """
@@ -307,13 +357,12 @@ def build_client_work(
     (features, labels), mask, steps = read(data)
     trainable = list(weights.trainable)
     kernels, biases = trainable[0::2], trainable[1::2]
-    final_kernels, final_biases, loss_sum = _train_users(
+    kernel_deltas, bias_deltas, loss_sum = _train_dense_users(
         kernels, biases, activations, features, labels, mask, steps,
         client_learning_rate,
     )
-    final = [None] * len(trainable)
-    final[0::2], final[1::2] = final_kernels, final_biases
-    deltas = [w[tf.newaxis] - f for w, f in zip(trainable, final)]
+    deltas = [None] * len(trainable)
+    deltas[0::2], deltas[1::2] = kernel_deltas, bias_deltas
     return result(deltas, loss_sum, mask)
 
   @tff.tensorflow.computation(weights_type, data_type)

@@ -305,6 +305,54 @@ class StackedFactoriesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertNear(np.linalg.norm(output.result['kernel']) * 5,
                     kernel_norm_sum, 1e-4)
 
+  @parameterized.named_parameters(
+      ('gaussian_flat', lambda stacked: gaussian.GaussianFactory(
+          0.0, 1.0, 5, noise_seed=0, stacked_users=stacked)),
+      ('gaussian_per_layer', lambda stacked: gaussian.GaussianFactory(
+          0.0, 1.0, 5, clipping='per_layer_uniform', noise_seed=0,
+          stacked_users=stacked)),
+      ('laplace', lambda stacked: laplace.LaplaceFactory(
+          1e9, 1.0, 5, noise_seed=0, stacked_users=stacked)),
+  )
+  def test_stack_aggregates_as_one_user_per_client(self, factory_fn):
+    # Users clipped or not, one with a nan, one with an inf, one whose values
+    # are finite but whose norm is not (float32 overflows): the stacked
+    # aggregator must treat each exactly as a client of its own.
+    kernels = np.stack([
+        np.full([3, 2], 0.01), np.full([3, 2], 10.0),
+        np.array([[np.nan, 0, 0], [0, 0, 0]]).T, np.full([3, 2], 1e30),
+        np.array([[1, 0, 0], [0, np.inf, 0]]).T,
+    ]).astype(np.float32)
+    biases = np.array([[0.2, 0], [0, -3], [1, 1], [0, 0], [1, 1]], np.float32)
+    stacked = factory_fn(True).create(self._STACKED)
+    output = stacked.next(stacked.initialize(), [collections.OrderedDict(
+        kernel=kernels, bias=biases)])
+    one_per_client = factory_fn(False).create(self._ONE)
+    expected = one_per_client.next(one_per_client.initialize(), [
+        collections.OrderedDict(kernel=k, bias=b)
+        for k, b in zip(kernels, biases)
+    ])
+    self.assertAllClose(output.result, expected.result, rtol=1e-6, atol=0)
+    self.assertTrue(np.all(np.isfinite(output.result['kernel'])))
+    measurements = dict(output.measurements)
+    self.assertEqual(measurements['nonfinite_count'], 2)
+    # The overflowing user is scaled to zero and counted as clipped.
+    self.assertEqual(measurements['clipped_count'], 2)
+    self.assertEqual(measurements, dict(expected.measurements))
+
+  def test_client_noise_of_every_user(self):
+    users, z, clip, size = 4, 1.0, 0.5, 5_000
+    stacked_type = tff.types.to_type(tff.TensorType(np.float32, [None, size]))
+    aggregation = gaussian.GaussianFactory(
+        z, clip, users, noise_placement='client', stacked_users=True,
+    ).create(stacked_type)
+    output = aggregation.next(
+        aggregation.initialize(), [np.zeros([users, size], np.float32)])
+    # Four users' independent N(0, (z C)^2) draws summed, divided by 4.
+    sigma = z * clip * math.sqrt(users) / users
+    noise = np.asarray(output.result, np.float64)
+    self.assertLess(abs(noise.std() - sigma), 5 * sigma / math.sqrt(2 * size))
+
   def test_refuses_unstacked_values(self):
     with self.assertRaisesRegex(TypeError, 'leading users axis'):
       gaussian.GaussianFactory(

@@ -340,8 +340,10 @@ def _report(machine, gflops, results, overhead, phases, memory, command) -> str:
       'Rows named `vectorized` run `--engine=vectorized` on the same users: '
       f'ceil(n / {os.cpu_count()} cores) users per TFF client, each user\'s '
       'examples read from files inside the worker (written before the timed '
-      'rounds). The MLP trains all users of a TFF client at once; the CNN and '
-      'the GRU train them one after another inside the worker.', '',
+      'rounds). The MLP trains all users of a TFF client at once with the '
+      'low-rank SGD update (no per-user kernel); the CNN trains all users at '
+      'once on per-user weight copies (grouped convolutions); the GRU trains '
+      'them one after another inside the worker.', '',
   ]
   for task in dict.fromkeys(r['task'] for r in results):
     sizes = sorted({r['clients_per_round'] for r in results if r['task'] == task})

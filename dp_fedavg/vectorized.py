@@ -21,9 +21,12 @@ Sequential stacks of Dense layers (the digits and benchmark MLPs) train all
 users of a TFF client at once, and never copy a kernel per user: under SGD a
 user's kernel is the shared one plus a low-rank term built from its own
 inputs and gradients (`_train_dense_users`), so a step is one GEMM for all
-users plus small per-user corrections. Other models (the FEMNIST CNN, the Shakespeare GRU) train the client's users one
-after another inside the worker's graph, with TFF's own forward pass; they
-still save the per-client overhead, not the per-user arithmetic.
+users plus small per-user corrections. Models of the layer kinds that
+`per_user_model` covers (the FEMNIST CNN: convolutions, group normalization,
+pooling) train all users at once on a copy of the weights per user. Other
+models (the Shakespeare GRU) train the client's users one after another
+inside the worker's graph, with TFF's own forward pass; they still save the
+per-client overhead, not the per-user arithmetic.
 """
 
 import collections
@@ -39,6 +42,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.aggregators import factory_utils
 
 from aggregators import common
+from dp_fedavg import per_user_model
 from dp_fedavg import process as process_lib
 from dp_fedavg.tasks import base
 
@@ -188,6 +192,44 @@ def _read_group(paths, specs, local_epochs, batch_size, shuffle_seed):
   return batched, mask, steps
 
 
+def _step_losses(logits, labels, mask):
+  """(the sum over users of each one's mean batch loss, the sum of all
+  examples' losses), for [users, batch] labels and mask."""
+  losses = tf.keras.losses.sparse_categorical_crossentropy(
+      labels, logits, from_logits=True
+  )
+  # Each user's loss is the mean over its batch, as Keras computes it; users
+  # are independent, so the sum gives each its own gradient.
+  user_losses = (tf.reduce_sum(losses * mask, axis=1)
+                 / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0))
+  return tf.reduce_sum(user_losses), tf.reduce_sum(losses * mask)
+
+
+def _train_users_with_copies(forward, trainable, features, labels, mask,
+                             steps, learning_rate):
+  """Local SGD of every user at once, on a copy of the weights per user.
+
+  `forward` is a `per_user_model.Forward`. Returns (each user's delta,
+  stacked, per variable; loss sum).
+  """
+  users = tf.shape(mask)[0]
+  weights = [
+      tf.tile(w[tf.newaxis], tf.concat([[users], tf.ones_like(tf.shape(w))], 0))
+      for w in trainable
+  ]
+  loss_sum = tf.constant(0.0)
+  for step in tf.range(steps):
+    with tf.GradientTape() as tape:
+      tape.watch(weights)
+      total, step_loss_sum = _step_losses(
+          forward(weights, features[:, step]), labels[:, step], mask[:, step]
+      )
+    gradients = tape.gradient(total, weights)
+    weights = [w - learning_rate * g for w, g in zip(weights, gradients)]
+    loss_sum += step_loss_sum
+  return [w[tf.newaxis] - final for w, final in zip(trainable, weights)], loss_sum
+
+
 def _train_dense_users(kernels, biases, activations, features, labels, mask,
                        steps, learning_rate):
   """Local SGD of every user at once, never copying a kernel per user.
@@ -233,15 +275,7 @@ def _train_dense_users(kernels, biases, activations, features, labels, mask,
         tape.watch(z)
         outputs.append(z)
         h = activation(z)
-      m = mask[:, step]
-      losses = tf.keras.losses.sparse_categorical_crossentropy(
-          labels[:, step], h, from_logits=True
-      )
-      # Each user's loss is the mean over its batch, as Keras computes it;
-      # users are independent, so the sum gives each its own gradient.
-      user_losses = (tf.reduce_sum(losses * m, axis=1)
-                     / tf.maximum(tf.reduce_sum(m, axis=1), 1.0))
-      total = tf.reduce_sum(user_losses)
+      total, step_loss_sum = _step_losses(h, labels[:, step], mask[:, step])
     gradients = tape.gradient(total, outputs)
     output_grads = [_record_step(g, d, step, steps)
                     for g, d in zip(output_grads, gradients)]
@@ -249,7 +283,7 @@ def _train_dense_users(kernels, biases, activations, features, labels, mask,
                            for i, h in zip(inputs[1:], hidden_inputs)]
     user_biases = [b - learning_rate * tf.reduce_sum(d, axis=1)
                    for b, d in zip(user_biases, gradients)]
-    loss_sum += tf.reduce_sum(losses * m)
+    loss_sum += step_loss_sum
   kernel_deltas = [learning_rate * tf.einsum('uti,uto->uio', i, g)
                    for i, g in zip(inputs, output_grads)]
   bias_deltas = [b[tf.newaxis] - u for b, u in zip(biases, user_biases)]
@@ -318,11 +352,14 @@ def build_client_work(
   """Client work on groups of users: stacked per-user deltas, train metrics.
 
   Stacks of Dense layers train all users at once (shared GEMMs plus
-  per-user low-rank corrections); other models train the group's users one after
-  another inside the worker. `weights_type` is the model's `ModelWeights`
-  type.
+  per-user low-rank corrections); models of the layer kinds in
+  `per_user_model` train all users at once on per-user weight copies; other
+  models train the group's users one after another inside the worker.
+  `weights_type` is the model's `ModelWeights` type.
   """
   activations = dense_activations(task.keras_model_fn)
+  per_user_forward = (per_user_model.build_forward(task.keras_model_fn)
+                      if activations is None else None)
   specs = tf.nest.flatten(task.train_data.element_type_structure)
   if len(specs) != 2:
     raise UnsupportedDataError(
@@ -365,10 +402,21 @@ def build_client_work(
     deltas[0::2], deltas[1::2] = kernel_deltas, bias_deltas
     return result(deltas, loss_sum, mask)
 
+  @tf.function
+  def train_group_with_copies(weights, data):
+    (features, labels), mask, steps = read(data)
+    deltas, loss_sum = _train_users_with_copies(
+        per_user_forward, list(weights.trainable), features, labels, mask,
+        steps, client_learning_rate,
+    )
+    return result(deltas, loss_sum, mask)
+
   @tff.tensorflow.computation(weights_type, data_type)
   def train_group(weights, data):
     if activations is not None:
       return train_dense_group(weights, data)
+    if per_user_forward is not None:
+      return train_group_with_copies(weights, data)
     # Built here, as TFF's own client work builds its model: its variables
     # belong to this computation's graph.
     model = task.model_fn()

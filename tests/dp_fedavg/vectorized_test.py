@@ -153,7 +153,7 @@ class EngineEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
       ('every_user_clipped', 'dense', 0.05, 3),
       ('one_user_per_client', 'dense', 0.05, 1),
       ('one_client', 'dense', 0.05, 7),
-      ('conv_users_one_by_one', 'conv', 0.05, 3),
+      ('conv_per_user_copies', 'conv', 0.05, 3),
       ('recurrent_users_one_by_one', 'recurrent', 0.05, 3),
   )
   def test_same_model_as_standard_engine(self, model, clip, users_per_client):
@@ -366,7 +366,7 @@ class StackedFactoriesTest(tf.test.TestCase, parameterized.TestCase):
 
 class DenseStackTest(tf.test.TestCase):
 
-  def test_only_dense_stacks_train_all_users_at_once(self):
+  def test_only_dense_stacks_take_the_low_rank_update(self):
     self.assertLen(vectorized.dense_activations(_keras_model), 2)
     self.assertIsNone(vectorized.dense_activations(
         lambda: models.group_norm_cnn((28, 28, 1), 62)))

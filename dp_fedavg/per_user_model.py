@@ -1,0 +1,169 @@
+"""A Keras model's forward pass with a copy of its weights per user.
+
+The vectorized engine trains every user of a TFF client at once. For models
+made of the layer kinds below, each layer runs once for all users, with each
+user's own weights: convolutions as one grouped convolution (users stacked in
+the channel axis), Dense layers as one batched matmul. The arithmetic is that
+of the Keras layers, so training matches the standard engine up to float32
+rounding.
+
+Layouts: convolutional activations are [batch, height, width, users,
+channels], so a grouped convolution or a pooling needs only a reshape;
+after Flatten, activations are [users, batch, features].
+"""
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+# A user-stacked forward pass: (weights, each [users, *shape], in the model's
+# trainable-variable order; features [users, batch, ...]) -> logits [users,
+# batch, classes].
+Forward = Callable[[list[tf.Tensor], tf.Tensor], tf.Tensor]
+
+
+def _conv2d(layer: tf.keras.layers.Conv2D):
+  if (layer.data_format != 'channels_last' or layer.groups != 1
+      or tuple(layer.dilation_rate) != (1, 1) or not layer.use_bias):
+    return None
+
+  def apply(weights, h):
+    kernel, bias = weights
+    shape = tf.shape(h)
+    users, channels = shape[3], shape[4]
+    height, width, _, out = kernel.shape[1:]
+    # Filter [height, width, channels, users * out]: with users * channels
+    # input channels, TF groups them by user.
+    filters = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]),
+                         tf.stack([height, width, channels, users * out]))
+    y = tf.nn.conv2d(
+        tf.reshape(h, tf.concat([shape[:3], [users * channels]], 0)),
+        filters, layer.strides, layer.padding.upper(),
+    )
+    y_shape = tf.shape(y)
+    y = tf.reshape(y, tf.concat([y_shape[:3], [users, out]], 0))
+    return layer.activation(y + bias)
+
+  return apply, 2
+
+
+def _group_normalization(layer: tf.keras.layers.GroupNormalization):
+  if layer.axis not in (-1, 3) or not (layer.center and layer.scale):
+    return None
+  groups = layer.groups
+
+  def apply(weights, h):
+    gamma, beta = weights
+    shape = tf.shape(h)
+    channels = gamma.shape[-1]
+    grouped_shape = tf.concat([shape[:4], [groups, channels // groups]], 0)
+    grouped = tf.reshape(h, grouped_shape)
+    # Each example's statistics per group, over height, width and the
+    # group's channels, as the layer computes them.
+    mean, variance = tf.nn.moments(grouped, axes=[1, 2, 5], keepdims=True)
+    users = shape[3]
+    per_user = tf.stack([1, 1, 1, users, groups, channels // groups])
+    normalized = tf.nn.batch_normalization(
+        grouped, mean, variance,
+        offset=tf.reshape(beta, per_user), scale=tf.reshape(gamma, per_user),
+        variance_epsilon=layer.epsilon,
+    )
+    return tf.reshape(normalized, shape)
+
+  return apply, 2
+
+
+def _max_pooling2d(layer: tf.keras.layers.MaxPooling2D):
+  if layer.data_format != 'channels_last':
+    return None
+
+  def apply(weights, h):
+    del weights  # Pooling has none.
+    shape = tf.shape(h)
+    y = tf.nn.max_pool2d(
+        tf.reshape(h, tf.concat([shape[:3], [shape[3] * shape[4]]], 0)),
+        layer.pool_size, layer.strides, layer.padding.upper(),
+    )
+    y_shape = tf.shape(y)
+    return tf.reshape(y, tf.concat([y_shape[:3], shape[3:]], 0))
+
+  return apply, 0
+
+
+def _flatten(layer: tf.keras.layers.Flatten):
+  if layer.data_format != 'channels_last':
+    return None
+
+  def apply(weights, h):
+    del weights  # Flatten has none.
+    shape = tf.shape(h)
+    # Each user's examples flattened in (height, width, channel) order.
+    per_user = tf.transpose(h, [3, 0, 1, 2, 4])
+    return tf.reshape(per_user, tf.stack([shape[3], shape[0], -1]))
+
+  return apply, 0
+
+
+def _dense(layer: tf.keras.layers.Dense):
+  if not layer.use_bias:
+    return None
+
+  def apply(weights, h):
+    kernel, bias = weights
+    return layer.activation(
+        tf.einsum('ubi,uio->ubo', h, kernel) + bias[:, tf.newaxis])
+
+  return apply, 2
+
+
+# Layer kind -> (builder, whether it takes the convolutional layout).
+_LAYERS = {
+    tf.keras.layers.Conv2D: (_conv2d, True),
+    tf.keras.layers.GroupNormalization: (_group_normalization, True),
+    tf.keras.layers.MaxPooling2D: (_max_pooling2d, True),
+    tf.keras.layers.Flatten: (_flatten, True),
+    tf.keras.layers.Dense: (_dense, False),
+}
+
+
+def build_forward(
+    keras_model_fn: Callable[[], tf.keras.Model]
+) -> Optional[Forward]:
+  """The model's forward pass with per-user weights; None unless the model is
+  a Sequential stack of the layer kinds above, in configurations they cover."""
+  # A fresh graph, so this model's variables do not outlive the call.
+  with tf.Graph().as_default():
+    model = keras_model_fn()
+    if not isinstance(model, tf.keras.Sequential):
+      return None
+    steps = []
+    convolutional = len(model.input_shape) == 4
+    for layer in model.layers:
+      if isinstance(layer, tf.keras.layers.InputLayer):
+        continue
+      if type(layer) not in _LAYERS:
+        return None
+      builder, takes_convolutional = _LAYERS[type(layer)]
+      built = builder(layer)
+      if built is None or takes_convolutional != convolutional:
+        return None
+      if len(layer.trainable_weights) != built[1] or layer.non_trainable_weights:
+        return None
+      steps.append(built)
+      if isinstance(layer, tf.keras.layers.Flatten):
+        convolutional = False
+    if convolutional:
+      return None
+
+  def forward(weights, features):
+    h = features
+    if len(features.shape) == 5:
+      # [users, batch, height, width, channels] -> the convolutional layout.
+      h = tf.transpose(h, [1, 2, 3, 0, 4])
+    used = 0
+    for apply, count in steps:
+      h = apply(weights[used:used + count], h)
+      used += count
+    return h
+
+  return forward

@@ -1,0 +1,94 @@
+"""Per-user forward passes compute each user's Keras model on its examples."""
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from dp_fedavg import per_user_model
+from dp_fedavg.tasks import models
+
+
+def _strided_same_conv():
+  return tf.keras.Sequential([
+      tf.keras.layers.InputLayer(input_shape=(9, 7, 2)),
+      tf.keras.layers.Conv2D(6, 3, strides=2, padding='same',
+                             activation='relu'),
+      tf.keras.layers.GroupNormalization(3, epsilon=0.01),
+      tf.keras.layers.MaxPooling2D(2, strides=1, padding='same'),
+      tf.keras.layers.Flatten(),
+      tf.keras.layers.Dense(5, activation='tanh'),
+      tf.keras.layers.Dense(4),
+  ])
+
+
+def _mlp():
+  return tf.keras.Sequential([
+      tf.keras.layers.InputLayer(input_shape=(12,)),
+      tf.keras.layers.Dense(8, activation='relu'),
+      tf.keras.layers.Dense(3),
+  ])
+
+
+class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('femnist_cnn', lambda: models.group_norm_cnn((28, 28, 1), 62)),
+      ('strided_same_conv', _strided_same_conv),
+      ('mlp', _mlp),
+  )
+  def test_each_user_gets_its_own_models_output(self, keras_model_fn):
+    forward = per_user_model.build_forward(keras_model_fn)
+    self.assertIsNotNone(forward)
+    users, batch = 3, 5
+    rng = np.random.default_rng(0)
+    # Every user's own weights: the model's initial weights, perturbed.
+    keras_models = [keras_model_fn() for _ in range(users)]
+    for model in keras_models:
+      model.set_weights([
+          w + rng.normal(scale=0.1, size=w.shape).astype(np.float32)
+          for w in model.get_weights()
+      ])
+    features = rng.normal(
+        size=(users, batch, *keras_models[0].input_shape[1:])
+    ).astype(np.float32)
+    stacked_weights = [
+        tf.stack(per_layer)
+        for per_layer in zip(*[m.trainable_weights for m in keras_models])
+    ]
+    logits = forward(stacked_weights, tf.constant(features))
+    for user, model in enumerate(keras_models):
+      self.assertAllClose(logits[user], model(features[user]),
+                          atol=1e-5, rtol=1e-5)
+
+  @parameterized.named_parameters(
+      ('recurrent', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(6,), dtype=tf.int32),
+          tf.keras.layers.Embedding(5, 4),
+          tf.keras.layers.GRU(3),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('dilated_conv', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(8, 8, 1)),
+          tf.keras.layers.Conv2D(2, 3, dilation_rate=2),
+          tf.keras.layers.Flatten(),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('dropout', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(4,)),
+          tf.keras.layers.Dropout(0.5),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('dense_on_images', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(4, 4, 1)),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('functional', lambda: tf.keras.Model(*(
+          lambda x: (x, tf.keras.layers.Dense(2)(x)))(
+              tf.keras.Input(shape=(4,))))),
+  )
+  def test_other_models_are_not_covered(self, keras_model_fn):
+    self.assertIsNone(per_user_model.build_forward(keras_model_fn))
+
+
+if __name__ == '__main__':
+  tf.test.main()

@@ -137,6 +137,9 @@ def build_forward(
     if not isinstance(model, tf.keras.Sequential):
       return None
     steps = []
+    # Images, or feature vectors (Dense layers take no other inputs here).
+    if len(model.input_shape) not in (2, 4):
+      return None
     convolutional = len(model.input_shape) == 4
     for layer in model.layers:
       if isinstance(layer, tf.keras.layers.InputLayer):

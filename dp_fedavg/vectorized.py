@@ -58,13 +58,14 @@ def dense_activations(
     keras_model_fn: Callable[[], tf.keras.Model]
 ) -> Optional[list]:
   """The activation of each Dense layer of a Sequential stack of Dense layers
-  with biases; None for any other model."""
+  with biases on feature vectors; None for any other model."""
   # A fresh graph, so this model's variables do not outlive the call.
   with tf.Graph().as_default():
     model = keras_model_fn()
-    if not isinstance(model, tf.keras.Sequential) or not all(
-        isinstance(layer, _DENSE_STACK_LAYERS) for layer in model.layers
-    ):
+    if (not isinstance(model, tf.keras.Sequential)
+        or len(model.input_shape) != 2
+        or not all(isinstance(layer, _DENSE_STACK_LAYERS)
+                   for layer in model.layers)):
       return None
     layers = [l for l in model.layers if isinstance(l, tf.keras.layers.Dense)]
     if not all(layer.use_bias for layer in layers):

@@ -78,6 +78,10 @@ class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
           tf.keras.layers.Dropout(0.5),
           tf.keras.layers.Dense(2),
       ])),
+      ('dense_on_sequences', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(3, 4)),
+          tf.keras.layers.Dense(2),
+      ])),
       ('dense_on_images', lambda: tf.keras.Sequential([
           tf.keras.layers.InputLayer(input_shape=(4, 4, 1)),
           tf.keras.layers.Dense(2),

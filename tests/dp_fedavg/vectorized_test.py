@@ -370,6 +370,11 @@ class DenseStackTest(tf.test.TestCase):
     self.assertLen(vectorized.dense_activations(_keras_model), 2)
     self.assertIsNone(vectorized.dense_activations(
         lambda: models.group_norm_cnn((28, 28, 1), 62)))
+    self.assertIsNone(vectorized.dense_activations(
+        lambda: tf.keras.Sequential([
+            tf.keras.layers.InputLayer(input_shape=(3, 4)),
+            tf.keras.layers.Dense(2),
+        ])))
 
 
 if __name__ == '__main__':

@@ -132,13 +132,20 @@ def pack_cohort(
 
   Each TFF client gets a one-element dataset (TFF's client work takes
   sequences) holding its users' file paths and the round's shuffle seed.
+  Users are grouped by size: a group trains for as many steps as its
+  largest user, so mixing small and large users would waste most of the
+  steps on padding. (Which users share a TFF client changes nothing else:
+  each is trained and clipped on its own.)
   """
+  paths = {user: user_files.paths(user) for user in cohort}
+  # The file's size grows with the user's number of examples.
+  by_size = sorted(cohort, key=lambda user: os.path.getsize(paths[user][0]))
   groups = []
-  for start in range(0, len(cohort), users_per_client):
-    users = cohort[start:start + users_per_client]
+  for start in range(0, len(by_size), users_per_client):
+    users = by_size[start:start + users_per_client]
     group = collections.OrderedDict(
         paths=tf.constant(
-            [user_files.paths(user) for user in users], tf.string,
+            [paths[user] for user in users], tf.string,
             shape=[len(users), user_files.num_components],
         ),
         shuffle_seed=tf.constant(shuffle_seed, tf.int64),

@@ -135,6 +135,12 @@ class UserFilesTest(tf.test.TestCase):
     ]
     self.assertEqual([g['paths'].shape for g in groups], [(3, 2), (3, 2), (1, 2)])
     self.assertEqual({int(g['shuffle_seed']) for g in groups}, {9})
+    # Grouped by size, smallest first: users of 0, 1, 3 | 9, 17, 25 | 40.
+    sizes = [
+        [len(tf.io.parse_tensor(tf.io.read_file(p[1]), tf.int32)) for p in g['paths']]
+        for g in groups
+    ]
+    self.assertEqual(sizes, [[0, 1, 3], [9, 17, 25], [40]])
 
 
 class EngineEquivalenceTest(tf.test.TestCase, parameterized.TestCase):

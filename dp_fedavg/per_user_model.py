@@ -22,9 +22,20 @@ import tensorflow as tf
 Forward = Callable[[list[tf.Tensor], tf.Tensor], tf.Tensor]
 
 
+def _users_in_channels(h):
+  """[batch, height, width, users, channels] -> [..., users * channels]."""
+  shape = tf.shape(h)
+  return tf.reshape(h, tf.concat([shape[:3], [shape[3] * shape[4]]], 0))
+
+
+def _users_out_of_channels(y, users):
+  """[batch, height, width, users * channels] -> [..., users, channels]."""
+  return tf.reshape(y, tf.concat([tf.shape(y)[:3], [users, -1]], 0))
+
+
 def _conv2d(layer: tf.keras.layers.Conv2D):
-  if (layer.data_format != 'channels_last' or layer.groups != 1
-      or tuple(layer.dilation_rate) != (1, 1) or not layer.use_bias):
+  if (layer.groups != 1 or tuple(layer.dilation_rate) != (1, 1)
+      or not layer.use_bias):
     return None
 
   def apply(weights, h):
@@ -36,13 +47,9 @@ def _conv2d(layer: tf.keras.layers.Conv2D):
     # input channels, TF groups them by user.
     filters = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]),
                          tf.stack([height, width, channels, users * out]))
-    y = tf.nn.conv2d(
-        tf.reshape(h, tf.concat([shape[:3], [users * channels]], 0)),
-        filters, layer.strides, layer.padding.upper(),
-    )
-    y_shape = tf.shape(y)
-    y = tf.reshape(y, tf.concat([y_shape[:3], [users, out]], 0))
-    return layer.activation(y + bias)
+    y = tf.nn.conv2d(_users_in_channels(h), filters, layer.strides,
+                     layer.padding.upper())
+    return layer.activation(_users_out_of_channels(y, users) + bias)
 
   return apply, 2
 
@@ -74,25 +81,17 @@ def _group_normalization(layer: tf.keras.layers.GroupNormalization):
 
 
 def _max_pooling2d(layer: tf.keras.layers.MaxPooling2D):
-  if layer.data_format != 'channels_last':
-    return None
-
   def apply(weights, h):
     del weights  # Pooling has none.
-    shape = tf.shape(h)
-    y = tf.nn.max_pool2d(
-        tf.reshape(h, tf.concat([shape[:3], [shape[3] * shape[4]]], 0)),
-        layer.pool_size, layer.strides, layer.padding.upper(),
-    )
-    y_shape = tf.shape(y)
-    return tf.reshape(y, tf.concat([y_shape[:3], shape[3:]], 0))
+    y = tf.nn.max_pool2d(_users_in_channels(h), layer.pool_size,
+                         layer.strides, layer.padding.upper())
+    return _users_out_of_channels(y, tf.shape(h)[3])
 
   return apply, 0
 
 
 def _flatten(layer: tf.keras.layers.Flatten):
-  if layer.data_format != 'channels_last':
-    return None
+  del layer  # Its one setting, data_format, is checked for every layer.
 
   def apply(weights, h):
     del weights  # Flatten has none.
@@ -145,6 +144,8 @@ def build_forward(
       if isinstance(layer, tf.keras.layers.InputLayer):
         continue
       if type(layer) not in _LAYERS:
+        return None
+      if getattr(layer, 'data_format', 'channels_last') != 'channels_last':
         return None
       builder, takes_convolutional = _LAYERS[type(layer)]
       built = builder(layer)

@@ -32,6 +32,12 @@ def uniform_shares(num_layers: int) -> tf.Tensor:
   return tf.fill([num_layers], 1.0 / tf.sqrt(float(num_layers)))
 
 
+def scales_to_bounds(norms: tf.Tensor, bounds: tf.Tensor) -> tf.Tensor:
+  """min(1, bound / norm), elementwise: the factor that brings each norm within
+  its bound; a zero bound gives zero, never 0 / 0."""
+  return tf.math.divide_no_nan(bounds, tf.maximum(norms, bounds))
+
+
 def clip_scales(
     norms: tf.Tensor,
     clip: tf.Tensor,
@@ -52,15 +58,11 @@ def clip_scales(
   """
   if clipping is Clipping.FLAT:
     total = tf.norm(norms, axis=1)
-    # min(1, S / norm); a zero bound gives zero, never 0 / 0.
-    scale = tf.math.divide_no_nan(clip, tf.maximum(total, clip))
-    return (
-        tf.tile(scale[:, tf.newaxis], tf.stack([1, tf.shape(norms)[1]])),
-        total <= clip,
-    )
+    scale = scales_to_bounds(total, clip)
+    return tf.broadcast_to(scale[:, tf.newaxis], tf.shape(norms)), total <= clip
   bounds = clip * layer_shares
-  scales = tf.math.divide_no_nan(bounds, tf.maximum(norms, bounds))
-  return scales, tf.reduce_all(norms <= bounds, axis=1)
+  return (scales_to_bounds(norms, bounds),
+          tf.reduce_all(norms <= bounds, axis=1))
 
 
 def adaptive_shares(released: list[tf.Tensor], previous: tf.Tensor) -> tf.Tensor:

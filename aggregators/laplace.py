@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from aggregators import clipping
 from aggregators import common
 
 
@@ -103,10 +104,10 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
 
     def clip_users(norms, is_finite, l1_clip):
       total = tf.reduce_sum(norms, axis=1)
-      # min(1, l1_clip / norm): the whole update scaled to L1 norm <= l1_clip.
-      scale = tf.math.divide_no_nan(l1_clip, tf.maximum(total, l1_clip))
+      # The whole update scaled to L1 norm <= l1_clip.
+      scale = clipping.scales_to_bounds(total, l1_clip)
       return (
-          tf.tile(scale[:, tf.newaxis], tf.stack([1, tf.shape(norms)[1]])),
+          tf.broadcast_to(scale[:, tf.newaxis], tf.shape(norms)),
           collections.OrderedDict(
               clipped=tf.cast(tf.logical_and(is_finite, total > l1_clip),
                               tf.int32),

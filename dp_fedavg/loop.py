@@ -56,6 +56,10 @@ class TrainingOutcome:
 def _scalar_measurements(measurements, prefix: str = '') -> dict[str, Any]:
   """Flattens nested measurements to {'a/b': scalar}, dropping empty ones."""
   flat = {}
+  if not isinstance(measurements, collections.abc.Mapping):
+    # An aggregator without measurements (the plain mean of stacked users)
+    # reports an empty structure.
+    return flat
   for name, value in measurements.items():
     if isinstance(value, collections.abc.Mapping):
       flat.update(_scalar_measurements(value, f'{prefix}{name}/'))

@@ -56,6 +56,7 @@ margin of noise for the dropouts they tolerate; this simulation has none.
 """
 
 import collections
+import dataclasses
 import math
 from typing import Optional
 
@@ -73,7 +74,12 @@ from tensorflow_federated.python.aggregators import discretization
 from tensorflow_federated.python.aggregators import hadamard
 from tensorflow_privacy.privacy.dp_query import discrete_gaussian_utils
 
-from aggregators import common
+from aggregators import checks
+from aggregators import noise_seeds
+from aggregators import registry
+from aggregators import secure_encoding
+from aggregators import skeleton
+from dp_fedavg import accounting
 
 MECHANISMS = ('ddgauss', 'skellam')
 MIN_BITS, MAX_BITS = 2, 30
@@ -259,6 +265,7 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
       beta: float = math.exp(-0.5),
       modclip_prob: float = 1e-6,
       rotation_seed: Optional[int] = None,
+      stacked_users: bool = False,
   ):
     """Initializes the factory.
 
@@ -274,14 +281,17 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
       modclip_prob: the per-coordinate probability, in (0, 1), that the sum
         overflows 2^bits; it sets the scale s.
       rotation_seed: seed of the public rotations; None draws one.
+      stacked_users: refused (True): each user must round and noise its own
+        update inside the secure sum.
 
     Raises:
-      TypeError, ValueError: an argument outside its type or range.
+      TypeError, checks.ArgumentError: an argument outside its type or range.
+      checks.UnsupportedError: stacked users.
     """
-    self._noise_multiplier = common.check_number(
+    self._noise_multiplier = checks.check_number(
         noise_multiplier, 'noise_multiplier', 0, strict=False
     )
-    self._clip = common.check_number(clip, 'clip', 0, strict=True)
+    self._clip = checks.check_number(clip, 'clip', 0, strict=True)
     if isinstance(expected_clients_per_round, bool) or not isinstance(
         expected_clients_per_round, (int, np.integer)
     ) or expected_clients_per_round < 1:
@@ -290,25 +300,22 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
           f'sharing the noise), got {expected_clients_per_round!r}.'
       )
     self._clients = int(expected_clients_per_round)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (
-        MIN_BITS <= bits <= MAX_BITS
-    ):
-      raise ValueError(
-          f'bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}.'
-      )
-    self._bits = bits
-    if mechanism not in MECHANISMS:
-      raise ValueError(f'mechanism must be one of {MECHANISMS}, got {mechanism!r}.')
-    self._mechanism = mechanism
-    self._beta = common.check_number(beta, 'beta', 0, strict=False)
-    if self._beta >= 1:
-      raise ValueError(f'beta must be < 1, got {beta}.')
-    self._modclip_prob = common.check_number(
-        modclip_prob, 'modclip_prob', 0, strict=True
+    self._bits = checks.check_integer(bits, 'bits', MIN_BITS, MAX_BITS)
+    self._mechanism = checks.check_choice(mechanism, 'mechanism', MECHANISMS)
+    self._beta = checks.check_number(
+        beta, 'beta', 0, strict=False, maximum=1, strict_maximum=True
     )
-    if self._modclip_prob >= 1:
-      raise ValueError(f'modclip_prob must be < 1, got {modclip_prob}.')
-    self._rotation_seed = common.check_seed(rotation_seed)
+    self._modclip_prob = checks.check_number(
+        modclip_prob, 'modclip_prob', 0, strict=True, maximum=1,
+        strict_maximum=True,
+    )
+    self._rotation_seed = checks.check_seed(rotation_seed)
+    if checks.check_bool(stacked_users, 'stacked_users'):
+      raise checks.UnsupportedError(
+          'a secure sum cannot aggregate stacked users: each user rounds and '
+          'noises its own update, and a stack puts several users\' updates '
+          'in one client.'
+      )
 
   def parameters(self, dimension: int) -> dict[str, float]:
     """Scale, padded dimension, sensitivities and local variance for `dimension`.
@@ -346,7 +353,7 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
   def create(
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
   ) -> tff.templates.AggregationProcess:
-    value_specs = common.float_value_specs(value_type, 'DistributedDpFactory')
+    value_specs = skeleton.float_value_specs(value_type, 'DistributedDpFactory')
     flat_specs = tf.nest.flatten(value_specs)
     sizes = [spec.shape.num_elements() for spec in flat_specs]
     dimension = sum(sizes)
@@ -361,7 +368,7 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
     @tff.tensorflow.computation
     def initial_state():
       return collections.OrderedDict(
-          rotation_seed=common.initial_seed(self._rotation_seed),
+          rotation_seed=noise_seeds.initial_seed(self._rotation_seed),
           l2_sensitivity=tf.constant(params['l2_sensitivity'], tf.float64),
           l1_sensitivity=tf.constant(params['l1_sensitivity'], tf.float64),
           local_variance=tf.constant(params['local_variance'], tf.float64),
@@ -460,14 +467,9 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
           measurements,
       )
 
-    return common.clip_sum_noise_process(
+    return skeleton.clip_aggregate_finish_process(
         initial_state, client_params, client_update, finish_round,
-        common.SecureSumming(
-            value_factory=tff.aggregators.SecureModularSumFactory(modulus),
-            count_factory=tff.aggregators.SecureSumFactory(
-                upper_bound_threshold=1, lower_bound_threshold=0
-            ),
-        ),
+        secure_encoding.ModularSecureSum(modulus),
     )
 
 
@@ -509,3 +511,65 @@ def dp_event_from_state(state) -> DistributedDpEvent:
       state['local_variance'], round(float(state['num_clients'])),
       round(float(state['dimension'])),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedDpParams:
+  """distributed_dp: clients' discrete noise through a secure modular sum."""
+
+  noise_multiplier: float = registry.parameter(
+      1.0, 'z: the noise stddev on the sum in units of the clip.')
+  clip: float = registry.parameter(1.0, 'L2 norm bound of one client update.')
+  bits: int = registry.parameter(
+      16, f'Bit width of the secure modular sum, [{MIN_BITS}, {MAX_BITS}].')
+  ddp_mechanism: str = registry.parameter(
+      'ddgauss', f'The clients\' noise, one of {MECHANISMS} (distributed '
+      'discrete Gaussian or Skellam).')
+  ddp_beta: float = registry.parameter(
+      math.exp(-0.5), 'Conditional rounding parameter beta in [0, 1); 0 '
+      'rounds unconditionally (looser norm bound).')
+  ddp_modclip_prob: float = registry.parameter(
+      1e-6, 'Per-coordinate probability that the sum overflows the bit width; '
+      'sets the scaling.')
+
+
+def _arguments(params, setting: registry.Setting) -> dict:
+  return dict(
+      noise_multiplier=params.noise_multiplier, clip=params.clip,
+      expected_clients_per_round=int(setting.expected_clients_per_round),
+      bits=params.bits, mechanism=params.ddp_mechanism, beta=params.ddp_beta,
+      modclip_prob=params.ddp_modclip_prob,
+  )
+
+
+def _ledger(params, setting: registry.Setting) -> accounting.SampledRounds:
+  if setting.model_dimension is None:
+    raise ValueError(
+        'distributed_dp\'s epsilon depends on the model\'s size (rounding '
+        'and scaling act on every value); account it with experiments.train.'
+    )
+  return accounting.SampledRounds(
+      round_dp_event(
+          dimension=setting.model_dimension, **_arguments(params, setting)
+      ),
+      dp_event_from_state,
+  )
+
+
+registry.register(registry.Mechanism(
+    name='distributed_dp',
+    summary='clients add discrete Gaussian or Skellam noise to a secure '
+    'modular sum',
+    params_type=DistributedDpParams,
+    build_factory=lambda params, setting: DistributedDpFactory(
+        rotation_seed=setting.noise_seed, stacked_users=setting.stacked_users,
+        **_arguments(params, setting),
+    ),
+    build_ledger=_ledger,
+    noise=registry.NoiseParameter('noise_multiplier'),
+    secure_sums=True,
+    argument_names=lambda params: {
+        'mechanism': 'ddp_mechanism', 'beta': 'ddp_beta',
+        'modclip_prob': 'ddp_modclip_prob',
+    },
+))

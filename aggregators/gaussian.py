@@ -29,19 +29,12 @@ Privacy guarantee, per round, under add/remove-one-client adjacency:
   composed without sampling. The released sum carries the noise of every
   participant, so the central guarantee is at least the server-noise one.
 
-* Secure sum (`secure_sum=True`). The clipped updates and the counts reach
-  the server only through `tff.aggregators.SecureSumFactory` (integer
-  bounds, exact sums), so the server never sees one client's update; it adds
-  the noise to the sum as above. Each client sends q = round(u K f / S), the
-  update u on a grid of K = 2^15 steps per clip, with the shrink
-  f = (1 - sqrt(d) / (2K)) / (1 + 1e-6): rounding moves q by at most
-  sqrt(d) / 2 in L2 and float32 clipping overshoots S by less than 1e-6
-  relative, so ||q|| <= K and the decoded sum q S / K still has sensitivity
-  S. The event is therefore the same as without the secure sum; the server
-  divides the noised sum by f afterwards (post-processing) to undo the shrink.
-  Every |q_i| <= K, so the secure sum's bounds [-K, K] never clip a value
-  (`secure_clipped_count` reports it); sums are exact below 32,768 clients
-  per round.
+* Secure sum (`secure_gaussian`: the inner aggregation
+  `secure_encoding.GridSecureSum`). The clipped updates and the counts reach
+  the server only as secure sums of an integer encoding whose decoded sum
+  still has L2 sensitivity S (see `aggregators.secure_encoding`), so the
+  server never sees one client's update; it adds the noise to the sum as
+  above, and the event is the same as without the secure sum.
 
 The sum is divided by the *expected* number of clients per round, a constant:
 that division is post-processing. Noise multipliers are kept in the state as
@@ -55,18 +48,19 @@ import math
 from typing import Optional
 
 import dp_accounting
-import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from aggregators import checks
 from aggregators import clipping as clipping_lib
-from aggregators import common
+from aggregators import noise_seeds
+from aggregators import registry
+from aggregators import secure_encoding
+from aggregators import skeleton
+from dp_fedavg import accounting
 
 NOISE_PLACEMENTS = ('server', 'client')
-# Grid steps per clip of the secure-sum encoding, and the cohort its int32 sum
-# holds exactly (each client adds at most 2K to the shifted sum).
-SECURE_LEVELS = 2**15
-MAX_SECURE_CLIENTS = 2**31 // (2 * SECURE_LEVELS)
+CLIPPINGS = tuple(c.value for c in clipping_lib.Clipping)
 # The count gets at most this share of the privacy budget (in z^-2 terms) when
 # clipped_count_stddev is chosen automatically.
 _COUNT_BUDGET_SHARE = 0.01
@@ -146,7 +140,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       adaptive: Optional[AdaptiveClipping] = None,
       noise_placement: str = 'server',
       noise_seed: Optional[int] = None,
-      secure_sum: bool = False,
+      record_aggregation: Optional[skeleton.RecordAggregation] = None,
       stacked_users: bool = False,
   ):
     """Initializes the factory.
@@ -160,74 +154,72 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       noise_placement: 'server' (central DP) or 'client' (each client noises
         its own update; requires a fixed clip).
       noise_seed: seed of the server's noise stream; None draws one.
-      secure_sum: sum the clipped updates and counts with secure sums (server
-        noise only).
+      record_aggregation: how the clipped updates and counts reach the server;
+        None is a plain sum (`skeleton.PlainSum`). A secure one
+        (`secure_encoding.GridSecureSum`) takes server noise only.
       stacked_users: each client's value is a stack of users' updates (the
         vectorized engine); each user is clipped, counted and, with client
         noise, noised on its own.
 
     Raises:
       TypeError: if an argument is not of its type.
-      ValueError: if an argument is outside its range or the noise cannot be
-        split between update and count.
+      checks.ArgumentError: if an argument is outside its range.
+      checks.UnsupportedError: if arguments cannot go together.
+      ValueError: if the noise cannot be split between update and count.
     """
-    self._noise_multiplier = common.check_number(
+    self._noise_multiplier = checks.check_number(
         noise_multiplier, 'noise_multiplier', 0, strict=False
     )
-    self._clip = common.check_number(clip, 'clip', 0, strict=True)
-    self._expected_clients_per_round = common.check_number(
+    self._clip = checks.check_number(clip, 'clip', 0, strict=True)
+    self._expected_clients_per_round = checks.check_number(
         expected_clients_per_round, 'expected_clients_per_round', 0, strict=True
     )
-    self._clipping = clipping_lib.Clipping(clipping)
-    if noise_placement not in NOISE_PLACEMENTS:
-      raise ValueError(
-          f'noise_placement must be one of {NOISE_PLACEMENTS}, got '
-          f'{noise_placement!r}.'
+    if isinstance(clipping, clipping_lib.Clipping):
+      clipping = clipping.value
+    self._clipping = clipping_lib.Clipping(
+        checks.check_choice(clipping, 'clipping', CLIPPINGS)
+    )
+    self._noise_placement = checks.check_choice(
+        noise_placement, 'noise_placement', NOISE_PLACEMENTS
+    )
+    self._noise_seed = checks.check_seed(noise_seed)
+    self._records = record_aggregation or skeleton.PlainSum()
+    if not isinstance(self._records, skeleton.RecordAggregation):
+      raise TypeError(
+          'record_aggregation must be a skeleton.RecordAggregation, got '
+          f'{record_aggregation!r}.'
       )
-    self._noise_placement = noise_placement
-    self._noise_seed = common.check_seed(noise_seed)
-    if not isinstance(secure_sum, bool):
-      raise TypeError(f'secure_sum must be a bool, got {secure_sum!r}.')
-    if secure_sum and noise_placement == 'client':
-      raise ValueError(
-          'secure_sum needs noise_placement=server: Gaussian client noise is '
+    if self._records.secure and noise_placement == 'client':
+      raise checks.UnsupportedError(
+          'a secure sum needs noise_placement=server: Gaussian client noise is '
           'continuous and cannot be summed exactly as integers.'
       )
-    if secure_sum and 2 * expected_clients_per_round > MAX_SECURE_CLIENTS:
-      raise ValueError(
-          f'secure_sum sums at most {MAX_SECURE_CLIENTS} clients exactly; '
-          f'expected_clients_per_round={expected_clients_per_round} leaves no '
-          'margin for larger sampled cohorts.'
-      )
-    self._secure_sum = secure_sum
-    self._stacked_users = common.check_stacked_users(stacked_users)
-    if secure_sum and stacked_users:
-      raise ValueError(
-          'secure_sum cannot aggregate stacked users: a secure sum protects '
-          'each user\'s update from everyone else, and a stack puts several '
-          'users\' updates in one client.'
+    self._records.check_cohort(self._expected_clients_per_round)
+    self._stacked_users = checks.check_bool(stacked_users, 'stacked_users')
+    if self._records.secure and stacked_users:
+      raise checks.UnsupportedError(
+          'a secure sum cannot aggregate stacked users: it protects each '
+          'user\'s update from everyone else, and a stack puts several users\' '
+          'updates in one client.'
       )
     self._adaptive = adaptive
     if adaptive is None:
       self._update_noise, self._count_stddev = self._noise_multiplier, 0.0
     else:
       if noise_placement == 'client':
-        raise ValueError(
+        raise checks.UnsupportedError(
             'noise_placement=client needs a fixed clip: the clipped count '
             'would be released without noise from each client.'
         )
-      common.check_number(
-          adaptive.target_quantile, 'target_quantile', 0, strict=False
+      checks.check_number(
+          adaptive.target_quantile, 'target_quantile', 0, strict=False,
+          maximum=1,
       )
-      if adaptive.target_quantile > 1:
-        raise ValueError(
-            f'target_quantile must be <= 1, got {adaptive.target_quantile}.'
-        )
-      common.check_number(
+      checks.check_number(
           adaptive.learning_rate, 'learning_rate', 0, strict=False
       )
       if adaptive.clipped_count_stddev is not None:
-        common.check_number(
+        checks.check_number(
             adaptive.clipped_count_stddev, 'clipped_count_stddev', 0,
             strict=False,
         )
@@ -250,21 +242,11 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
   ) -> tff.templates.AggregationProcess:
     if self._stacked_users:
-      value_type = common.unstacked_type(value_type, 'GaussianFactory')
-    value_specs = common.float_value_specs(value_type, 'GaussianFactory')
+      value_type = skeleton.unstacked_type(value_type, 'GaussianFactory')
+    value_specs = skeleton.float_value_specs(value_type, 'GaussianFactory')
     num_layers = len(tf.nest.flatten(value_specs))
-    secure = self._secure_sum
-    dimension = sum(spec.shape.num_elements() for spec in tf.nest.flatten(value_specs))
-    secure_shrink = (
-        (1.0 - math.sqrt(dimension) / (2 * SECURE_LEVELS)) / (1.0 + 1e-6)
-    )
-    if secure and secure_shrink <= 0.5:
-      raise ValueError(
-          f'secure_sum: the update has {dimension} values, too many for a grid '
-          f'of {SECURE_LEVELS} steps per clip (rounding would use up more than '
-          'half of the clip).'
-      )
-    post_noise_scale = 1.0 / secure_shrink if secure else 1.0
+    records = self._records
+    post_noise_scale = records.post_noise_scale(value_type)
     clipping = self._clipping
     client_noise = self._noise_placement == 'client'
     adaptive = self._adaptive
@@ -277,7 +259,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           layer_shares=clipping_lib.uniform_shares(num_layers),
           noise_multiplier=tf.constant(self._update_noise, tf.float64),
           clipped_count_stddev=tf.constant(self._count_stddev, tf.float64),
-          noise_seed=common.initial_seed(self._noise_seed),
+          noise_seed=noise_seeds.initial_seed(self._noise_seed),
       )
 
     state_type = initial_state.type_signature.result
@@ -320,20 +302,14 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           for c in clipped_sums
       ]
 
-    client_update = common.client_update_computation(
+    client_update = skeleton.client_update_computation(
         clip_users, 2, value_type, params_type, self._stacked_users,
         client_noise_fn=add_client_noise if client_noise else None,
     )
-    counts_type = client_update.type_signature.result[1]
-    secure_summing = None
-    if secure:
-      secure_summing = self._secure_summing(
-          value_type, value_specs, params_type, state_type, secure_shrink
-      )
-      counts_type = tff.types.to_type(collections.OrderedDict(
-          list(tff.structure.iter_elements(counts_type))
-          + [('secure_clipped', tff.TensorType(np.int32))]
-      ))
+    counts_type = records.counts_type(client_update.type_signature.result[1])
+    reports_secure_clipped = 'secure_clipped' in dict(
+        tff.structure.iter_elements(counts_type)
+    )
 
     @tff.tensorflow.computation(value_type, counts_type, state_type)
     def finish_round(value_sum, counts, state):
@@ -394,7 +370,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           nonfinite_count=counts['nonfinite'],
           unclipped_fraction=unclipped_fraction,
       )
-      if secure:
+      if reports_secure_clipped:
         measurements['secure_clipped_count'] = counts['secure_clipped']
       return (
           tf.nest.pack_sequence_as(value_specs, mean),
@@ -402,58 +378,8 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           measurements,
       )
 
-    return common.clip_sum_noise_process(
-        initial_state, client_params, client_update, finish_round,
-        secure_summing,
-    )
-
-  def _secure_summing(
-      self, value_type, value_specs, params_type, state_type, shrink: float
-  ) -> common.SecureSumming:
-    """Integer encoding of clipped updates for `SecureSumFactory`; see above."""
-    levels = SECURE_LEVELS
-    encoded_type = tff.types.to_type(tf.nest.map_structure(
-        lambda spec: tff.TensorType(np.int32, spec.shape), value_specs
-    ))
-
-    @tff.tensorflow.computation(value_type, params_type)
-    def encode(clipped, params):
-      # In float64, so rounding is the only error of the grid.
-      step = tf.cast(levels * shrink, tf.float64) / tf.cast(
-          params['clip'], tf.float64
-      )
-      return tf.nest.map_structure(
-          lambda t: tf.cast(tf.round(tf.cast(t, tf.float64) * step), tf.int32),
-          clipped,
-      )
-
-    sum_factory = tff.aggregators.SecureSumFactory(
-        upper_bound_threshold=levels, lower_bound_threshold=-levels
-    )
-    measurements_type = (
-        sum_factory.create(encoded_type)
-        .next.type_signature.result.measurements.member
-    )
-
-    @tff.tensorflow.computation(encoded_type, measurements_type, state_type)
-    def decode(encoded_sum, measurements, state):
-      unit = state['clip'] / levels
-      value_sum = tf.nest.map_structure(
-          lambda t: tf.cast(t, tf.float32) * unit, encoded_sum
-      )
-      clipped = (
-          measurements['secure_upper_clipped_count']
-          + measurements['secure_lower_clipped_count']
-      )
-      return value_sum, clipped
-
-    return common.SecureSumming(
-        encode=encode,
-        value_factory=sum_factory,
-        count_factory=tff.aggregators.SecureSumFactory(
-            upper_bound_threshold=1, lower_bound_threshold=0
-        ),
-        decode=decode,
+    return skeleton.clip_aggregate_finish_process(
+        initial_state, client_params, client_update, finish_round, records
     )
 
 
@@ -498,6 +424,155 @@ def dp_event_from_state(state) -> dp_accounting.DpEvent:
   )
 
 
+def local_round_dp_event(noise_multiplier: float) -> dp_accounting.DpEvent:
+  """Client placement: one participating client's message, replace-one
+  (sensitivity 2 S for noise z S)."""
+  return dp_accounting.GaussianDpEvent(float(noise_multiplier) / 2.0)
+
+
 def local_dp_event_from_state(state) -> dp_accounting.DpEvent:
-  """Client placement: one participating client's message, replace-one."""
-  return dp_accounting.GaussianDpEvent(float(state['noise_multiplier']) / 2.0)
+  """`local_round_dp_event` of a client-noise `GaussianFactory` state."""
+  return local_round_dp_event(float(state['noise_multiplier']))
+
+
+
+# The registry's entries: gaussian_fixed, gaussian_adaptive, secure_gaussian.
+_NOISE_MULTIPLIER_HELP = (
+    'z: the noise stddev on the sum in units of the clip (the total z, split '
+    'with the unclipped count when the clip adapts).'
+)
+_CLIPPING_HELP = (
+    f'One of {CLIPPINGS} (per layer: each tensor of the update gets its share '
+    'of the total bound).'
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianFixedParams:
+  """gaussian_fixed: the Gaussian mechanism with a fixed clip."""
+
+  noise_multiplier: float = registry.parameter(1.0, _NOISE_MULTIPLIER_HELP)
+  clip: float = registry.parameter(
+      1.0, 'L2 norm bound S of one client\'s whole update (a fixed clip).')
+  clipping: str = registry.parameter('flat', _CLIPPING_HELP)
+  noise_placement: str = registry.parameter(
+      'server',
+      f'One of {NOISE_PLACEMENTS}. server: central DP; client: every client '
+      'adds the full noise to its own update (local DP, epsilon per client '
+      'taking part in every round).')
+
+
+_ADAPTIVE_HELP = dict(
+    initial_clip=(0.5, 'The clip of round 1 (adaptive).'),
+    target_quantile=(
+        0.5, 'gamma: fraction of client updates to leave unclipped (adaptive).'),
+    clip_learning_rate=(0.2, 'eta of the geometric clip update (adaptive).'),
+    clipped_count_stddev=(
+        None, 'sigma_b: noise stddev on the unclipped count (adaptive); unset '
+        'picks max(0.05 * clients_per_round, 5 * noise_multiplier).'),
+)
+
+
+def _adaptive_field(name: str):
+  """A fresh field (dataclasses take each field object once)."""
+  return registry.parameter(*_ADAPTIVE_HELP[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianAdaptiveParams:
+  """gaussian_adaptive: the clip follows a quantile of the update norms."""
+
+  noise_multiplier: float = registry.parameter(1.0, _NOISE_MULTIPLIER_HELP)
+  initial_clip: float = _adaptive_field('initial_clip')
+  target_quantile: float = _adaptive_field('target_quantile')
+  clip_learning_rate: float = _adaptive_field('clip_learning_rate')
+  clipped_count_stddev: Optional[float] = _adaptive_field('clipped_count_stddev')
+  clipping: str = registry.parameter('flat', _CLIPPING_HELP)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureGaussianParams:
+  """secure_gaussian: server noise on a secure sum, fixed or adaptive clip."""
+
+  noise_multiplier: float = registry.parameter(1.0, _NOISE_MULTIPLIER_HELP)
+  clip: float = registry.parameter(1.0, 'L2 norm bound S (a fixed clip).')
+  clipping: str = registry.parameter('flat', _CLIPPING_HELP)
+  adaptive_clip: bool = registry.parameter(
+      False, 'Adapt the clip to --target_quantile as gaussian_adaptive does '
+      '(from --initial_clip); otherwise the clip is --clip.')
+  initial_clip: float = _adaptive_field('initial_clip')
+  target_quantile: float = _adaptive_field('target_quantile')
+  clip_learning_rate: float = _adaptive_field('clip_learning_rate')
+  clipped_count_stddev: Optional[float] = _adaptive_field('clipped_count_stddev')
+
+
+def _adaptive_of(params) -> Optional[AdaptiveClipping]:
+  """The quantile tracking of `params`; None for a fixed clip."""
+  if isinstance(params, GaussianFixedParams) or (
+      isinstance(params, SecureGaussianParams) and not params.adaptive_clip
+  ):
+    return None
+  return AdaptiveClipping(
+      target_quantile=params.target_quantile,
+      learning_rate=params.clip_learning_rate,
+      clipped_count_stddev=params.clipped_count_stddev,
+  )
+
+
+def _build(params, setting: registry.Setting) -> GaussianFactory:
+  adaptive = _adaptive_of(params)
+  secure = isinstance(params, SecureGaussianParams)
+  return GaussianFactory(
+      noise_multiplier=params.noise_multiplier,
+      clip=params.clip if adaptive is None else params.initial_clip,
+      expected_clients_per_round=setting.expected_clients_per_round,
+      clipping=params.clipping,
+      adaptive=adaptive,
+      noise_placement=getattr(params, 'noise_placement', 'server'),
+      noise_seed=setting.noise_seed,
+      record_aggregation=secure_encoding.GridSecureSum() if secure else None,
+      stacked_users=setting.stacked_users,
+  )
+
+
+def _ledger(params, setting: registry.Setting) -> accounting.MechanismLedger:
+  if getattr(params, 'noise_placement', 'server') == 'client':
+    return accounting.LocalRounds(
+        local_round_dp_event(params.noise_multiplier), local_dp_event_from_state
+    )
+  return accounting.SampledRounds(
+      round_dp_event(
+          params.noise_multiplier, setting.expected_clients_per_round,
+          _adaptive_of(params),
+      ),
+      dp_event_from_state,
+  )
+
+
+def _argument_names(params) -> dict[str, str]:
+  names = {'learning_rate': 'clip_learning_rate'}
+  if _adaptive_of(params) is not None:
+    names['clip'] = 'initial_clip'
+  return names
+
+
+_NOISE = registry.NoiseParameter('noise_multiplier')
+registry.register(registry.Mechanism(
+    name='gaussian_fixed',
+    summary='Gaussian noise on the sum of updates clipped to --clip',
+    params_type=GaussianFixedParams, build_factory=_build,
+    build_ledger=_ledger, noise=_NOISE, argument_names=_argument_names,
+))
+registry.register(registry.Mechanism(
+    name='gaussian_adaptive',
+    summary='Gaussian noise, the clip adapted to --target_quantile of the norms',
+    params_type=GaussianAdaptiveParams, build_factory=_build,
+    build_ledger=_ledger, noise=_NOISE, argument_names=_argument_names,
+))
+registry.register(registry.Mechanism(
+    name='secure_gaussian',
+    summary='Gaussian server noise on a secure sum of the clipped updates',
+    params_type=SecureGaussianParams, build_factory=_build,
+    build_ledger=_ledger, noise=_NOISE, secure_sums=True,
+    argument_names=_argument_names,
+))

@@ -15,6 +15,7 @@ the PLD accountant covers this event.
 """
 
 import collections
+import dataclasses
 from typing import Optional
 
 import dp_accounting
@@ -22,8 +23,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from aggregators import checks
 from aggregators import clipping
-from aggregators import common
+from aggregators import noise_seeds
+from aggregators import registry
+from aggregators import skeleton
+from dp_fedavg import accounting
 
 
 def laplace_noise(shape, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -68,24 +73,24 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
 
     Raises:
       TypeError: if an argument is not a number (or an int seed).
-      ValueError: if an argument is outside its range.
+      checks.ArgumentError: if an argument is outside its range.
     """
-    self._epsilon_per_round = common.check_number(
+    self._epsilon_per_round = checks.check_number(
         epsilon_per_round, 'epsilon_per_round', 0, strict=True
     )
-    self._l1_clip = common.check_number(l1_clip, 'l1_clip', 0, strict=True)
-    self._expected_clients_per_round = common.check_number(
+    self._l1_clip = checks.check_number(l1_clip, 'l1_clip', 0, strict=True)
+    self._expected_clients_per_round = checks.check_number(
         expected_clients_per_round, 'expected_clients_per_round', 0, strict=True
     )
-    self._noise_seed = common.check_seed(noise_seed)
-    self._stacked_users = common.check_stacked_users(stacked_users)
+    self._noise_seed = checks.check_seed(noise_seed)
+    self._stacked_users = checks.check_bool(stacked_users, 'stacked_users')
 
   def create(
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
   ) -> tff.templates.AggregationProcess:
     if self._stacked_users:
-      value_type = common.unstacked_type(value_type, 'LaplaceFactory')
-    value_specs = common.float_value_specs(value_type, 'LaplaceFactory')
+      value_type = skeleton.unstacked_type(value_type, 'LaplaceFactory')
+    value_specs = skeleton.float_value_specs(value_type, 'LaplaceFactory')
     num_tensors = len(tf.nest.flatten(value_specs))
 
     @tff.tensorflow.computation
@@ -93,7 +98,7 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
       return collections.OrderedDict(
           l1_clip=tf.constant(self._l1_clip, tf.float32),
           epsilon_per_round=tf.constant(self._epsilon_per_round, tf.float64),
-          noise_seed=common.initial_seed(self._noise_seed),
+          noise_seed=noise_seeds.initial_seed(self._noise_seed),
       )
 
     state_type = initial_state.type_signature.result
@@ -115,7 +120,7 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
           ),
       )
 
-    clip_update = common.client_update_computation(
+    clip_update = skeleton.client_update_computation(
         clip_users, 1, value_type, tff.TensorType(np.float32),
         self._stacked_users,
     )
@@ -145,8 +150,9 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
       )
       return tf.nest.pack_sequence_as(value_specs, mean), new_state, measurements
 
-    return common.clip_sum_noise_process(
-        initial_state, get_l1_clip, clip_update, add_noise_and_average
+    return skeleton.clip_aggregate_finish_process(
+        initial_state, get_l1_clip, clip_update, add_noise_and_average,
+        skeleton.PlainSum(),
     )
 
 
@@ -158,3 +164,36 @@ def round_dp_event(epsilon_per_round: float) -> dp_accounting.DpEvent:
 def dp_event_from_state(state) -> dp_accounting.DpEvent:
   """The per-round DpEvent of a `LaplaceFactory` state, before sampling."""
   return round_dp_event(float(state['epsilon_per_round']))
+
+
+@dataclasses.dataclass(frozen=True)
+class LaplaceParams:
+  """laplace: pure epsilon per round with an L1 clip."""
+
+  l1_clip: float = registry.parameter(
+      1.0, 'L1 norm bound of one client\'s whole update.')
+  epsilon_per_round: float = registry.parameter(
+      0.5, 'Pure epsilon of one round (noise scale l1_clip / epsilon).')
+
+
+registry.register(registry.Mechanism(
+    name='laplace',
+    summary='Laplace noise on the sum of updates clipped to --l1_clip (L1)',
+    params_type=LaplaceParams,
+    build_factory=lambda params, setting: LaplaceFactory(
+        epsilon_per_round=params.epsilon_per_round,
+        l1_clip=params.l1_clip,
+        expected_clients_per_round=setting.expected_clients_per_round,
+        noise_seed=setting.noise_seed,
+        stacked_users=setting.stacked_users,
+    ),
+    build_ledger=lambda params, setting: accounting.SampledRounds(
+        round_dp_event(params.epsilon_per_round), dp_event_from_state
+    ),
+    # The accountant's noise parameter is the Laplace scale over the L1
+    # sensitivity, 1 / epsilon_per_round.
+    noise=registry.NoiseParameter(
+        'epsilon_per_round', to_noise=lambda epsilon: 1.0 / epsilon,
+        from_noise=lambda noise: 1.0 / noise,
+    ),
+))

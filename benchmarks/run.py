@@ -36,6 +36,8 @@ import tensorflow_federated as tff
 from aggregators import distributed_dp
 from aggregators import gaussian
 from aggregators import laplace
+from aggregators import registry
+from aggregators import secure_encoding
 from benchmarks import synthetic
 from dp_fedavg import accounting
 from dp_fedavg import execution
@@ -81,7 +83,8 @@ def _aggregators(n: int, stacked_users: bool = False) -> dict[str, object]:
           _NOISE, _CLIP, n, adaptive=gaussian.AdaptiveClipping(), noise_seed=0),
       'ours laplace': laplace.LaplaceFactory(1.0, _CLIP, n, noise_seed=0),
       'ours secure_gaussian': gaussian.GaussianFactory(
-          _NOISE, _CLIP, n, noise_seed=0, secure_sum=True),
+          _NOISE, _CLIP, n, noise_seed=0,
+          record_aggregation=secure_encoding.GridSecureSum()),
       'ours distributed_dp': distributed_dp.DistributedDpFactory(
           _NOISE, _CLIP, n, bits=20, rotation_seed=0),
   }
@@ -255,15 +258,18 @@ def _loop_phases(task, repeats) -> dict[str, float]:
   sampler = sampling.ClientSampler(
       sampling.SamplingScheme.POISSON, len(task.train_data.client_ids), n, 0
   )
-  accountant = accounting.PrivacyAccountant(
-      sampling.SamplingScheme.POISSON, len(task.train_data.client_ids), n, 1e-5
+  mechanism = registry.get('gaussian_fixed')
+  params = mechanism.params(dict(noise_multiplier=_NOISE, clip=_CLIP))
+  setting = registry.Setting(expected_clients_per_round=n, noise_seed=0)
+  ledger = accounting.PrivacyLedger(
+      mechanism.build_ledger(params, setting), sampling.SamplingScheme.POISSON,
+      len(task.train_data.client_ids), n, 1e-5,
   )
   phases = {'sample cohort and build datasets': [], 'process.next': [],
             'accounting (PLD and RDP)': []}
   with execution.local_execution():
     learning_process = process.build_process(
-        task.model_fn, gaussian.GaussianFactory(_NOISE, _CLIP, n, noise_seed=0),
-        0.1, 1.0, 0.0,
+        task.model_fn, mechanism.build_factory(params, setting), 0.1, 1.0, 0.0,
     )
     state = learning_process.initialize()
     for round_num in range(repeats + 1):
@@ -271,10 +277,11 @@ def _loop_phases(task, repeats) -> dict[str, float]:
       cohort = sampler.sample(round_num)
       datasets = _datasets(task, [str(i) for i in cohort])
       built = time.perf_counter()
-      state = learning_process.next(state, datasets).state
+      output = learning_process.next(state, datasets)
       trained = time.perf_counter()
-      accountant.compose_round(gaussian.dp_event_from_state(state.aggregator))
-      accountant.epsilons()
+      ledger.record_round(state.aggregator, cohort)
+      ledger.epsilons()
+      state = output.state
       done = time.perf_counter()
       if round_num:  # Round 0 is the warm-up.
         phases['sample cohort and build datasets'].append(built - start)

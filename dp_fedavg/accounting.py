@@ -1,8 +1,24 @@
-"""Privacy spent by a run: per-round DpEvents, sampling, and epsilon(delta).
+"""Privacy spent by a run: mechanisms' ledgers, sampling, and epsilon(delta).
 
-The aggregator states its per-round mechanism as a DpEvent under
-add/remove-one-client adjacency. This module wraps it in the sampling that was
-actually used and composes the rounds with dp-accounting:
+A mechanism declares how its privacy composes with one of three ledgers
+(built by its registry entry, `aggregators.registry`, from the same
+parameters as its factory):
+* `SampledRounds`: independent rounds, each a DpEvent under
+  add/remove-one-client adjacency, amplified by the run's sampling (below);
+* `LocalRounds`: local DP, each participant's own message private on its
+  own, composed per participation without amplification, under replace-one
+  adjacency;
+* `RunLevel`: one event for the whole run, built from the participation that
+  actually happened, with no amplification, under the adjacency the
+  mechanism names (zero-out for tree aggregation and matrix factorization).
+`PrivacyLedger` binds a mechanism's ledger to a run: the loop records each
+round (the aggregator's state and the cohort), asks for "epsilon if the next
+round ran" for the budget stop, and `calibrate_noise` finds the noise that
+meets a target, for every kind. The reported adjacency (`Adjacency`) follows
+from the ledger and the sampling and is written with every result.
+
+Per-round events are wrapped in the sampling that was actually used and
+composed with dp-accounting (`PrivacyAccountant`):
 
 * Poisson sampling with rate q: `PoissonSampledDpEvent(q, event)`, stated
   under add/remove-one-client adjacency.
@@ -50,11 +66,13 @@ and the one-round PLD of each distinct event are computed once (0.25 s and
 self-composition by the round count (PLD, ~0.1 s at 1,000 rounds).
 """
 
+import collections
+import dataclasses
 import enum
 import importlib
 import json
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import attr
 import dp_accounting
@@ -338,13 +356,7 @@ class PrivacyAccountant:
     ]
 
   def _new_accountant(self, kind: AccountantKind):
-    if kind is AccountantKind.RDP:
-      return dp_accounting.rdp.RdpAccountant(
-          self._orders, neighboring_relation=self.neighboring_relation
-      )
-    return pld_privacy_accountant.PLDAccountant(
-        value_discretization_interval=_PLD_DISCRETIZATION
-    )
+    return _new_accountant(kind, self.neighboring_relation)
 
   def _single_round_rdp(self, key: str, round_event) -> np.ndarray:
     curve = _curve_of(round_event)
@@ -470,14 +482,10 @@ class PrivacyAccountant:
     Epsilon grows with every round, so this is a binary search: about
     log2(max_rounds) evaluations instead of one per round.
     """
-    within, beyond = 0, max_rounds + 1
-    while beyond - within > 1:
-      middle = (within + beyond) // 2
-      if self.epsilon_after_round(event, middle) <= target_epsilon:
-        within = middle
-      else:
-        beyond = middle
-    return within
+    return _largest_within(
+        lambda rounds: self.epsilon_after_round(event, rounds),
+        target_epsilon, max_rounds,
+    )
 
   def calibrate_noise_multiplier(
       self,
@@ -578,3 +586,349 @@ def event_from_json(encoded: dict) -> dp_accounting.DpEvent:
 def _tightest(epsilons: dict[str, float]) -> tuple[float, str]:
   name = min(epsilons, key=lambda k: (epsilons[k], k))
   return epsilons[name], name
+
+
+def _largest_within(
+    epsilon_after: Callable[[int], float], target_epsilon: float,
+    max_rounds: int,
+) -> int:
+  """The most rounds m <= max_rounds with epsilon_after(m) <= target; epsilon
+  grows with the rounds, so a binary search."""
+  within, beyond = 0, max_rounds + 1
+  while beyond - within > 1:
+    middle = (within + beyond) // 2
+    if epsilon_after(middle) <= target_epsilon:
+      within = middle
+    else:
+      beyond = middle
+  return within
+
+
+def _new_accountant(kind: AccountantKind, relation: _NeighborRel):
+  if kind is AccountantKind.RDP:
+    return dp_accounting.rdp.RdpAccountant(
+        np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS),
+        neighboring_relation=relation,
+    )
+  return pld_privacy_accountant.PLDAccountant(
+      value_discretization_interval=_PLD_DISCRETIZATION
+  )
+
+
+class Adjacency(enum.Enum):
+  """Which datasets a reported (epsilon, delta) calls neighbours."""
+
+  # One client's data added or removed.
+  ADD_OR_REMOVE_ONE = 'add_or_remove_one'
+  # One client's data replaced by another's.
+  REPLACE_ONE = 'replace_one'
+  # One client's contributions replaced by zeros (tree aggregation and matrix
+  # factorization; dp-accounting's REPLACE_SPECIAL).
+  ZERO_OUT = 'zero_out'
+
+
+@dataclasses.dataclass(frozen=True)
+class Participation:
+  """Which clients (indices) took part in each round so far."""
+
+  cohorts: tuple[tuple[int, ...], ...] = ()
+
+  def with_round(self, cohort) -> 'Participation':
+    return Participation(self.cohorts + (tuple(int(c) for c in cohort),))
+
+  def max_participations(self) -> int:
+    """The most rounds any one client took part in."""
+    counts = collections.Counter(c for cohort in self.cohorts for c in cohort)
+    return max(counts.values(), default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledRounds:
+  """Independent rounds, each amplified by the run's sampling.
+
+  `planned_event` is one round for the mechanism's parameters and
+  `event_of_state` the round an aggregator state runs, both before sampling
+  and under add/remove-one adjacency; `PrivacyAccountant.round_event` wraps
+  them in the sampling (and restates them for replace-one under uniform
+  sampling).
+  """
+
+  planned_event: dp_accounting.DpEvent
+  event_of_state: Callable[[Any], dp_accounting.DpEvent]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRounds:
+  """Local DP: each participant's own message is private on its own.
+
+  The events are per participation, under replacement of the client's
+  update; the server knows who took part, so sampling amplifies nothing.
+  Epsilon is that of a client taking part in every round.
+  """
+
+  planned_event: dp_accounting.DpEvent
+  event_of_state: Callable[[Any], dp_accounting.DpEvent]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLevel:
+  """One event for the whole run, from the participation that happened.
+
+  For noise correlated across rounds (tree aggregation, matrix
+  factorization): `event_of_participation` states the privacy of all rounds
+  so far for the clients' realised participation, with no sampling
+  amplification, under `adjacency`.
+  """
+
+  event_of_participation: Callable[[Participation], dp_accounting.DpEvent]
+  adjacency: Adjacency = Adjacency.ZERO_OUT
+
+
+MechanismLedger = Union[SampledRounds, LocalRounds, RunLevel]
+
+_COMPOSITION_NAMES = {
+    SampledRounds: 'sampled_rounds', LocalRounds: 'local_rounds',
+    RunLevel: 'run_level',
+}
+_NEIGHBOR_RELATIONS = {
+    Adjacency.ADD_OR_REMOVE_ONE: _NeighborRel.ADD_OR_REMOVE_ONE,
+    Adjacency.REPLACE_ONE: _NeighborRel.REPLACE_ONE,
+    Adjacency.ZERO_OUT: _NeighborRel.REPLACE_SPECIAL,
+}
+
+
+class PrivacyLedger:
+  """A run's privacy: one mechanism's ledger bound to the run's sampling.
+
+  The training loop records each round with the aggregator's state and the
+  cohort; the ledger turns them into events as its mechanism declared, so the
+  pairing of a factory with its accounting is made once, in the registry.
+
+  Raises (at construction):
+    ValueError: no accountant (or not the chosen one) supports the
+      mechanism under this sampling.
+  """
+
+  def __init__(
+      self,
+      ledger: MechanismLedger,
+      scheme: sampling.SamplingScheme,
+      num_clients: int,
+      clients_per_round: int,
+      delta: float,
+      kind: AccountantKind = AccountantKind.AUTO,
+  ):
+    self.ledger = ledger
+    self._events = PrivacyAccountant(
+        scheme, num_clients, clients_per_round, delta, kind,
+        local_dp=isinstance(ledger, LocalRounds),
+    )
+    self._participation = Participation()
+    self._run_epsilons: dict[str, dict[str, float]] = {}
+    if isinstance(ledger, RunLevel):
+      first = Participation(((0,),))
+      if not self._run_level_kinds(ledger.event_of_participation(first)):
+        raise ValueError(
+            f'the {self.kind.value} accountant does not support '
+            f'{ledger.event_of_participation(first)}.'
+        )
+    else:
+      self._events.check_supported(ledger.planned_event)
+
+  scheme = property(lambda self: self._events.scheme)
+  num_clients = property(lambda self: self._events.num_clients)
+  clients_per_round = property(lambda self: self._events.clients_per_round)
+  delta = property(lambda self: self._events.delta)
+  kind = property(lambda self: self._events.kind)
+
+  @property
+  def rounds(self) -> int:
+    if isinstance(self.ledger, RunLevel):
+      return len(self._participation.cohorts)
+    return self._events.rounds
+
+  @property
+  def composition(self) -> str:
+    """How the mechanism's privacy composes: sampled_rounds, local_rounds or
+    run_level."""
+    return _COMPOSITION_NAMES[type(self.ledger)]
+
+  @property
+  def adjacency(self) -> Adjacency:
+    """The adjacency of the reported epsilon."""
+    if isinstance(self.ledger, RunLevel):
+      return self.ledger.adjacency
+    if self._events.neighboring_relation is _NeighborRel.REPLACE_ONE:
+      return Adjacency.REPLACE_ONE
+    return Adjacency.ADD_OR_REMOVE_ONE
+
+  def describe(self) -> str:
+    """The per-round event after sampling, or the run-level statement."""
+    if isinstance(self.ledger, RunLevel):
+      return (
+          'one event for the whole run from the realised participation, e.g. '
+          f'{self.ledger.event_of_participation(Participation(((0,),)))} '
+          'after one round'
+      )
+    return str(self._events.round_event(self.ledger.planned_event))
+
+  def record_round(self, aggregator_state, cohort) -> None:
+    """Adds a round that ran from `aggregator_state` with `cohort`."""
+    if isinstance(self.ledger, RunLevel):
+      self._participation = self._participation.with_round(cohort)
+    else:
+      self._events.compose_round(self.ledger.event_of_state(aggregator_state))
+
+  def record_planned_round(self, cohort) -> None:
+    """Adds a round as the mechanism's parameters plan it (no state: the
+    privacy report)."""
+    if isinstance(self.ledger, RunLevel):
+      self._participation = self._participation.with_round(cohort)
+    else:
+      self._events.compose_round(self.ledger.planned_event)
+
+  def epsilon_if_round(self, aggregator_state, cohort) -> float:
+    """Epsilon if a round from `aggregator_state` with `cohort` ran next."""
+    if isinstance(self.ledger, RunLevel):
+      return _tightest(self._run_level_epsilons(
+          self._participation.with_round(cohort)))[0]
+    return self._events.epsilon_after_round(
+        self.ledger.event_of_state(aggregator_state)
+    )
+
+  def rounds_within_budget(
+      self, target_epsilon: float, max_rounds: int, planned_cohorts=()
+  ) -> int:
+    """How many more rounds as planned keep epsilon <= target (<= max).
+
+    Run-level mechanisms need `planned_cohorts`, the cohorts of the next
+    rounds (at least `max_rounds` of them).
+    """
+    if not isinstance(self.ledger, RunLevel):
+      return self._events.rounds_within_budget(
+          self.ledger.planned_event, target_epsilon, max_rounds
+      )
+
+    def epsilon_after(count):
+      participation = self._participation
+      for cohort in planned_cohorts[:count]:
+        participation = participation.with_round(cohort)
+      return _tightest(self._run_level_epsilons(participation))[0]
+
+    return _largest_within(epsilon_after, target_epsilon, max_rounds)
+
+  def epsilons(self) -> dict[str, float]:
+    if isinstance(self.ledger, RunLevel):
+      return self._run_level_epsilons(self._participation)
+    return self._events.epsilons()
+
+  def epsilon_and_accountant(self) -> tuple[float, str]:
+    return _tightest(self.epsilons())
+
+  def epsilon(self) -> float:
+    return self.epsilon_and_accountant()[0]
+
+  def history_json(self) -> str:
+    """What was recorded so far, as JSON (checkpointed with the model)."""
+    if isinstance(self.ledger, RunLevel):
+      return json.dumps({'cohorts': [list(c) for c in self._participation.cohorts]})
+    return self._events.history_json()
+
+  def restore_history(self, history_json: str) -> None:
+    if isinstance(self.ledger, RunLevel):
+      self._participation = Participation(tuple(
+          tuple(c) for c in json.loads(history_json)['cohorts']
+      ))
+    else:
+      self._events.restore_history(history_json)
+
+  def _run_level_kinds(self, event) -> list[AccountantKind]:
+    relation = _NEIGHBOR_RELATIONS[self.ledger.adjacency]
+    kinds = []
+    if dp_accounting.rdp.RdpAccountant(neighboring_relation=relation).supports(event):
+      kinds.append(AccountantKind.RDP)
+    # dp-accounting's PLD takes add/remove or replace-one; a Gaussian or
+    # Laplace PLD is symmetric, so it serves every adjacency whose
+    # sensitivity the event already states.
+    if _effective_gaussian(event) is not None or isinstance(
+        event, dp_accounting.LaplaceDpEvent):
+      kinds.append(AccountantKind.PLD)
+    return [k for k in kinds if self.kind in (AccountantKind.AUTO, k)]
+
+  def _run_level_epsilons(self, participation: Participation) -> dict[str, float]:
+    if not participation.cohorts:
+      return self._events.epsilons()  # No rounds: zero.
+    event = as_python_floats(self.ledger.event_of_participation(participation))
+    key = repr(event)
+    if key not in self._run_epsilons:
+      if _adds_no_noise(event):
+        result = {AccountantKind.RDP.value: math.inf,
+                  AccountantKind.PLD.value: math.inf}
+      else:
+        result = {}
+        for kind in self._run_level_kinds(event):
+          accountant = _new_accountant(
+              kind, _NEIGHBOR_RELATIONS[self.ledger.adjacency]
+          )
+          accountant.compose(event)
+          result[kind.value] = float(accountant.get_epsilon(self.delta))
+      self._run_epsilons[key] = result
+    return self._run_epsilons[key]
+
+
+def calibrate_noise(
+    ledger_for_noise: Callable[[float], MechanismLedger],
+    scheme: sampling.SamplingScheme,
+    num_clients: int,
+    clients_per_round: int,
+    delta: float,
+    kind: AccountantKind,
+    target_epsilon: float,
+    rounds: int,
+    planned_cohorts=(),
+) -> float:
+  """The smallest noise whose planned run meets `target_epsilon` at `delta`.
+
+  Args:
+    ledger_for_noise: the mechanism's ledger for a noise parameter.
+    scheme, num_clients, clients_per_round, delta, kind: the run's.
+    target_epsilon: > 0.
+    rounds: planned rounds, >= 1.
+    planned_cohorts: run-level mechanisms: the cohorts of the planned rounds.
+
+  Raises:
+    ValueError: if no noise in [0.05, 2^30] meets the target.
+  """
+  ledger = ledger_for_noise(1.0)
+  if not isinstance(ledger, RunLevel):
+    events = PrivacyAccountant(
+        scheme, num_clients, clients_per_round, delta, kind,
+        local_dp=isinstance(ledger, LocalRounds),
+    )
+    return events.calibrate_noise_multiplier(
+        lambda z: ledger_for_noise(z).planned_event, target_epsilon, rounds
+    )
+  participation = Participation(tuple(tuple(c) for c in planned_cohorts[:rounds]))
+  run = PrivacyLedger(ledger, scheme, num_clients, clients_per_round, delta, kind)
+  relation = _NEIGHBOR_RELATIONS[ledger.adjacency]
+  results = []
+  for accountant_kind in run._run_level_kinds(  # pylint: disable=protected-access
+      ledger.event_of_participation(participation)):
+    try:
+      results.append(mechanism_calibration.calibrate_dp_mechanism(
+          lambda k=accountant_kind: _new_accountant(k, relation),
+          lambda z: as_python_floats(
+              ledger_for_noise(float(z)).event_of_participation(participation)),
+          target_epsilon, delta,
+          bracket_interval=mechanism_calibration.LowerEndpointAndGuess(
+              _MIN_CALIBRATED_NOISE, 1.0),
+          tol=1e-4,
+      ))
+    except (ValueError, mechanism_calibration.NoBracketIntervalFoundError,
+            mechanism_calibration.NoOptimumFoundError) as e:
+      raise ValueError(
+          f'no noise multiplier in [{_MIN_CALIBRATED_NOISE}, 2^30] meets '
+          f'epsilon={target_epsilon} at delta={delta} over {rounds} rounds '
+          f'({accountant_kind.value}): {e}'
+      ) from e
+  return float(min(results))

@@ -1,7 +1,7 @@
 """Checkpoints of a run: the learning state, the round and the privacy spent.
 
 Saved with `tff.program.FileProgramStateManager` under
-OUTPUT_DIR/checkpoints/program_state_<round>. The accountant's composed
+OUTPUT_DIR/checkpoints/program_state_<round>. The privacy ledger's recorded
 rounds are part of every checkpoint, so a resumed run reports the epsilon of
 the rounds it actually ran, including those before the interruption. The
 client sampler and the clients' shuffling are functions of (seed, round) and
@@ -40,7 +40,7 @@ class Restored:
 
 
 class Checkpointer:
-  """Saves and restores (round, learning state, accountant history)."""
+  """Saves and restores (round, learning state, privacy ledger history)."""
 
   def __init__(self, output_dir: str):
     self.directory = os.path.join(output_dir, CHECKPOINT_DIR)
@@ -52,11 +52,11 @@ class Checkpointer:
       self,
       round_num: int,
       state: tff.learning.templates.LearningAlgorithmState,
-      accountant: accounting.PrivacyAccountant,
+      ledger: accounting.PrivacyLedger,
   ) -> None:
     asyncio.run(self._manager.save(
         {'round': np.int64(round_num), 'state': state,
-         'accountant': accountant.history_json()},
+         'accountant': ledger.history_json()},
         round_num,
     ))
 
@@ -67,20 +67,20 @@ class Checkpointer:
   def restore_latest(
       self,
       initial_state: tff.learning.templates.LearningAlgorithmState,
-      accountant: accounting.PrivacyAccountant,
+      ledger: accounting.PrivacyLedger,
   ) -> Optional[Restored]:
-    """The latest checkpoint, with `accountant` set to its history; None if none.
+    """The latest checkpoint, with `ledger` set to its history; None if none.
 
     Args:
       initial_state: a state of the same process, giving the structure.
-      accountant: receives the checkpoint's composed rounds.
+      ledger: receives the checkpoint's recorded rounds.
     """
     structure = {'round': np.int64(0), 'state': initial_state, 'accountant': ''}
     saved, round_num = asyncio.run(self._manager.load_latest(structure))
     if saved is None:
       return None
     history = saved['accountant']
-    accountant.restore_history(
+    ledger.restore_history(
         history.decode() if isinstance(history, bytes) else str(history)
     )
     return Restored(round=int(round_num), state=saved['state'])

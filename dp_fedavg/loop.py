@@ -12,7 +12,6 @@ import time
 from typing import Any, Callable, Optional
 
 from absl import logging
-import dp_accounting
 import numpy as np
 import tensorflow_federated as tff
 
@@ -28,7 +27,8 @@ class RoundResult:
 
   `train_loss` is the clients' mean training loss: a diagnostic that is *not*
   privatized. `epsilon` is the privacy spent by all rounds so far, at `delta`,
-  by the named `accountant` ('rdp' or 'pld').
+  by the named `accountant` ('rdp' or 'pld'), for neighbouring datasets as
+  `adjacency` says (see `dp_fedavg.accounting.Adjacency`).
   `eval_*` are None on rounds without evaluation.
   """
 
@@ -40,6 +40,7 @@ class RoundResult:
   epsilon: float
   accountant: str
   delta: float
+  adjacency: str
   seconds: float
   aggregator: dict[str, Any]
 
@@ -94,8 +95,7 @@ def run_training(
     process: tff.learning.templates.LearningProcess,
     task: base.FederatedTask,
     sampler: sampling.ClientSampler,
-    accountant: accounting.PrivacyAccountant,
-    dp_event_fn: Callable[[Any], dp_accounting.DpEvent],
+    ledger: accounting.PrivacyLedger,
     evaluate: Callable[[tff.learning.models.ModelWeights], dict[str, float]],
     rounds: int,
     local_epochs: int,
@@ -118,9 +118,9 @@ def run_training(
     process: a `tff.learning` process (see `dp_fedavg.process`).
     task: the task whose `train_data` the sampler's indices refer to.
     sampler: draws each round's cohort.
-    accountant: composes each round's event under the sampling.
-    dp_event_fn: maps the aggregator's state after a round to that round's
-      DpEvent (before sampling).
+    ledger: the run's privacy ledger (the mechanism's, bound to the
+      sampling); each round is recorded with the aggregator's state it ran
+      from and its cohort.
     evaluate: held-out metrics (at least 'loss' and 'accuracy') of weights.
     rounds: number of rounds, >= 1.
     local_epochs: passes over each client's data per round, >= 1.
@@ -135,7 +135,7 @@ def run_training(
     checkpoint_every: save a checkpoint every this many rounds and after the
       last one; 0 never saves.
     resume: start from the checkpointer's latest checkpoint (its state, round
-      and accountant history) instead of from round 1.
+      and privacy ledger) instead of from round 1.
     inspect_round: called before each round with the round number, the model
       weights the cohort starts from and the cohort's datasets (diagnostics
       such as `dp_fedavg.diagnostics.UpdateNormProbe`).
@@ -152,21 +152,20 @@ def run_training(
   state = process.initialize()
   first_round = 1
   if resume:
-    restored = checkpointer.restore_latest(state, accountant)
+    restored = checkpointer.restore_latest(state, ledger)
     if restored is None:
       raise ValueError(f'no checkpoint to resume from in {checkpointer.directory}.')
     state, first_round = restored.state, restored.round + 1
     logging.info(
         'resumed after round %d from %s; epsilon so far %.4g',
-        restored.round, checkpointer.directory, accountant.epsilon(),
+        restored.round, checkpointer.directory, ledger.epsilon(),
     )
   elapsed = 0.0
   for round_num in range(first_round, rounds + 1):
+    cohort = sampler.sample(round_num)
     if target_epsilon is not None:
-      # The aggregator's state before the round fixes the round's event.
-      next_epsilon = accountant.epsilon_after_round(
-          dp_event_fn(state.aggregator)
-      )
+      # The aggregator's state before the round fixes the round's privacy.
+      next_epsilon = ledger.epsilon_if_round(state.aggregator, cohort)
       if next_epsilon > target_epsilon:
         reason = (
             f'stopped before round {round_num}: it would take epsilon to '
@@ -176,10 +175,9 @@ def run_training(
         last_round = round_num - 1
         if (checkpoint_every and last_round >= first_round
             and last_round % checkpoint_every):
-          checkpointer.save(last_round, state, accountant)
+          checkpointer.save(last_round, state, ledger)
         return TrainingOutcome(state, last_round, reason)
     start = time.monotonic()
-    cohort = sampler.sample(round_num)
     shuffle_seed = round_shuffle_seed(seed, round_num)
     if client_data_fn is None:
       client_data = [
@@ -194,15 +192,15 @@ def run_training(
     if inspect_round is not None:
       inspect_round(round_num, process.get_model_weights(state), client_data)
     output = process.next(state, client_data)
+    ledger.record_round(state.aggregator, cohort)
     state = output.state
-    accountant.compose_round(dp_event_fn(state.aggregator))
     aggregator_measurements = _scalar_measurements(output.metrics['aggregator'])
     evaluation = {}
     if round_num % eval_every == 0 or round_num == rounds:
       evaluation = evaluate(process.get_model_weights(state))
     seconds = time.monotonic() - start
     elapsed += seconds
-    epsilon, accountant_name = accountant.epsilon_and_accountant()
+    epsilon, accountant_name = ledger.epsilon_and_accountant()
     result = RoundResult(
         round=round_num,
         cohort_size=len(cohort),
@@ -212,7 +210,8 @@ def run_training(
         eval_accuracy=evaluation.get('accuracy'),
         epsilon=epsilon,
         accountant=accountant_name,
-        delta=accountant.delta,
+        delta=ledger.delta,
+        adjacency=ledger.adjacency.value,
         seconds=seconds,
         aggregator=aggregator_measurements,
     )
@@ -222,5 +221,5 @@ def run_training(
     if checkpoint_every and (
         round_num % checkpoint_every == 0 or round_num == rounds
     ):
-      checkpointer.save(round_num, state, accountant)
+      checkpointer.save(round_num, state, ledger)
   return TrainingOutcome(state, rounds, 'all rounds completed')

@@ -41,7 +41,7 @@ import tensorflow_federated as tff
 # requires, as build_unweighted_fed_avg does; not exported at the top level.
 from tensorflow_federated.python.aggregators import factory_utils
 
-from aggregators import common
+from aggregators import skeleton
 from dp_fedavg import per_user_model
 from dp_fedavg import process as process_lib
 from dp_fedavg.tasks import base
@@ -514,7 +514,7 @@ def build_process(
         client_work,
         # The aggregators take every user's update: a users axis in front.
         factory_utils.as_weighted_aggregator(factory).create(
-            common.stacked_type(weights_type.trainable),
+            skeleton.stacked_type(weights_type.trainable),
             tff.TensorType(np.float32),
         ),
         tff.learning.templates.build_apply_optimizer_finalizer(

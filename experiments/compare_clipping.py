@@ -22,6 +22,9 @@ from absl import flags
 import numpy as np
 import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
+from aggregators import gaussian
+from aggregators import registry
+from dp_fedavg import run_config
 from experiments import plots
 from experiments import privacy_flags
 from experiments import runner
@@ -34,8 +37,8 @@ _OUTPUT_DIR = flags.DEFINE_string(
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Replace an earlier study\'s results in output_dir.')
 _CLIPPINGS = flags.DEFINE_list(
-    'clippings', list(privacy_flags.CLIPPINGS),
-    f'Clipping strategies to compare, from {privacy_flags.CLIPPINGS}.')
+    'clippings', list(gaussian.CLIPPINGS),
+    f'Clipping strategies to compare, from {gaussian.CLIPPINGS}.')
 _NOISE_MULTIPLIERS = flags.DEFINE_list(
     'noise_multipliers', _DEFAULT_NOISE, 'Noise multipliers, each > 0.')
 
@@ -49,22 +52,27 @@ STUDY_DEFAULTS = dict(
 )
 
 
-def study_error() -> str | None:
-  error = training_flags.flag_error() or studies.output_dir_error(
+def study_error(config: run_config.RunConfig) -> str | None:
+  error = training_flags.flag_error(config) or studies.output_dir_error(
       _OUTPUT_DIR.value, _OVERWRITE.value
   )
   if error:
     return error
-  unknown = [c for c in _CLIPPINGS.value if c not in privacy_flags.CLIPPINGS]
+  unknown = [c for c in _CLIPPINGS.value if c not in gaussian.CLIPPINGS]
   if unknown or not _CLIPPINGS.value:
     return (
         f'--clippings={",".join(_CLIPPINGS.value)} is out of range: must be a '
-        f'non-empty list from {", ".join(privacy_flags.CLIPPINGS)}.'
+        f'non-empty list from {", ".join(gaussian.CLIPPINGS)}.'
     )
-  if privacy_flags.AGGREGATOR.value != 'gaussian_fixed':
+  with_fixed_clip = [
+      name for name in registry.names()
+      if {'clipping', 'clip', 'noise_multiplier'}
+      <= set(registry.get(name).parameter_names)
+  ]
+  if config.aggregator not in with_fixed_clip:
     return (
-        '--aggregator must be gaussian_fixed: the study varies the clipping '
-        'of the Gaussian mechanism with a fixed total clip.'
+        f'--aggregator must be one of {", ".join(with_fixed_clip)}: the study '
+        'varies the clipping and the noise of a mechanism with a total clip.'
     )
   try:
     noise = studies.parse_floats(_NOISE_MULTIPLIERS)
@@ -79,23 +87,27 @@ def study_error() -> str | None:
 
 
 def main(argv):
-  task = training_flags.start_or_exit(argv, study_error())
+  config = training_flags.config_from_flags()
+  task = training_flags.start_or_exit(argv, study_error(config), config)
   output_dir = _OUTPUT_DIR.value
-  studies.write_flags(output_dir, sys.modules[__name__])
+  study_values = studies.write_flags(output_dir, sys.modules[__name__])
   noise_levels = studies.parse_floats(_NOISE_MULTIPLIERS)
   progress = studies.Progress(len(_CLIPPINGS.value) * len(noise_levels))
   rows = []
-  with runner.execution_context():
+  with runner.execution_context(config):
     study = runner.Runner(task)
     for clipping in _CLIPPINGS.value:
       for noise in noise_levels:
-        with studies.flags_set_to(clipping=clipping, noise_multiplier=noise):
-          summary = study.run(
-              runner.PrivacyPlan.from_flags(task),
-              os.path.join(output_dir, 'runs', f'{clipping}_z{noise:g}'),
-              runner.flag_values(sys.modules[__name__]),
-              overwrite=True,
-          )
+        run = dict(clipping=clipping, noise_multiplier=noise)
+        summary = study.run(
+            runner.plan_or_exit(
+                config.replace(**run), task,
+                privacy_flags.exit_with_usage_error,
+            ),
+            os.path.join(output_dir, 'runs', f'{clipping}_z{noise:g}'),
+            {**study_values, **run},
+            overwrite=True,
+        )
         rows.append(dict(
             clipping=clipping, noise_multiplier=noise,
             epsilon=summary.epsilon, delta=summary.delta,
@@ -117,8 +129,8 @@ def main(argv):
           for clipping in _CLIPPINGS.value
       },
       figure,
-      f'{task.name}: clipping strategies, S={privacy_flags.CLIP.value:g}',
-      privacy_flags.DELTA.value,
+      f'{task.name}: clipping strategies, S={config.params.clip:g}',
+      config.delta,
   )
   print(f'results: {results}\nfigure: {figure}')
 

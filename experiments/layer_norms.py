@@ -22,6 +22,7 @@ from absl import flags
 import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
 from dp_fedavg import diagnostics
+from dp_fedavg import run_config
 from experiments import plots
 from experiments import privacy_flags
 from experiments import runner
@@ -41,11 +42,11 @@ STUDY_DEFAULTS = dict(
 )
 
 
-def study_error() -> str | None:
-  error = training_flags.flag_error()
+def study_error(config: run_config.RunConfig) -> str | None:
+  error = training_flags.flag_error(config)
   if error:
     return error
-  if training_flags.ENGINE.value != 'standard':
+  if config.engine != 'standard':
     return (
         'layer_norms measures each user\'s update from its own dataset; run '
         'it with --engine=standard.'
@@ -60,15 +61,14 @@ def study_error() -> str | None:
 
 
 def main(argv):
-  task = training_flags.start_or_exit(argv, study_error())
-  privacy = runner.plan_or_exit(task)
+  config = training_flags.config_from_flags()
+  task = training_flags.start_or_exit(argv, study_error(config), config)
+  plan = runner.plan_or_exit(config, task, privacy_flags.exit_with_usage_error)
   output_dir = _OUTPUT_DIR.value
-  studies.write_flags(output_dir, sys.modules[__name__])
+  study_values = studies.write_flags(output_dir, sys.modules[__name__])
   rows = []
-  with runner.execution_context():
-    probe = diagnostics.UpdateNormProbe(
-        task.model_fn, training_flags.CLIENT_LR.value
-    )
+  with runner.execution_context(config):
+    probe = diagnostics.UpdateNormProbe(task.model_fn, config.client_lr)
 
     def record_norms(round_num, model_weights, client_datasets):
       for client, norms in enumerate(probe(model_weights, client_datasets)):
@@ -78,8 +78,7 @@ def main(argv):
         )
 
     runner.Runner(task).run(
-        privacy, os.path.join(output_dir, 'run'),
-        runner.flag_values(sys.modules[__name__]),
+        plan, os.path.join(output_dir, 'run'), study_values,
         overwrite=True, inspect_round=record_norms,
     )
   norms_path = os.path.join(output_dir, NORMS_FILE)
@@ -94,7 +93,7 @@ def main(argv):
   plots.layer_norm_boxes(
       by_layer, figure,
       f'{task.name}: per-layer client update norms, '
-      f'{privacy_flags.ROUNDS.value} rounds',
+      f'{config.rounds} rounds',
   )
   print(f'norms: {norms_path}\nfigure: {figure}')
 

@@ -15,8 +15,12 @@ after --rounds rounds, every --table_every rounds if set. With
 from absl import app
 from absl import flags
 
+from dp_fedavg import run_config
+from dp_fedavg import sampling
 from dp_fedavg import tasks
 from experiments import privacy_flags
+from experiments import runner
+from experiments import training_flags
 
 _TABLE_EVERY = flags.DEFINE_integer(
     'table_every', 0, 'Also print epsilon every this many rounds (0: only at '
@@ -29,9 +33,10 @@ def _format(epsilons: dict[str, float], name: str) -> str:
 
 def main(argv):
   privacy_flags.check_no_arguments(argv)
-  num_clients = privacy_flags.NUM_CLIENTS.value or tasks.DEFAULT_NUM_CLIENTS
-  error = privacy_flags.flag_error() or privacy_flags.population_error(
-      num_clients
+  config = training_flags.config_from_flags()
+  num_clients = config.num_clients or tasks.DEFAULT_NUM_CLIENTS
+  error = privacy_flags.flag_error(config) or run_config.population_error(
+      config, num_clients
   ) or (
       None if _TABLE_EVERY.value >= 0 else
       f'--table_every={_TABLE_EVERY.value} is out of range: must be an '
@@ -39,42 +44,39 @@ def main(argv):
   )
   if error:
     privacy_flags.exit_with_usage_error(error)
-
-  accountant = privacy_flags.build_accountant(num_clients)
   try:
-    noise = privacy_flags.noise_parameter(accountant)
+    plan = runner.PrivacyPlan.build(config, num_clients)
   except ValueError as e:
     privacy_flags.exit_with_usage_error(str(e))
-  rounds = privacy_flags.ROUNDS.value
-  round_event = privacy_flags.event_for_noise_multiplier(
-      accountant.clients_per_round
-  )(noise)
-
-  q = accountant.clients_per_round / accountant.num_clients
+  ledger, rounds = plan.ledger, config.rounds
+  q = ledger.clients_per_round / ledger.num_clients
   print(
-      f'{privacy_flags.AGGREGATOR.value}, noise multiplier '
-      f'{noise:.6g}'
-      + (' (calibrated)' if privacy_flags.CALIBRATE.value == 'noise' else '')
-      + f'; {accountant.scheme.value} sampling of {accountant.clients_per_round}'
-      f' of {accountant.num_clients} clients (q={q:.4g}); delta='
-      f'{accountant.delta:g}; {accountant.neighboring_relation.name} adjacency'
+      f'{config.aggregator}, noise multiplier {plan.noise:.6g}'
+      + (' (calibrated)' if config.calibrate == 'noise' else '')
+      + f'; {ledger.scheme.value} sampling of {ledger.clients_per_round}'
+      f' of {ledger.num_clients} clients (q={q:.4g}); delta='
+      f'{ledger.delta:g}; {ledger.adjacency.name} adjacency '
+      f'({ledger.composition.replace("_", " ")})'
   )
-  print(f'per-round event: {accountant.round_event(round_event)}')
+  print(f'per-round event: {ledger.describe()}')
   print(f'{"rounds":>8}{"epsilon_rdp":>12}{"epsilon_pld":>12}')
-  budget = privacy_flags.TARGET_EPSILON.value
+  budget = config.target_epsilon
+  # The report plans the same cohorts training would draw.
+  sampler = sampling.ClientSampler(
+      ledger.scheme, ledger.num_clients, ledger.clients_per_round, config.seed
+  )
+  cohorts = [sampler.sample(r) for r in range(1, rounds + 1)]
   if budget is not None:
-    rounds_within_budget = accountant.rounds_within_budget(
-        round_event, budget, rounds
-    )
-  for round_num in range(1, rounds + 1):
-    accountant.compose_round(round_event)
+    rounds_within_budget = ledger.rounds_within_budget(budget, rounds, cohorts)
+  for round_num, cohort in enumerate(cohorts, start=1):
+    ledger.record_planned_round(cohort)
     if round_num == rounds or (
         _TABLE_EVERY.value and round_num % _TABLE_EVERY.value == 0
     ):
-      epsilons = accountant.epsilons()
+      epsilons = ledger.epsilons()
       print(f'{round_num:8d}{_format(epsilons, "rdp")}{_format(epsilons, "pld")}')
   if budget is not None:
-    epsilon, name = accountant.epsilon_and_accountant()
+    epsilon, name = ledger.epsilon_and_accountant()
     if rounds_within_budget == rounds:
       print(f'target epsilon {budget:g}: met after all {rounds} rounds '
             f'(epsilon {epsilon:.4f}, {name}).')

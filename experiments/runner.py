@@ -1,10 +1,10 @@
-"""One DP-FedAvg run from the flags: aggregator, process, loop, outputs.
+"""One DP-FedAvg run from a `RunConfig`: mechanism, process, loop, outputs.
 
 A `Runner` holds what runs of one study share (the task's data and the
 evaluation process), so a study runs its runs one after another in one process
 and builds only what differs: the aggregator, the learning process and the
-accountant. Flags are read when `run` is called; studies set them per run with
-`privacy_flags.flag_values`.
+privacy ledger. Nothing here reads flags: each binary builds its
+configuration in `main`, and a study derives one per run.
 """
 
 import contextlib
@@ -12,20 +12,20 @@ import dataclasses
 import tempfile
 from typing import Any, Callable, Iterator, Optional
 
-from absl import flags
 from absl import logging
 import tensorflow as tf
 
+from aggregators import registry
+from dp_fedavg import accounting
 from dp_fedavg import checkpoints
 from dp_fedavg import execution
 from dp_fedavg import loop
 from dp_fedavg import outputs
 from dp_fedavg import process
+from dp_fedavg import run_config
 from dp_fedavg import sampling
 from dp_fedavg import tasks
 from dp_fedavg import vectorized
-from experiments import privacy_flags
-from experiments import training_flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,74 +46,109 @@ class RunSummary:
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyPlan:
-  """A run's accountant, noise and aggregator, built from the privacy flags."""
+  """A run's mechanism parameters (calibrated if asked), factory and ledger.
 
-  accountant: Any
+  The factory and the ledger both come from the mechanism's registry entry
+  and the same parameters, so they cannot be paired wrongly.
+  """
+
+  config: run_config.RunConfig
+  params: Any
   noise: float
   aggregator: Any
-  dp_event_fn: Callable[[Any], Any]
+  ledger: accounting.PrivacyLedger
 
   @classmethod
-  def from_flags(cls, task: tasks.FederatedTask) -> 'PrivacyPlan':
-    """Raises ValueError for a mechanism the sampling cannot account, too few
-    bits for distributed DP, or an unmet calibration."""
-    accountant = privacy_flags.build_accountant(len(task.train_data.client_ids))
-    noise = privacy_flags.noise_parameter(accountant, task.update_dimension)
-    aggregator, dp_event_fn = privacy_flags.build_aggregator(
-        noise, accountant.clients_per_round, training_flags.SEED.value,
-        stacked_users=training_flags.ENGINE.value == 'vectorized',
+  def build(
+      cls,
+      config: run_config.RunConfig,
+      num_clients: int,
+      model_dimension: Optional[int] = None,
+  ) -> 'PrivacyPlan':
+    """The plan for a population of `num_clients`.
+
+    Raises:
+      ValueError: a mechanism the sampling cannot account, too few bits for
+        distributed DP, or an unmet calibration.
+    """
+    mechanism = config.mechanism
+    scheme = config.sampling_scheme
+    expected = (
+        num_clients if scheme is sampling.SamplingScheme.FULL
+        else config.clients_per_round
     )
-    if privacy_flags.CALIBRATE.value == 'noise':
-      logging.info(
-          'calibrated noise multiplier %.6g: the smallest meeting epsilon=%g at '
-          'delta=%g after %d rounds', noise,
-          privacy_flags.TARGET_EPSILON.value, accountant.delta,
-          privacy_flags.ROUNDS.value,
+    setting = registry.Setting(
+        expected_clients_per_round=expected,
+        model_dimension=model_dimension,
+        noise_seed=config.seed,
+        stacked_users=config.engine == 'vectorized',
+    )
+    run = (scheme, num_clients, config.clients_per_round, config.delta,
+           config.accountant_kind)
+    params = config.params
+    # Also checks that the sampling and the accountant support it.
+    ledger = accounting.PrivacyLedger(mechanism.build_ledger(params, setting), *run)
+    if config.calibrate == 'noise':
+      planned_cohorts = ()
+      if isinstance(ledger.ledger, accounting.RunLevel):
+        sampler = sampling.ClientSampler(scheme, num_clients, expected, config.seed)
+        planned_cohorts = [
+            sampler.sample(r) for r in range(1, config.rounds + 1)
+        ]
+      noise = accounting.calibrate_noise(
+          lambda z: mechanism.build_ledger(mechanism.with_noise(params, z), setting),
+          *run, config.target_epsilon, config.rounds, planned_cohorts,
       )
-    return cls(accountant, noise, aggregator, dp_event_fn)
+      params = mechanism.with_noise(params, noise)
+      ledger = accounting.PrivacyLedger(
+          mechanism.build_ledger(params, setting), *run
+      )
+      logging.info(
+          'calibrated noise %.6g: the smallest meeting epsilon=%g at delta=%g '
+          'after %d rounds', noise, config.target_epsilon, config.delta,
+          config.rounds,
+      )
+    return cls(
+        config, params, mechanism.noise_of(params),
+        mechanism.build_factory(params, setting), ledger,
+    )
 
 
-def plan_or_exit(task: tasks.FederatedTask) -> PrivacyPlan:
-  """`PrivacyPlan.from_flags`, exiting with one line on a ValueError."""
+def plan_or_exit(
+    config: run_config.RunConfig, task: tasks.FederatedTask,
+    exit_with_usage_error: Callable[[str], None],
+) -> PrivacyPlan:
+  """`PrivacyPlan.build` for `task`, exiting with one line on a ValueError."""
   try:
-    return PrivacyPlan.from_flags(task)
+    return PrivacyPlan.build(
+        config, len(task.train_data.client_ids), task.update_dimension
+    )
   except ValueError as e:
-    privacy_flags.exit_with_usage_error(str(e))
-
-
-def flag_values(*modules) -> dict[str, Any]:
-  """{name: value} of every flag defined in `modules` (and the shared ones)."""
-  holders = [
-      holder
-      for module in (privacy_flags, training_flags, *modules)
-      for holder in vars(module).values()
-      if isinstance(holder, flags.FlagHolder)
-  ]
-  return {holder.name: holder.value for holder in holders}
+    exit_with_usage_error(str(e))
 
 
 @contextlib.contextmanager
-def execution_context() -> Iterator[None]:
-  """Where TFF runs for the flags: remote workers or one local worker.
+def execution_context(config: run_config.RunConfig) -> Iterator[None]:
+  """Where TFF runs for `config`: remote workers or one local worker.
 
   Says which in the log. Raises `execution.WorkerUnavailableError` when a
   remote worker cannot be reached.
   """
-  if training_flags.WORKERS.value:
+  if config.workers:
     logging.info(
         'running rounds on %d TFF workers: %s (clients split among them; the '
         'server step, noise included, runs once)',
-        len(training_flags.WORKERS.value), ', '.join(training_flags.WORKERS.value),
+        len(config.workers), ', '.join(config.workers),
     )
-    with execution.remote_execution(training_flags.WORKERS.value):
+    with execution.remote_execution(list(config.workers)):
       yield
     return
-  secure = privacy_flags.uses_secure_aggregation()
+  secure = config.mechanism.secure_sums
   if secure:
     logging.info(
         '--aggregator=%s sums with secure aggregation: running in the context '
         'that simulates it (TFF\'s test compilation: secure sums become checked '
-        'plain sums)', privacy_flags.AGGREGATOR.value,
+        'plain sums)', config.aggregator,
     )
   with execution.local_execution(simulate_secure_aggregation=secure):
     yield
@@ -133,32 +168,29 @@ class Runner:
     self._user_files = None
     self._user_data_tmp = None
 
-  def _engine(self, privacy: PrivacyPlan, expected_clients_per_round: float):
-    """The learning process of --engine and its client data function."""
-    client_learning_rate = training_flags.CLIENT_LR.value
-    server_learning_rate = training_flags.SERVER_LR.value
-    server_momentum = training_flags.SERVER_MOMENTUM.value
-    if training_flags.ENGINE.value == 'standard':
+  def _engine(self, plan: PrivacyPlan):
+    """The learning process of the plan's engine and its client data function."""
+    config = plan.config
+    if config.engine == 'standard':
       return process.build_process(
-          self.task.model_fn, privacy.aggregator, client_learning_rate,
-          server_learning_rate, server_momentum,
+          self.task.model_fn, plan.aggregator, config.client_lr,
+          config.server_lr, config.server_momentum,
       ), None
     learning_process = vectorized.build_process(
-        self.task, privacy.aggregator, client_learning_rate,
-        server_learning_rate, server_momentum,
-        local_epochs=training_flags.LOCAL_EPOCHS.value,
-        batch_size=training_flags.BATCH_SIZE.value,
+        self.task, plan.aggregator, config.client_lr, config.server_lr,
+        config.server_momentum, local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
     )
     if self._user_files is None:
-      directory = training_flags.USER_DATA_DIR.value
+      directory = config.user_data_dir
       if not directory:
         # Removed with the Runner (or at exit); shared by a study's runs.
         self._user_data_tmp = tempfile.TemporaryDirectory(prefix='dp_fedavg_users_')
         directory = self._user_data_tmp.name
       self._user_files = vectorized.UserFiles(self.task, directory)
     users_per_client = (
-        training_flags.USERS_PER_WORKER_CLIENT.value
-        or vectorized.default_users_per_client(expected_clients_per_round)
+        config.users_per_worker_client
+        or vectorized.default_users_per_client(plan.ledger.clients_per_round)
     )
     logging.info(
         'vectorized engine: %d users per TFF client; user data in %s',
@@ -171,22 +203,23 @@ class Runner:
 
   def run(
       self,
-      privacy: PrivacyPlan,
+      plan: PrivacyPlan,
       output_dir: str,
-      config: dict[str, Any],
+      config_json: dict[str, Any],
       overwrite: bool = False,
       resume: bool = False,
       checkpoint_every: int = 0,
       on_round: Callable[[loop.RoundResult], None] = lambda result: None,
       inspect_round: Optional[Callable[..., None]] = None,
   ) -> RunSummary:
-    """Trains with the current flags; results go to `output_dir`.
+    """Trains as `plan.config` says; results go to `output_dir`.
 
     Args:
-      privacy: the accountant (fresh), noise and aggregator of the run.
+      plan: the run's configuration, mechanism and (fresh) privacy ledger.
       output_dir: metrics.csv, config.json, TensorBoard logs, checkpoints and
         the final model.
-      config: written to config.json (with the noise multiplier used).
+      config_json: written to config.json, with the noise used and the
+        privacy ledger's composition and adjacency.
       overwrite: replace an earlier run's results in `output_dir`.
       resume: continue from the latest checkpoint in `output_dir`.
       checkpoint_every: save a checkpoint every this many rounds (0: never).
@@ -196,26 +229,26 @@ class Runner:
     Raises:
       ValueError: `resume` with no checkpoint in `output_dir`.
     """
-    task = self.task
-    seed = training_flags.SEED.value
-    accountant, noise = privacy.accountant, privacy.noise
+    task, config, ledger = self.task, plan.config, plan.ledger
+    seed = config.seed
     run_outputs = outputs.RunOutputs(output_dir, overwrite=overwrite, resume=resume)
-    run_outputs.write_config({**config, 'noise_multiplier_used': noise})
+    run_outputs.write_config({
+        **config_json, 'noise_multiplier_used': plan.noise,
+        'privacy_composition': ledger.composition,
+        'adjacency': ledger.adjacency.value,
+    })
     logging.info(
         'task %s, %d clients, %s aggregator (noise multiplier %g), %s sampling '
-        'of %d per round; epsilon at delta=%g under %s adjacency, accountant %s',
-        task.name, accountant.num_clients, privacy_flags.AGGREGATOR.value,
-        noise, accountant.scheme.value, accountant.clients_per_round,
-        accountant.delta,
-        'local-DP (replace one client\'s update; no sampling amplification)'
-        if accountant.local_dp else accountant.neighboring_relation.name,
-        accountant.kind.value,
+        'of %d per round; epsilon at delta=%g under %s adjacency (%s), '
+        'accountant %s',
+        task.name, ledger.num_clients, config.aggregator, plan.noise,
+        ledger.scheme.value, ledger.clients_per_round, ledger.delta,
+        ledger.adjacency.name, ledger.composition.replace('_', ' '),
+        ledger.kind.value,
     )
     # Model initialization draws from the global seed.
     tf.keras.utils.set_random_seed(seed)
-    learning_process, client_data_fn = self._engine(
-        privacy, accountant.clients_per_round
-    )
+    learning_process, client_data_fn = self._engine(plan)
     results = []
 
     def release(result: loop.RoundResult) -> None:
@@ -227,18 +260,16 @@ class Runner:
         learning_process,
         task,
         sampling.ClientSampler(
-            accountant.scheme, accountant.num_clients,
-            accountant.clients_per_round, seed,
+            ledger.scheme, ledger.num_clients, ledger.clients_per_round, seed,
         ),
-        accountant,
-        privacy.dp_event_fn,
+        ledger,
         self.evaluator,
-        rounds=privacy_flags.ROUNDS.value,
-        local_epochs=training_flags.LOCAL_EPOCHS.value,
-        batch_size=training_flags.BATCH_SIZE.value,
-        eval_every=training_flags.EVAL_EVERY.value,
+        rounds=config.rounds,
+        local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        eval_every=config.eval_every,
         seed=seed,
-        target_epsilon=privacy_flags.TARGET_EPSILON.value,
+        target_epsilon=config.target_epsilon,
         on_round=release,
         # Only a run that saves or resumes gets a checkpoints/ directory.
         checkpointer=checkpoints.Checkpointer(output_dir)
@@ -250,21 +281,21 @@ class Runner:
     )
     model_weights = learning_process.get_model_weights(outcome.state)
     model_path = run_outputs.save_model(task, model_weights)
-    epsilon, accountant_name = accountant.epsilon_and_accountant()
+    epsilon, accountant_name = ledger.epsilon_and_accountant()
     logging.info(
         'done after %d of %d rounds (%s): epsilon %.4g at delta %g (%s); final '
-        'model %s; metrics in %s', outcome.rounds_completed,
-        privacy_flags.ROUNDS.value, outcome.stop_reason, epsilon,
-        accountant.delta, accountant_name, model_path, output_dir,
+        'model %s; metrics in %s', outcome.rounds_completed, config.rounds,
+        outcome.stop_reason, epsilon, ledger.delta, accountant_name, model_path,
+        output_dir,
     )
     evaluated = [r for r in results if r.eval_accuracy is not None]
     return RunSummary(
         rounds_completed=outcome.rounds_completed,
         stop_reason=outcome.stop_reason,
-        noise=noise,
+        noise=plan.noise,
         epsilon=epsilon,
         accountant=accountant_name,
-        delta=accountant.delta,
+        delta=ledger.delta,
         eval_accuracy=evaluated[-1].eval_accuracy if evaluated else None,
         eval_loss=evaluated[-1].eval_loss if evaluated else None,
         results=results,

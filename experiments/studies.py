@@ -1,7 +1,10 @@
 """What the study binaries share: their output directory, flags.json,
-results.csv and progress across runs."""
+results.csv and progress across runs.
 
-import contextlib
+A study builds its runs' configurations from the one its binary built
+(`RunConfig.replace`); it never changes flag values.
+"""
+
 import csv
 import datetime
 import json
@@ -12,7 +15,7 @@ from typing import Any, Optional
 from absl import flags
 from absl import logging
 
-from experiments import runner
+from experiments import training_flags
 
 FLAGS_FILE = 'flags.json'
 RESULTS_FILE = 'results.csv'
@@ -30,7 +33,7 @@ def output_dir_error(output_dir: str, overwrite: bool) -> Optional[str]:
 
 def write_flags(output_dir: str, *modules) -> dict[str, Any]:
   """Writes every flag of the study (and the shared ones) to flags.json."""
-  values = runner.flag_values(*modules)
+  values = training_flags.flag_values(*modules)
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, FLAGS_FILE), 'w') as f:
     json.dump(values, f, indent=2, sort_keys=True)
@@ -73,16 +76,3 @@ def parse_floats(flag: flags.FlagHolder) -> list[float]:
     return [float(v) for v in flag.value or []]
   except ValueError as e:
     raise ValueError(f'--{flag.name}: {e}') from e
-
-
-@contextlib.contextmanager
-def flags_set_to(**values):
-  """Sets flags for one run of a study and restores them afterwards."""
-  saved = {name: flags.FLAGS[name].value for name in values}
-  try:
-    for name, value in values.items():
-      flags.FLAGS[name].value = value
-    yield
-  finally:
-    for name, value in saved.items():
-      flags.FLAGS[name].value = value

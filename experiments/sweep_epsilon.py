@@ -7,8 +7,9 @@ One DP-FedAvg run per point, with every other flag of `experiments.train`.
 Give exactly one list:
   --target_epsilons: each run's noise is calibrated to reach that epsilon at
     --delta after --rounds (any private aggregator);
-  --noise_multipliers: Gaussian aggregators' noise multipliers;
-  --epsilons_per_round: the laplace aggregator's per-round epsilons.
+  --noise_multipliers: noise multipliers (mechanisms with --noise_multiplier);
+  --epsilons_per_round: per-round epsilons (mechanisms with
+    --epsilon_per_round: laplace).
 With --baseline (default) one more run without DP gives the reference line.
 
 Writes OUTPUT_DIR/flags.json, OUTPUT_DIR/results.csv (one row per run: swept
@@ -24,6 +25,8 @@ from absl import app
 from absl import flags
 import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
+from aggregators import registry
+from dp_fedavg import run_config
 from experiments import plots
 from experiments import privacy_flags
 from experiments import runner
@@ -37,18 +40,20 @@ _OVERWRITE = flags.DEFINE_bool(
 _TARGET_EPSILONS = flags.DEFINE_list(
     'target_epsilons', None, 'Epsilons to calibrate each run\'s noise to.')
 _NOISE_MULTIPLIERS = flags.DEFINE_list(
-    'noise_multipliers', None, 'Noise multipliers (Gaussian aggregators).')
+    'noise_multipliers', None,
+    'Noise multipliers (mechanisms with --noise_multiplier).')
 _EPSILONS_PER_ROUND = flags.DEFINE_list(
-    'epsilons_per_round', None, 'Per-round epsilons (laplace aggregator).')
+    'epsilons_per_round', None,
+    'Per-round epsilons (mechanisms with --epsilon_per_round).')
 _BASELINE = flags.DEFINE_bool(
     'baseline', True, 'Also train once without DP, for reference.')
 
-# (list flag, the run flag it sets, other run flags, aggregators it applies to).
+# (list flag, the run value it sets, other run values). A mechanism
+# parameter's list applies to the mechanisms that have that parameter.
 _SWEEPS = (
-    (_TARGET_EPSILONS, 'target_epsilon', dict(calibrate='noise'), None),
-    (_NOISE_MULTIPLIERS, 'noise_multiplier', {},
-     ('gaussian_fixed', 'gaussian_adaptive', 'secure_gaussian', 'distributed_dp')),
-    (_EPSILONS_PER_ROUND, 'epsilon_per_round', {}, ('laplace',)),
+    (_TARGET_EPSILONS, 'target_epsilon', dict(calibrate='noise')),
+    (_NOISE_MULTIPLIERS, 'noise_multiplier', {}),
+    (_EPSILONS_PER_ROUND, 'epsilon_per_round', {}),
 )
 
 
@@ -57,13 +62,13 @@ def _chosen_sweep():
   return chosen[0] if len(chosen) == 1 else None
 
 
-def study_error() -> str | None:
-  error = training_flags.flag_error() or studies.output_dir_error(
+def study_error(config: run_config.RunConfig) -> str | None:
+  error = training_flags.flag_error(config) or studies.output_dir_error(
       _OUTPUT_DIR.value, _OVERWRITE.value
   )
   if error:
     return error
-  if privacy_flags.AGGREGATOR.value == 'none':
+  if config.mechanism.noise is None:
     return '--aggregator must be a private one; the sweep varies its privacy.'
   sweep = _chosen_sweep()
   if sweep is None:
@@ -71,12 +76,15 @@ def study_error() -> str | None:
         'give exactly one of --target_epsilons, --noise_multipliers and '
         '--epsilons_per_round.'
     )
-  holder, _, _, aggregators = sweep
-  if aggregators and privacy_flags.AGGREGATOR.value not in aggregators:
+  holder, run_value, _ = sweep
+  takers = {
+      info.name: info.mechanisms for info in registry.parameters()
+  }.get(run_value)
+  if takers is not None and config.aggregator not in takers:
     return (
-        f'--{holder.name} applies to --aggregator={"|".join(aggregators)}, '
-        f'not {privacy_flags.AGGREGATOR.value}; --target_epsilons applies to '
-        'every private aggregator.'
+        f'--{holder.name} applies to --aggregator={"|".join(takers)}, '
+        f'not {config.aggregator}; --target_epsilons applies to every private '
+        'aggregator.'
     )
   try:
     values = studies.parse_floats(holder)
@@ -91,65 +99,65 @@ def study_error() -> str | None:
 
 
 def main(argv):
-  task = training_flags.start_or_exit(argv, study_error())
-  holder, run_flag, other_flags, _ = _chosen_sweep()
+  config = training_flags.config_from_flags()
+  task = training_flags.start_or_exit(argv, study_error(config), config)
+  holder, run_value, other_values = _chosen_sweep()
 
-  def run_flags(value):
-    return {run_flag: value, **other_flags}
+  def run_values(value):
+    return {run_value: value, **other_values}
 
   values = studies.parse_floats(holder)
   # Calibrating every point first: an unreachable target fails before training.
-  plans = []
-  for value in values:
-    with studies.flags_set_to(**run_flags(value)):
-      try:
-        plans.append(runner.PrivacyPlan.from_flags(task))
-      except ValueError as e:
-        privacy_flags.exit_with_usage_error(f'--{holder.name}={value:g}: {e}')
+  plans = [
+      runner.plan_or_exit(
+          config.replace(**run_values(value)), task,
+          lambda e, value=value: privacy_flags.exit_with_usage_error(
+              f'--{holder.name}={value:g}: {e}'),
+      )
+      for value in values
+  ]
   output_dir = _OUTPUT_DIR.value
-  studies.write_flags(output_dir, sys.modules[__name__])
+  study_values = studies.write_flags(output_dir, sys.modules[__name__])
   progress = studies.Progress(len(values) + int(_BASELINE.value))
   rows = []
   baseline = None
-  with runner.execution_context():
+  with runner.execution_context(config):
     study = runner.Runner(task)
     for value, plan in zip(values, plans):
-      with studies.flags_set_to(**run_flags(value)):
-        summary = study.run(
-            plan, os.path.join(output_dir, 'runs', f'{holder.name}_{value:g}'),
-            runner.flag_values(sys.modules[__name__]), overwrite=True,
-        )
+      summary = study.run(
+          plan, os.path.join(output_dir, 'runs', f'{holder.name}_{value:g}'),
+          {**study_values, **run_values(value)}, overwrite=True,
+      )
       rows.append({
-          run_flag: value, 'noise': summary.noise,
+          run_value: value, 'noise': summary.noise,
           'epsilon': summary.epsilon, 'delta': summary.delta,
           'accountant': summary.accountant, 'rounds': summary.rounds_completed,
           'eval_accuracy': summary.eval_accuracy, 'eval_loss': summary.eval_loss,
       })
       progress.run_finished(
-          f'{run_flag}={value:g}: epsilon {summary.epsilon:.4g}, '
+          f'{run_value}={value:g}: epsilon {summary.epsilon:.4g}, '
           f'accuracy {summary.eval_accuracy}'
       )
     if _BASELINE.value:
-      with studies.flags_set_to(
-          aggregator='none', target_epsilon=None, calibrate='none'
-      ):
-        summary = study.run(
-            runner.PrivacyPlan.from_flags(task),
-            os.path.join(output_dir, 'runs', 'no_dp'),
-            runner.flag_values(sys.modules[__name__]), overwrite=True,
-        )
+      no_dp = dict(aggregator='none', target_epsilon=None, calibrate='none')
+      summary = study.run(
+          runner.plan_or_exit(
+              config.replace(**no_dp), task, privacy_flags.exit_with_usage_error
+          ),
+          os.path.join(output_dir, 'runs', 'no_dp'),
+          {**study_values, **no_dp}, overwrite=True,
+      )
       baseline = summary.eval_accuracy
       progress.run_finished(f'no DP: accuracy {baseline}')
   results = studies.write_results(output_dir, rows)
   figure = os.path.join(output_dir, 'accuracy_vs_epsilon.png')
   plots.accuracy_vs_epsilon(
-      {privacy_flags.AGGREGATOR.value: [
+      {config.aggregator: [
           (r['epsilon'], r['eval_accuracy']) for r in rows
       ]},
       figure,
-      f'{task.name}: {privacy_flags.AGGREGATOR.value}, '
-      f'{privacy_flags.ROUNDS.value} rounds',
-      privacy_flags.DELTA.value,
+      f'{task.name}: {config.aggregator}, {config.rounds} rounds',
+      config.delta,
       baseline=baseline,
   )
   if baseline is not None:

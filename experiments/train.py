@@ -11,7 +11,8 @@ state (model, optimizer, aggregator, privacy spent) is saved every K rounds;
 --resume continues a killed run from its latest checkpoint with the same flags.
 Flags are checked before any work: a bad value exits with status 2 and one
 line naming the flag and its allowed range. The task flags are in
-experiments/training_flags.py, the privacy flags in experiments/privacy_flags.py.
+experiments/training_flags.py, the privacy flags in experiments/privacy_flags.py
+(the mechanisms' own flags come from their registry entries).
 """
 
 import json
@@ -26,6 +27,8 @@ import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before
 from dp_fedavg import checkpoints
 from dp_fedavg import execution
 from dp_fedavg import outputs
+from dp_fedavg import run_config
+from experiments import privacy_flags
 from experiments import runner
 from experiments import training_flags
 
@@ -56,7 +59,7 @@ def _resume_error() -> Optional[str]:
     return f'--resume: {config_path} does not exist; there is no run to resume.'
   with open(config_path) as f:
     saved = json.load(f)
-  current = runner.flag_values(sys.modules[__name__])
+  current = training_flags.flag_values(sys.modules[__name__])
   differing = sorted(
       name for name, value in current.items()
       if name not in _NOT_PART_OF_THE_RUN and saved.get(name) != value
@@ -77,9 +80,9 @@ def _resume_error() -> Optional[str]:
   return None
 
 
-def flag_error() -> Optional[str]:
+def flag_error(config: run_config.RunConfig) -> Optional[str]:
   """The first problem with the parsed flags, as one line; None if none."""
-  error = training_flags.flag_error()
+  error = training_flags.flag_error(config)
   if error:
     return error
   if _CHECKPOINT_EVERY.value < 0:
@@ -99,14 +102,15 @@ def flag_error() -> Optional[str]:
 
 
 def main(argv):
-  task = training_flags.start_or_exit(argv, flag_error())
-  privacy = runner.plan_or_exit(task)
+  config = training_flags.config_from_flags()
+  task = training_flags.start_or_exit(argv, flag_error(config), config)
+  plan = runner.plan_or_exit(config, task, privacy_flags.exit_with_usage_error)
   try:
-    with runner.execution_context():
+    with runner.execution_context(config):
       runner.Runner(task).run(
-          privacy,
+          plan,
           _OUTPUT_DIR.value,
-          runner.flag_values(sys.modules[__name__]),
+          training_flags.flag_values(sys.modules[__name__]),
           overwrite=_OVERWRITE.value,
           resume=_RESUME.value,
           checkpoint_every=_CHECKPOINT_EVERY.value,

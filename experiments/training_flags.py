@@ -1,13 +1,17 @@
-"""Flags that choose the task and the local training, and build the task.
+"""Flags that choose the task and the local training; the run's configuration.
 
-Shared by `experiments.train` and the study binaries.
+Shared by `experiments.train` and the study binaries. `config_from_flags`
+builds the frozen `RunConfig` that the binary's `main` passes down; nothing
+below the binaries reads flags.
 """
 
 import math
-from typing import Optional
+import sys
+from typing import Any, Optional
 
 from absl import flags
 
+from dp_fedavg import run_config
 from dp_fedavg import tasks
 from experiments import privacy_flags
 
@@ -43,7 +47,7 @@ ENGINE = flags.DEFINE_enum(
     'engine', 'standard', ['standard', 'vectorized'],
     'standard: one TFF client per user. vectorized: many users per TFF client, '
     'their data read inside the worker, Dense models trained all users at '
-    'once (not with secure_gaussian or distributed_dp). Same training, same '
+    'once (not with mechanisms that sum securely). Same training, same '
     'privacy.')
 USERS_PER_WORKER_CLIENT = flags.DEFINE_integer(
     'users_per_worker_client', None,
@@ -56,6 +60,12 @@ USER_DATA_DIR = flags.DEFINE_string(
     'other hosts, a directory every host sees at the same path.')
 SEED = flags.DEFINE_integer(
     'seed', 0, 'Seed of data split, sampling, shuffling, model init and noise.')
+
+_TRAINING_FLAGS = (
+    TASK, DATA_DIR, DATA_SOURCE, PARTITION, DIRICHLET_ALPHA, LOCAL_EPOCHS,
+    BATCH_SIZE, CLIENT_LR, SERVER_LR, SERVER_MOMENTUM, EVAL_EVERY, WORKERS,
+    ENGINE, USERS_PER_WORKER_CLIENT, USER_DATA_DIR, SEED,
+)
 
 RANGE_CHECKS = (
     (TASK, lambda v: v in tasks.TASK_NAMES, f'one of {", ".join(tasks.TASK_NAMES)}'),
@@ -75,6 +85,14 @@ RANGE_CHECKS = (
 )
 
 
+def config_from_flags() -> run_config.RunConfig:
+  """The run configuration of the parsed flags (built once, in `main`)."""
+  values: dict[str, Any] = privacy_flags.privacy_values()
+  values.update((holder.name, holder.value) for holder in _TRAINING_FLAGS)
+  values['workers'] = tuple(values['workers'])
+  return run_config.with_defaults(**values)
+
+
 def _workers_error() -> Optional[str]:
   for address in WORKERS.value:
     host, _, port = address.rpartition(':')
@@ -82,46 +100,55 @@ def _workers_error() -> Optional[str]:
       return (
           f'--workers: {address!r} is not host:port (a port in [1, 65535]).'
       )
-  if WORKERS.value and privacy_flags.uses_secure_aggregation():
-    return (
-        f'--aggregator={privacy_flags.AGGREGATOR.value} needs the secure-sum '
-        'simulation, which runs on one local worker; drop --workers.'
-    )
   return None
 
 
-def flag_error() -> Optional[str]:
+def flag_error(config: run_config.RunConfig) -> Optional[str]:
   """The first problem with the task, training and privacy flags; None if none."""
   return (
-      privacy_flags.range_error(RANGE_CHECKS) or privacy_flags.flag_error()
-      or _workers_error()
+      privacy_flags.range_error(RANGE_CHECKS) or _workers_error()
+      or privacy_flags.flag_error(config)
   )
 
 
-def start_or_exit(argv: list[str], error: Optional[str]) -> tasks.FederatedTask:
+def start_or_exit(argv: list[str], error: Optional[str],
+                  config: run_config.RunConfig):
   """A binary's start: exits (status 2, one line) on extra arguments or
-  `error`, else returns the flags' task."""
+  `error`, else returns the task of `config`."""
   privacy_flags.check_no_arguments(argv)
   if error:
     privacy_flags.exit_with_usage_error(error)
-  return build_task_or_exit()
+  return build_task_or_exit(config)
 
 
-def build_task_or_exit() -> tasks.FederatedTask:
-  """The task of the flags; a missing file or bad option exits with one line."""
+def build_task_or_exit(config: run_config.RunConfig) -> tasks.FederatedTask:
+  """The task of `config`; a missing file or bad option exits with one line."""
   options = tasks.TaskOptions(
-      num_clients=privacy_flags.NUM_CLIENTS.value,
-      partition=PARTITION.value,
-      dirichlet_alpha=DIRICHLET_ALPHA.value,
-      seed=SEED.value,
-      data_dir=DATA_DIR.value,
-      data_source=DATA_SOURCE.value,
+      num_clients=config.num_clients,
+      partition=config.partition,
+      dirichlet_alpha=config.dirichlet_alpha,
+      seed=config.seed,
+      data_dir=config.data_dir,
+      data_source=config.data_source,
   )
   try:
-    task = tasks.build_task(TASK.value, options)
+    task = tasks.build_task(config.task, options)
   except (ValueError, tasks.DataNotFoundError) as e:
-    privacy_flags.exit_with_usage_error(f'--task={TASK.value}: {e}')
-  error = privacy_flags.population_error(len(task.train_data.client_ids))
+    privacy_flags.exit_with_usage_error(f'--task={config.task}: {e}')
+  error = run_config.population_error(config, len(task.train_data.client_ids))
   if error:
     privacy_flags.exit_with_usage_error(error)
   return task
+
+
+def flag_values(*modules) -> dict[str, Any]:
+  """{name: value} of every flag defined in `modules` and the shared ones
+  (what config.json and flags.json hold)."""
+  holders = [
+      holder
+      for module in (privacy_flags, sys.modules[__name__], *modules)
+      for holder in vars(module).values()
+      if isinstance(holder, flags.FlagHolder)
+  ]
+  holders.extend(privacy_flags.MECHANISM_FLAGS.values())
+  return {holder.name: holder.value for holder in holders}

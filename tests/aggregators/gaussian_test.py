@@ -6,7 +6,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from aggregators import checks
 from aggregators import gaussian
+from aggregators import secure_encoding
 from dp_fedavg import execution
 
 _VECTOR = tff.TensorType(np.float32, [3])
@@ -81,27 +83,29 @@ class GaussianFactoryTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.named_parameters(
       ('negative_noise', dict(noise_multiplier=-0.1), ValueError, 'noise_mult'),
       ('nan_noise', dict(noise_multiplier=float('nan')), ValueError, 'finite'),
-      ('zero_clip', dict(clip=0.0), ValueError, 'clip must be > 0'),
+      ('zero_clip', dict(clip=0.0), ValueError,
+       'clip must be a finite number > 0'),
       ('inf_clip', dict(clip=float('inf')), ValueError, 'finite'),
       ('string_clip', dict(clip='1'), TypeError, 'clip must be a number'),
       ('zero_clients', dict(expected_clients_per_round=0), ValueError,
-       'expected_clients_per_round must be > 0'),
+       'expected_clients_per_round must be a finite number > 0'),
       ('float_seed', dict(noise_seed=1.5), TypeError, 'noise_seed'),
-      ('unknown_clipping', dict(clipping='per_unit'), ValueError, 'per_unit'),
-      ('unknown_placement', dict(noise_placement='edge'), ValueError,
-       'noise_placement'),
+      ('unknown_clipping', dict(clipping='per_unit'), checks.ArgumentError,
+       'clipping must be one of flat, per_layer_uniform, per_layer_adaptive'),
+      ('unknown_placement', dict(noise_placement='edge'), checks.ArgumentError,
+       'noise_placement must be one of server, client'),
       ('quantile_above_one',
        dict(adaptive=gaussian.AdaptiveClipping(target_quantile=1.5)),
-       ValueError, 'target_quantile'),
+       checks.ArgumentError, r'target_quantile must be in \[0, 1\]'),
       ('negative_rate',
        dict(adaptive=gaussian.AdaptiveClipping(learning_rate=-0.1)),
-       ValueError, 'learning_rate'),
+       checks.ArgumentError, 'learning_rate must be a finite number >= 0'),
       ('count_noise_too_small',
        dict(adaptive=gaussian.AdaptiveClipping(clipped_count_stddev=0.4)),
        ValueError, 'must exceed noise_multiplier / 2 = 0.5'),
       ('adaptive_client_noise',
        dict(adaptive=gaussian.AdaptiveClipping(), noise_placement='client'),
-       ValueError, 'fixed clip'),
+       checks.UnsupportedError, 'fixed clip'),
   )
   def test_invalid_arguments_raise(self, overrides, error, message):
     kwargs = dict(noise_multiplier=1.0, clip=1.0, expected_clients_per_round=2)
@@ -359,7 +363,8 @@ class GaussianFactoryTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
-  """`secure_sum=True`: the updates reach the server only as secure sums."""
+  """A `GridSecureSum` inner aggregation: the updates reach the server only as
+  secure sums."""
 
   @classmethod
   def setUpClass(cls):
@@ -369,9 +374,9 @@ class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
     )
 
   def test_type_signature_adds_the_secure_clip_count(self):
-    process = gaussian.GaussianFactory(1.0, 1.0, 5, secure_sum=True).create(
-        _STRUCT
-    )
+    process = gaussian.GaussianFactory(
+        1.0, 1.0, 5, record_aggregation=secure_encoding.GridSecureSum()
+    ).create(_STRUCT)
     measurements = tff.types.to_type(collections.OrderedDict(
         list(tff.structure.iter_elements(_MEASUREMENTS))
         + [('secure_clipped_count', tff.TensorType(np.int32))]
@@ -382,9 +387,9 @@ class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
                     .is_equivalent_to(_STRUCT))
 
   def test_values_cross_only_through_secure_sums(self):
-    process = gaussian.GaussianFactory(1.0, 1.0, 5, secure_sum=True).create(
-        _STRUCT
-    )
+    process = gaussian.GaussianFactory(
+        1.0, 1.0, 5, record_aggregation=secure_encoding.GridSecureSum()
+    ).create(_STRUCT)
     body = process.next.to_building_block().compact_representation()
     self.assertIn('federated_secure_sum_bitwidth', body)
     self.assertNotIn('federated_sum', body.replace('federated_secure_sum', ''))
@@ -404,7 +409,7 @@ class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
         for scale in (0.01, 0.3, 5.0, 1e4)
     ]
     process = gaussian.GaussianFactory(
-        0.0, clip, clients, secure_sum=True
+        0.0, clip, clients, record_aggregation=secure_encoding.GridSecureSum()
     ).create(_STRUCT)
     output = process.next(process.initialize(), values)
     expected = tf.nest.map_structure(
@@ -412,7 +417,7 @@ class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
     )
     # Each client's value is off by at most half a grid step, S / (2 K f);
     # the mean of the errors is too. f > 0.99 for 7 values.
-    bound = clip / (2 * gaussian.SECURE_LEVELS * 0.99) + 1e-6
+    bound = clip / (2 * secure_encoding.SECURE_LEVELS * 0.99) + 1e-6
     for got, want in zip(tf.nest.flatten(output.result), tf.nest.flatten(expected)):
       self.assertLess(np.max(np.abs(got - want)), bound)
     # An update 10^4 above the clip is clipped first, never wrapped.
@@ -422,7 +427,8 @@ class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
   def test_noise_and_event_are_those_of_the_central_mechanism(self):
     noise_multiplier, clip, clients, size = 1.5, 0.5, 3, 20_000
     factory = gaussian.GaussianFactory(
-        noise_multiplier, clip, clients, noise_seed=2, secure_sum=True
+        noise_multiplier, clip, clients, noise_seed=2,
+        record_aggregation=secure_encoding.GridSecureSum(),
     )
     process = factory.create(tff.TensorType(np.float32, [size]))
     output = process.next(
@@ -430,7 +436,7 @@ class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
     )
     noise = np.asarray(output.result, np.float64)
     # The server divides the noised sum by the shrink f afterwards.
-    shrink = (1 - np.sqrt(size) / (2 * gaussian.SECURE_LEVELS)) / (1 + 1e-6)
+    shrink = (1 - np.sqrt(size) / (2 * secure_encoding.SECURE_LEVELS)) / (1 + 1e-6)
     sigma = noise_multiplier * clip / clients / shrink
     self.assertLess(abs(noise.std() - sigma), 5 * sigma / np.sqrt(2 * size))
     self.assertEqual(
@@ -442,12 +448,14 @@ class SecureSumTest(tf.test.TestCase, parameterized.TestCase):
       ('client_noise', dict(noise_placement='client'), 'noise_placement=server'),
       ('cohort_too_large', dict(expected_clients_per_round=20_000),
        'at most 32768'),
-      ('not_a_bool', dict(secure_sum=1), 'secure_sum must be a bool'),
+      ('stacked_users', dict(stacked_users=True), 'stacked users'),
+      ('not_an_aggregation', dict(record_aggregation='secure'),
+       'record_aggregation must be'),
   )
   def test_invalid_arguments_raise(self, overrides, message):
     kwargs = dict(
         noise_multiplier=1.0, clip=1.0, expected_clients_per_round=2,
-        secure_sum=True,
+        record_aggregation=secure_encoding.GridSecureSum(),
     )
     kwargs.update(overrides)
     with self.assertRaisesRegex((ValueError, TypeError), message):

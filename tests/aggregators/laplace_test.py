@@ -56,9 +56,9 @@ class LaplaceFactoryTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
       ('zero_epsilon', dict(epsilon_per_round=0.0), ValueError,
-       'epsilon_per_round must be > 0'),
+       'epsilon_per_round must be a finite number > 0'),
       ('inf_epsilon', dict(epsilon_per_round=float('inf')), ValueError, 'finite'),
-      ('negative_clip', dict(l1_clip=-1.0), ValueError, 'l1_clip must be > 0'),
+      ('negative_clip', dict(l1_clip=-1.0), ValueError, 'l1_clip must be a finite number > 0'),
       ('string_clip', dict(l1_clip='1'), TypeError, 'l1_clip must be a number'),
       ('zero_clients', dict(expected_clients_per_round=0), ValueError,
        'expected_clients_per_round'),

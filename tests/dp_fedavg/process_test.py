@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from aggregators import gaussian
-from aggregators import laplace
+from aggregators import registry
 from dp_fedavg import accounting
 from dp_fedavg import loop
 from dp_fedavg import process
@@ -33,15 +33,17 @@ class DpFedAvgProcessTest(tf.test.TestCase):
 
   def test_learns_digits_without_noise(self):
     results = []
-    accountant = accounting.PrivacyAccountant(
-        sampling.SamplingScheme.UNIFORM, _NUM_CLIENTS, _COHORT, 1e-5
+    ledger = accounting.PrivacyLedger(
+        accounting.SampledRounds(
+            gaussian.round_dp_event(0.0), gaussian.dp_event_from_state
+        ),
+        sampling.SamplingScheme.UNIFORM, _NUM_CLIENTS, _COHORT, 1e-5,
     )
     outcome = loop.run_training(
         self.process,
         self.task,
         sampling.ClientSampler('uniform', _NUM_CLIENTS, _COHORT, seed=0),
-        accountant,
-        gaussian.dp_event_from_state,
+        ledger,
         process.FederatedEvaluator(
             self.task.model_fn, self.task.eval_client_datasets()
         ),
@@ -93,25 +95,35 @@ class DpFedAvgProcessTest(tf.test.TestCase):
     )
 
   def test_target_epsilon_stops_before_the_round_that_would_exceed_it(self):
-    # The loop decides from the accountant and the round's event alone; an
-    # event of z=2 is given for this noiseless process to exercise it.
+    # The loop decides from the ledger alone; a ledger of z=2 is given for
+    # this noiseless process to exercise it.
     event = dp_accounting.GaussianDpEvent(2.0)
-    accountant = accounting.PrivacyAccountant(
-        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5
-    )
-    reference = accounting.PrivacyAccountant(
-        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5
-    )
     target = 0.9
-    allowed = reference.rounds_within_budget(event, target, max_rounds=10)
+    # dp-accounting alone: the rounds of z=2 at q=0.2 within the target.
+    allowed = 0
+    while True:
+      reference = dp_accounting.pld.PLDAccountant(
+          value_discretization_interval=1e-4
+      )
+      reference.compose(
+          dp_accounting.PoissonSampledDpEvent(_COHORT / _NUM_CLIENTS, event),
+          allowed + 1,
+      )
+      if reference.get_epsilon(1e-5) > target:
+        break
+      allowed += 1
     self.assertBetween(allowed, 1, 9)
+    ledger = accounting.PrivacyLedger(
+        accounting.SampledRounds(event, lambda state: event),
+        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5,
+        accounting.AccountantKind.PLD,
+    )
     results = []
     outcome = loop.run_training(
         self.process,
         self.task,
         sampling.ClientSampler('poisson', _NUM_CLIENTS, _COHORT, seed=1),
-        accountant,
-        lambda state: event,
+        ledger,
         lambda weights: {'loss': 0.0, 'accuracy': 0.0},
         rounds=10,
         local_epochs=1,
@@ -124,7 +136,36 @@ class DpFedAvgProcessTest(tf.test.TestCase):
     self.assertLen(results, allowed)
     self.assertIn(f'before round {allowed + 1}', outcome.stop_reason)
     self.assertLessEqual(results[-1].epsilon, target)
-    self.assertGreater(accountant.epsilon_after_round(event), target)
+    self.assertGreater(ledger.epsilon_if_round(None, [0]), target)
+
+  def test_run_level_ledger_stops_on_the_realised_participation(self):
+    """A run-level ledger sees each round's cohort before the round runs."""
+    event_of = lambda participation: dp_accounting.GaussianDpEvent(
+        2.0 / max(participation.max_participations(), 1) ** 0.5
+    )
+    sampler = sampling.ClientSampler('uniform', _NUM_CLIENTS, _COHORT, seed=2)
+    participation = accounting.Participation()
+    for round_num in range(1, 11):
+      participation = participation.with_round(sampler.sample(round_num))
+      if participation.max_participations() == 3:
+        break
+    # Two participations of any client fit; a third does not.
+    rdp = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+    )
+    rdp.compose(event_of(accounting.Participation(((0,), (0,)))))
+    ledger = accounting.PrivacyLedger(
+        accounting.RunLevel(event_of), sampling.SamplingScheme.UNIFORM,
+        _NUM_CLIENTS, _COHORT, 1e-5, accounting.AccountantKind.RDP,
+    )
+    outcome = loop.run_training(
+        self.process, self.task, sampler, ledger,
+        lambda weights: {'loss': 0.0, 'accuracy': 0.0},
+        rounds=10, local_epochs=1, batch_size=8, eval_every=10,
+        target_epsilon=rdp.get_epsilon(1e-5) * 1.001,
+    )
+    self.assertEqual(outcome.rounds_completed, round_num - 1)
+    self.assertEqual(ledger.rounds, round_num - 1)
 
   def test_dp_event_is_the_factorys_noise_multiplier(self):
     state = self.process.initialize()
@@ -134,8 +175,31 @@ class DpFedAvgProcessTest(tf.test.TestCase):
     )
 
 
-class EveryAggregatorTrainsTest(tf.test.TestCase, parameterized.TestCase):
-  """Three DP-FedAvg rounds on digits with each aggregator and clipping."""
+def _reference_epsilon(event, rounds: int, relation) -> float:
+  """min(RDP, PLD) of `event` composed `rounds` times, by dp-accounting alone."""
+  rdp = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+  epsilons = []
+  if rdp.supports(event):
+    rdp.compose(event, rounds)
+    epsilons.append(rdp.get_epsilon(1e-5))
+  pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+  if pld.supports(event):
+    pld.compose(event, rounds)
+    epsilons.append(pld.get_epsilon(1e-5))
+  return min(epsilons)
+
+
+_Q = _COHORT / _NUM_CLIENTS
+_ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+# Noise multiplier 1 (the defaults) at the test's sampling rate.
+_SAMPLED_GAUSSIAN = dp_accounting.PoissonSampledDpEvent(
+    _Q, dp_accounting.GaussianDpEvent(1.0)
+)
+
+
+class EveryMechanismTrainsTest(tf.test.TestCase, parameterized.TestCase):
+  """Three DP-FedAvg rounds on digits with each mechanism, built from its
+  registry entry, and the exact epsilon dp-accounting gives on its own."""
 
   @classmethod
   def setUpClass(cls):
@@ -143,46 +207,52 @@ class EveryAggregatorTrainsTest(tf.test.TestCase, parameterized.TestCase):
     cls.task = digits.build_task(num_clients=_NUM_CLIENTS, seed=0)
 
   @parameterized.named_parameters(
-      ('fixed_flat', lambda: gaussian.GaussianFactory(1.0, 1.0, _COHORT)),
-      ('fixed_per_layer_uniform', lambda: gaussian.GaussianFactory(
-          1.0, 1.0, _COHORT, clipping='per_layer_uniform')),
-      ('fixed_per_layer_adaptive', lambda: gaussian.GaussianFactory(
-          1.0, 1.0, _COHORT, clipping='per_layer_adaptive')),
-      ('adaptive_flat', lambda: gaussian.GaussianFactory(
-          1.0, 0.5, _COHORT, adaptive=gaussian.AdaptiveClipping())),
-      ('adaptive_per_layer_adaptive', lambda: gaussian.GaussianFactory(
-          1.0, 0.5, _COHORT, clipping='per_layer_adaptive',
-          adaptive=gaussian.AdaptiveClipping())),
-      ('client_noise', lambda: gaussian.GaussianFactory(
-          1.0, 1.0, _COHORT, noise_placement='client')),
-      ('laplace', lambda: laplace.LaplaceFactory(0.5, 1.0, _COHORT)),
+      ('fixed_flat', 'gaussian_fixed', {}, _SAMPLED_GAUSSIAN, _ADD_REMOVE),
+      ('fixed_per_layer_uniform', 'gaussian_fixed',
+       dict(clipping='per_layer_uniform'), _SAMPLED_GAUSSIAN, _ADD_REMOVE),
+      ('fixed_per_layer_adaptive', 'gaussian_fixed',
+       dict(clipping='per_layer_adaptive'), _SAMPLED_GAUSSIAN, _ADD_REMOVE),
+      # The update and the count share the total z = 1: the same sampled
+      # Gaussian of z = 1 (PLD's bound, the tighter here).
+      ('adaptive_flat', 'gaussian_adaptive', {}, _SAMPLED_GAUSSIAN,
+       _ADD_REMOVE),
+      ('adaptive_per_layer_adaptive', 'gaussian_adaptive',
+       dict(clipping='per_layer_adaptive'), _SAMPLED_GAUSSIAN, _ADD_REMOVE),
+      # Local DP: every round, unsampled, z / 2 under replace-one.
+      ('client_noise', 'gaussian_fixed', dict(noise_placement='client'),
+       dp_accounting.GaussianDpEvent(0.5),
+       dp_accounting.NeighboringRelation.REPLACE_ONE),
+      ('laplace', 'laplace', {},
+       dp_accounting.PoissonSampledDpEvent(
+           _Q, dp_accounting.LaplaceDpEvent(2.0)), _ADD_REMOVE),
   )
-  def test_three_rounds(self, make_factory):
-    factory = make_factory()
+  def test_three_rounds(self, name, values, reference_event, relation):
+    mechanism = registry.get(name)
+    params = mechanism.params(values)
+    setting = registry.Setting(expected_clients_per_round=_COHORT, noise_seed=0)
     learning_process = process.build_process(
-        self.task.model_fn, factory, 0.3, 1.0, 0.9
+        self.task.model_fn, mechanism.build_factory(params, setting),
+        0.3, 1.0, 0.9,
     )
-    event_fn = (
-        laplace.dp_event_from_state
-        if isinstance(factory, laplace.LaplaceFactory)
-        else gaussian.dp_event_from_state
-    )
-    accountant = accounting.PrivacyAccountant(
-        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5
+    ledger = accounting.PrivacyLedger(
+        mechanism.build_ledger(params, setting),
+        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5,
     )
     results = []
     outcome = loop.run_training(
         learning_process, self.task,
         sampling.ClientSampler('poisson', _NUM_CLIENTS, _COHORT, seed=0),
-        accountant, event_fn,
-        lambda weights: {'loss': 0.0, 'accuracy': 0.0},
+        ledger, lambda weights: {'loss': 0.0, 'accuracy': 0.0},
         rounds=3, local_epochs=1, batch_size=8, eval_every=3,
         on_round=results.append,
     )
     self.assertEqual(outcome.rounds_completed, 3)
-    epsilons = [r.epsilon for r in results]
-    self.assertEqual(epsilons, sorted(epsilons))
-    self.assertTrue(all(0 < e < float('inf') for e in epsilons))
+    for rounds, result in enumerate(results, start=1):
+      self.assertAlmostEqual(
+          result.epsilon,
+          _reference_epsilon(reference_event, rounds, relation), places=4,
+      )
+      self.assertEqual(result.adjacency, ledger.adjacency.value)
     for weights in learning_process.get_model_weights(outcome.state).trainable:
       self.assertTrue(np.all(np.isfinite(weights)))
 

@@ -9,8 +9,10 @@ from sklearn import datasets as sklearn_datasets
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from aggregators import checks
 from aggregators import gaussian
 from aggregators import laplace
+from aggregators import secure_encoding
 from dp_fedavg import execution
 from dp_fedavg import process
 from dp_fedavg import tasks
@@ -365,9 +367,10 @@ class StackedFactoriesTest(tf.test.TestCase, parameterized.TestCase):
           1.0, 1.0, 5, stacked_users=True).create(self._ONE)
 
   def test_refuses_secure_sum(self):
-    with self.assertRaisesRegex(ValueError, 'stacked users'):
+    with self.assertRaisesRegex(checks.UnsupportedError, 'stacked users'):
       gaussian.GaussianFactory(
-          1.0, 1.0, 5, secure_sum=True, stacked_users=True)
+          1.0, 1.0, 5, record_aggregation=secure_encoding.GridSecureSum(),
+          stacked_users=True)
 
 
 class DenseStackTest(tf.test.TestCase):

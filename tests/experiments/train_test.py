@@ -2,9 +2,11 @@ import csv
 import json
 import os
 import re
+import math
 import subprocess
 import time
 
+from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
 from absl.testing import parameterized
@@ -14,8 +16,13 @@ import portpicker
 import tensorflow as tf
 
 from experiments import train
+from experiments import training_flags
 from tests.experiments import binaries
 
+
+def _flag_error():
+  """`train`'s flag check of the current flag values, as its main makes it."""
+  return train.flag_error(training_flags.config_from_flags())
 
 
 def _run_train(*args: str) -> subprocess.CompletedProcess:
@@ -26,7 +33,7 @@ class FlagValidationTest(parameterized.TestCase):
 
   def test_defaults_are_valid(self):
     with flagsaver.flagsaver(output_dir=self.create_tempdir().full_path):
-      self.assertIsNone(train.flag_error())
+      self.assertIsNone(_flag_error())
 
   @parameterized.named_parameters(
       ('negative_clip', dict(clip=-1.0), '--clip=-1.0'),
@@ -51,21 +58,36 @@ class FlagValidationTest(parameterized.TestCase):
       ('negative_target', dict(target_epsilon=-1.0), '--target_epsilon'),
       ('unknown_calibration', dict(calibrate='clip'), '--calibrate=clip'),
       ('unknown_clipping', dict(clipping='per_unit'), '--clipping=per_unit'),
-      ('quantile_above_one', dict(target_quantile=1.5), '--target_quantile'),
-      ('negative_clip_rate', dict(clip_learning_rate=-1.0),
-       '--clip_learning_rate'),
-      ('zero_initial_clip', dict(initial_clip=0.0), '--initial_clip'),
-      ('negative_count_noise', dict(clipped_count_stddev=-1.0),
-       '--clipped_count_stddev'),
-      ('zero_l1_clip', dict(l1_clip=0.0), '--l1_clip'),
-      ('zero_epsilon_per_round', dict(epsilon_per_round=0.0),
-       '--epsilon_per_round'),
-      ('unknown_placement', dict(noise_placement='edge'), '--noise_placement'),
+      ('quantile_above_one',
+       dict(aggregator='gaussian_adaptive', target_quantile=1.5),
+       '--target_quantile=1.5'),
+      ('negative_clip_rate',
+       dict(aggregator='gaussian_adaptive', clip_learning_rate=-1.0),
+       '--clip_learning_rate=-1.0'),
+      ('zero_initial_clip', dict(aggregator='gaussian_adaptive', initial_clip=0.0),
+       '--initial_clip=0.0'),
+      ('secure_adaptive_initial_clip',
+       dict(aggregator='secure_gaussian', adaptive_clip=True, initial_clip=0.0),
+       '--initial_clip=0.0'),
+      ('negative_count_noise',
+       dict(aggregator='gaussian_adaptive', clipped_count_stddev=-1.0),
+       '--clipped_count_stddev=-1.0'),
+      ('zero_l1_clip', dict(aggregator='laplace', l1_clip=0.0), '--l1_clip=0.0'),
+      ('zero_epsilon_per_round', dict(aggregator='laplace', epsilon_per_round=0.0),
+       '--epsilon_per_round=0.0'),
+      ('unknown_placement', dict(noise_placement='edge'),
+       '--noise_placement=edge'),
+      ('too_many_bits', dict(aggregator='distributed_dp', bits=31), '--bits=31'),
+      ('beta_one', dict(aggregator='distributed_dp', ddp_beta=1.0),
+       '--ddp_beta=1.0'),
+      ('unknown_ddp_mechanism',
+       dict(aggregator='distributed_dp', ddp_mechanism='laplace'),
+       '--ddp_mechanism=laplace'),
   )
   def test_out_of_range_flag_is_named(self, overrides, flag_text):
     overrides.setdefault('output_dir', self.create_tempdir().full_path)
     with flagsaver.flagsaver(**overrides):
-      error = train.flag_error()
+      error = _flag_error()
     self.assertIsNotNone(error)
     self.assertIn(flag_text, error)
     self.assertIn('must be', error)
@@ -80,34 +102,61 @@ class FlagValidationTest(parameterized.TestCase):
       ('client_noise_adaptive',
        dict(aggregator='gaussian_adaptive', noise_placement='client'),
        '--noise_placement=client'),
+      ('l1_clip_of_gaussian', dict(l1_clip=3.0), '--l1_clip=3.0'),
+      ('noise_of_plain_fedavg', dict(aggregator='none', noise_multiplier=2.0),
+       '--noise_multiplier=2.0'),
+      ('secure_sum_on_workers',
+       dict(aggregator='secure_gaussian', workers=['localhost:5000']),
+       '--workers'),
+      ('vectorized_distributed_dp',
+       dict(aggregator='distributed_dp', engine='vectorized'),
+       '--engine=standard'),
   )
   def test_inconsistent_flags_are_named(self, overrides, flag_text):
     with flagsaver.flagsaver(
         output_dir=self.create_tempdir().full_path, **overrides
     ):
-      self.assertIn(flag_text, train.flag_error())
+      self.assertIn(flag_text, _flag_error())
+
+  def test_parameter_of_another_mechanism_names_the_ones_that_take_it(self):
+    with flagsaver.flagsaver(
+        output_dir=self.create_tempdir().full_path, aggregator='laplace',
+        clip=2.0,
+    ):
+      self.assertEqual(
+          _flag_error(),
+          '--clip=2.0 is a parameter of '
+          '--aggregator=distributed_dp|gaussian_fixed|secure_gaussian, not of '
+          '--aggregator=laplace, which would ignore it.',
+      )
+
+  def test_mechanism_flags_come_from_the_registry(self):
+    help_text = flags.FLAGS['epsilon_per_round'].help
+    self.assertIn('[laplace]', help_text)
+    self.assertEqual(flags.FLAGS['ddp_beta'].default, math.exp(-0.5))
+    self.assertIn('distributed_dp', flags.FLAGS['aggregator'].help)
 
   def test_full_participation_ignores_clients_per_round(self):
     with flagsaver.flagsaver(
         sampling='full', clients_per_round=1000,
         output_dir=self.create_tempdir().full_path,
     ):
-      self.assertIsNone(train.flag_error())
+      self.assertIsNone(_flag_error())
 
   def test_cohort_message_states_the_sampling_rate_range(self):
     with flagsaver.flagsaver(
         clients_per_round=200, num_clients=100,
         output_dir=self.create_tempdir().full_path,
     ):
-      self.assertIn('(0, 1]', train.flag_error())
+      self.assertIn('(0, 1]', _flag_error())
 
   def test_existing_results_need_overwrite(self):
     output_dir = self.create_tempdir()
     output_dir.create_file('metrics.csv', 'round\n')
     with flagsaver.flagsaver(output_dir=output_dir.full_path):
-      self.assertIn('--overwrite', train.flag_error())
+      self.assertIn('--overwrite', _flag_error())
     with flagsaver.flagsaver(output_dir=output_dir.full_path, overwrite=True):
-      self.assertIsNone(train.flag_error())
+      self.assertIsNone(_flag_error())
 
 
 class TrainBinaryTest(absltest.TestCase):
@@ -380,14 +429,14 @@ class ResumeTest(absltest.TestCase):
     output_dir = self.create_tempdir()
     output_dir.create_file('config.json', '{"rounds": 7}')
     with flagsaver.flagsaver(output_dir=output_dir.full_path, resume=True):
-      error = train.flag_error()
+      error = _flag_error()
     self.assertIn('--rounds (run: 7, now: 30)', error)
 
   def test_resume_without_a_run_is_an_error(self):
     with flagsaver.flagsaver(
         output_dir=self.create_tempdir().full_path, resume=True
     ):
-      self.assertIn('no run to resume', train.flag_error())
+      self.assertIn('no run to resume', _flag_error())
 
 
 if __name__ == '__main__':

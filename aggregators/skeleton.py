@@ -1,44 +1,25 @@
-"""Argument checks, noise seeds and the federated skeleton of the factories."""
+"""The federated skeleton every factory here shares: clip, aggregate, finish.
 
-import collections
-import dataclasses
-import math
-from typing import Optional
+Each round of a factory's process:
+1. the server's state gives the clients' parameters (`client_params`), which
+   are broadcast;
+2. every client clips its value (`client_update_computation`): the record it
+   sends and its counts (clipped, non-finite, ...);
+3. an inner `RecordAggregation` brings the records and the counts to the
+   server: a plain sum, a secure sum of an integer encoding, or a secure
+   modular sum (`aggregators.secure_encoding`). It decides only how records
+   cross to the server; an aggregation that is not a sum (a robust rule that
+   sees every record) is another `RecordAggregation`;
+4. the server finishes the round (`finish_round`): noise, the mean, the next
+   state and the measurements.
+The factory composes its pieces with an inner aggregation instead of
+branching on it, as TFF's `DifferentiallyPrivateFactory` takes its inner sum.
+"""
 
-import numpy as np
+import abc
+
 import tensorflow as tf
 import tensorflow_federated as tff
-
-
-def check_number(value, name: str, minimum: float, strict: bool) -> float:
-  """`value` as a Python float, checked finite and >= or > `minimum`."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-    raise TypeError(f'{name} must be a number, got {value!r}.')
-  value = float(value)
-  if not math.isfinite(value):
-    raise ValueError(f'{name} must be finite, got {value}.')
-  if value < minimum or (strict and value == minimum):
-    raise ValueError(
-        f'{name} must be {">" if strict else ">="} {minimum:g}, got {value}.'
-    )
-  return value
-
-
-def check_seed(noise_seed: Optional[int]) -> Optional[int]:
-  if noise_seed is not None and (
-      isinstance(noise_seed, bool) or not isinstance(noise_seed, int)
-  ):
-    raise TypeError(f'noise_seed must be an int or None, got {noise_seed!r}.')
-  return noise_seed
-
-
-def initial_seed(noise_seed: Optional[int]) -> tf.Tensor:
-  """The first state's int64[2] seed; None draws one (no graph seed is set)."""
-  if noise_seed is None:
-    return tf.random.uniform(
-        [2], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64
-    )
-  return tf.constant([noise_seed, 0], tf.int64)
 
 
 def float_value_specs(value_type, factory_name: str):
@@ -49,12 +30,6 @@ def float_value_specs(value_type, factory_name: str):
         f'{value_type}.'
     )
   return tff.types.type_to_tf_tensor_specs(value_type)
-
-
-def check_stacked_users(stacked_users) -> bool:
-  if not isinstance(stacked_users, bool):
-    raise TypeError(f'stacked_users must be a bool, got {stacked_users!r}.')
-  return stacked_users
 
 
 def stacked_type(value_type):
@@ -175,72 +150,65 @@ def client_update_computation(
   return one_user
 
 
-@dataclasses.dataclass(frozen=True)
-class SecureSumming:
-  """How a factory's clipped values cross to the server through secure sums.
+class RecordAggregation(abc.ABC):
+  """How the clients' clipped records and counts reach the server.
 
   Attributes:
-    value_factory: sums the encoded values (a `tff.aggregators`
-      secure-sum factory with constant bounds, so its state is empty).
-    count_factory: sums the counts, all integers in [0, 1].
-    encode: TF computation (clipped value, client params) -> integers within
-      the value factory's bounds; None when the clients' values already are.
-    decode: TF computation (integer sum, value-sum measurements, state) ->
-      (the sum of the clipped values, values the secure sum had to clip);
-      None leaves decoding to `finish_round`.
+    secure: the server never sees one client's record (so stacks of users,
+      which would put several users in one record, are refused).
   """
 
-  value_factory: tff.aggregators.UnweightedAggregationFactory
-  count_factory: tff.aggregators.UnweightedAggregationFactory
-  encode: Optional[tff.Computation] = None
-  decode: Optional[tff.Computation] = None
+  secure: bool = False
+
+  def check_cohort(self, expected_clients_per_round: float) -> None:
+    """Raises ValueError if it cannot aggregate cohorts of about this size."""
+    del expected_clients_per_round
+
+  def counts_type(self, counts_type):
+    """The type of the count sums the server gets (it may add its own)."""
+    return counts_type
+
+  def post_noise_scale(self, record_type) -> float:
+    """The factor the server applies to the noised aggregate (an encoding's
+    shrink, undone after the noise)."""
+    del record_type
+    return 1.0
+
+  @abc.abstractmethod
+  def aggregate(self, records, counts, params, state):
+    """(SERVER aggregate, SERVER count sums) of CLIENTS `records` and `counts`.
+
+    Called while tracing the process's federated computation; `params` are
+    the clients' broadcast parameters and `state` the server's state.
+    """
 
 
-def _secure_sum(factory, value):
-  """Sums CLIENTS-placed `value` with a stateless factory; (sum, measurements)."""
-  process = factory.create(value.type_signature.member)
-  output = process.next(process.initialize(), value)
-  return output.result, output.measurements
+class PlainSum(RecordAggregation):
+  """`tff.federated_sum` of the records and of the counts."""
+
+  def aggregate(self, records, counts, params, state):
+    del params, state
+    return tff.federated_sum(records), tff.federated_sum(counts)
 
 
-def clip_sum_noise_process(
+def clip_aggregate_finish_process(
     initial_state: tff.Computation,
     client_params: tff.Computation,
     client_update: tff.Computation,
     finish_round: tff.Computation,
-    secure_summing: Optional[SecureSumming] = None,
+    record_aggregation: RecordAggregation,
 ) -> tff.templates.AggregationProcess:
-  """The federated skeleton every factory here shares.
+  """The factories' process; see the module docstring.
 
-  Each round: `client_params(state)` is broadcast; every client runs
-  `client_update(value, params) -> (clipped value, counts)`; the clipped
-  values and the counts are summed; the server runs
-  `finish_round(value_sum, count_sums, state) -> (result, new state,
-  measurements)`. Only sums leave the clients' side, so the noise added in
-  `finish_round` (or by the clients) covers everything released.
-
-  With `secure_summing`, both sums are secure sums, so the server never sees
-  a single client's value: the clipped values are encoded as bounded integers
-  on the clients and decoded on the server. With a decoder, `finish_round`
-  also gets, as `count_sums['secure_clipped']`, how many encoded values the
-  secure sum had to clip to its bounds.
+  `client_update(value, params) -> (record, counts)`; `finish_round(aggregate,
+  count_sums, state) -> (result, new state, measurements)`. Only what
+  `record_aggregation` releases leaves the clients' side, so the noise added
+  in `finish_round` (or by the clients) covers everything released.
   """
 
   @tff.federated_computation
   def init_fn():
     return tff.federated_eval(initial_state, tff.SERVER)
-
-  decodes = secure_summing is not None and secure_summing.decode is not None
-  if decodes:
-    counts_type = client_update.type_signature.result[1]
-
-    @tff.tensorflow.computation(
-        counts_type, secure_summing.decode.type_signature.result[1]
-    )
-    def with_secure_clipped(count_sums, secure_clipped):
-      return collections.OrderedDict(
-          **count_sums, secure_clipped=secure_clipped
-      )
 
   # A user's update, or a stack of users' (see `client_update_computation`).
   client_value_type = client_update.type_signature.parameter[0]
@@ -251,27 +219,12 @@ def clip_sum_noise_process(
   )
   def next_fn(state, value):
     params = tff.federated_broadcast(tff.federated_map(client_params, state))
-    clipped, counts = tff.federated_map(client_update, (value, params))
-    if secure_summing is None:
-      value_sum = tff.federated_sum(clipped)
-      count_sums = tff.federated_sum(counts)
-    else:
-      encoded = clipped
-      if secure_summing.encode is not None:
-        encoded = tff.federated_map(secure_summing.encode, (clipped, params))
-      value_sum, sum_measurements = _secure_sum(
-          secure_summing.value_factory, encoded
-      )
-      count_sums, _ = _secure_sum(secure_summing.count_factory, counts)
-      if decodes:
-        value_sum, secure_clipped = tff.federated_map(
-            secure_summing.decode, (value_sum, sum_measurements, state)
-        )
-        count_sums = tff.federated_map(
-            with_secure_clipped, (count_sums, secure_clipped)
-        )
+    records, counts = tff.federated_map(client_update, (value, params))
+    aggregate, count_sums = record_aggregation.aggregate(
+        records, counts, params, state
+    )
     result, new_state, measurements = tff.federated_map(
-        finish_round, (value_sum, count_sums, state)
+        finish_round, (aggregate, count_sums, state)
     )
     return tff.templates.MeasuredProcessOutput(
         state=new_state, result=result, measurements=measurements

@@ -1,0 +1,207 @@
+"""A run's whole configuration, frozen: built once by a binary, passed down.
+
+Nothing below the binaries reads absl flags: `experiments.*` builds one
+`RunConfig` from its flags in `main` and hands it to the runner; studies
+derive their runs' configurations with `RunConfig.replace`.
+"""
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+from aggregators import checks
+from aggregators import registry
+from dp_fedavg import accounting
+from dp_fedavg import sampling as sampling_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything that decides what a run computes (and where it runs).
+
+  `mechanism_values` holds every mechanism parameter (those of the other
+  mechanisms too), so that a study can switch `aggregator` and keep the
+  values; `params` picks the chosen mechanism's.
+  """
+
+  task: str = 'digits'
+  data_dir: Optional[str] = None
+  data_source: str = 'local'
+  num_clients: Optional[int] = None
+  partition: str = 'iid'
+  dirichlet_alpha: float = 0.5
+  aggregator: str = 'gaussian_fixed'
+  mechanism_values: tuple[tuple[str, Any], ...] = ()
+  clients_per_round: int = 20
+  sampling: str = 'poisson'
+  rounds: int = 30
+  delta: float = 1e-5
+  accountant: str = 'auto'
+  target_epsilon: Optional[float] = None
+  calibrate: str = 'none'
+  local_epochs: int = 2
+  batch_size: int = 8
+  client_lr: float = 0.3
+  server_lr: float = 1.0
+  server_momentum: float = 0.9
+  eval_every: int = 1
+  engine: str = 'standard'
+  users_per_worker_client: Optional[int] = None
+  user_data_dir: Optional[str] = None
+  workers: tuple[str, ...] = ()
+  seed: int = 0
+
+  @property
+  def mechanism(self) -> registry.Mechanism:
+    return registry.get(self.aggregator)
+
+  @property
+  def params(self) -> Any:
+    """The chosen mechanism's parameters (its dataclass)."""
+    return self.mechanism.params(dict(self.mechanism_values))
+
+  @property
+  def sampling_scheme(self) -> sampling_lib.SamplingScheme:
+    return sampling_lib.SamplingScheme(self.sampling)
+
+  @property
+  def accountant_kind(self) -> accounting.AccountantKind:
+    return accounting.AccountantKind(self.accountant)
+
+  def replace(self, **values: Any) -> 'RunConfig':
+    """A copy with `values` changed: fields, or mechanism parameters by name."""
+    fields = {f.name for f in dataclasses.fields(self)}
+    mechanism = dict(self.mechanism_values)
+    unknown = [
+        name for name in values
+        if name not in fields and name not in mechanism
+    ]
+    if unknown:
+      raise ValueError(f'RunConfig has no field or parameter {unknown}.')
+    mechanism.update((k, v) for k, v in values.items() if k not in fields)
+    return dataclasses.replace(
+        self,
+        mechanism_values=tuple(sorted(mechanism.items())),
+        **{k: v for k, v in values.items() if k in fields},
+    )
+
+  def flat(self) -> dict[str, Any]:
+    """Every field and mechanism parameter by name (as config.json has them)."""
+    values = {
+        f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        if f.name != 'mechanism_values'
+    }
+    values['workers'] = list(self.workers)
+    values.update(self.mechanism_values)
+    return values
+
+
+def with_defaults(**values: Any) -> RunConfig:
+  """A RunConfig whose mechanism parameters start at their defaults."""
+  defaults = tuple(sorted(
+      (p.name, p.default) for p in registry.parameters()
+  ))
+  return RunConfig(mechanism_values=defaults).replace(**values)
+
+
+def range_error(config: RunConfig) -> Optional[str]:
+  """The first run-level field outside its range, in flag terms; None if none.
+
+  Mechanism parameters are checked by their factories (`mechanism_error`).
+  """
+  checks = (
+      ('clients_per_round', config.clients_per_round >= 1, 'an integer >= 1'),
+      ('num_clients', config.num_clients is None or config.num_clients >= 1,
+       'an integer >= 1'),
+      ('sampling', config.sampling in _values(sampling_lib.SamplingScheme),
+       f'one of {", ".join(_values(sampling_lib.SamplingScheme))}'),
+      ('rounds', config.rounds >= 1, 'an integer >= 1'),
+      ('delta', 0 < config.delta < 1, 'in (0, 1)'),
+      ('accountant', config.accountant in _values(accounting.AccountantKind),
+       f'one of {", ".join(_values(accounting.AccountantKind))}'),
+      ('target_epsilon', config.target_epsilon is None
+       or 0 < config.target_epsilon < math.inf, 'a finite number > 0'),
+      ('calibrate', config.calibrate in CALIBRATIONS,
+       f'one of {", ".join(CALIBRATIONS)}'),
+  )
+  for name, is_allowed, allowed in checks:
+    if not is_allowed:
+      return out_of_range(name, config.flat()[name], allowed)
+  return None
+
+
+CALIBRATIONS = ('none', 'noise')
+
+
+def _values(enum_type) -> tuple[str, ...]:
+  return tuple(member.value for member in enum_type)
+
+
+def out_of_range(name: str, value: Any, allowed: str) -> str:
+  return f'--{name}={value} is out of range: must be {allowed}.'
+
+
+def population_error(config: RunConfig, num_clients: int) -> Optional[str]:
+  """A cohort that does not fit a population of `num_clients`, as one line."""
+  if config.sampling != 'full' and not 1 <= config.clients_per_round <= num_clients:
+    return (
+        f'--clients_per_round={config.clients_per_round} is out of range: must '
+        f'be in [1, num_clients={num_clients}] (sampling rate q = '
+        'clients_per_round / num_clients must lie in (0, 1]).'
+    )
+  return None
+
+
+def mechanism_error(
+    config: RunConfig, default_values: Mapping[str, Any]
+) -> Optional[str]:
+  """The first problem with the mechanism's parameters, as one line.
+
+  `default_values` are the parameters' defaults: a parameter of another
+  mechanism set away from its default is refused, since it would be ignored.
+  """
+  try:
+    mechanism = config.mechanism
+  except checks.ArgumentError as e:
+    return out_of_range('aggregator', e.value, e.allowed)
+  values = dict(config.mechanism_values)
+  own = set(mechanism.parameter_names)
+  for info in registry.parameters():
+    if info.name not in own and values.get(info.name) != default_values.get(
+        info.name, info.default
+    ):
+      return (
+          f'--{info.name}={values.get(info.name)} is a parameter of '
+          f'--aggregator={"|".join(info.mechanisms)}, not of '
+          f'--aggregator={config.aggregator}, which would ignore it.'
+      )
+  if mechanism.noise is None and config.target_epsilon is not None:
+    return (
+        f'--target_epsilon needs a private --aggregator; '
+        f'--aggregator={config.aggregator} spends an infinite epsilon.'
+    )
+  if config.calibrate == 'noise' and config.target_epsilon is None:
+    return '--calibrate=noise needs --target_epsilon.'
+  setting = registry.Setting(
+      expected_clients_per_round=max(1, config.clients_per_round),
+      noise_seed=config.seed,
+  )
+  try:
+    mechanism.check(config.params, setting)
+  except checks.ArgumentError as e:
+    return out_of_range(e.name, e.value, e.allowed)
+  except (ValueError, TypeError) as e:
+    return f'--aggregator={config.aggregator}: {e}'
+  if config.engine == 'vectorized':
+    refusal = mechanism.engine_refusal(config.params, setting)
+    if refusal:
+      return (
+          f'--aggregator={config.aggregator} does not run on '
+          f'--engine=vectorized: {refusal} Use --engine=standard.'
+      )
+  if config.workers and mechanism.secure_sums:
+    return (
+        f'--aggregator={config.aggregator} needs the secure-sum simulation, '
+        'which runs on one local worker; drop --workers.'
+    )
+  return None

@@ -189,6 +189,11 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           'record_aggregation must be a skeleton.RecordAggregation, got '
           f'{record_aggregation!r}.'
       )
+    if not self._records.sums:
+      raise checks.UnsupportedError(
+          'the noise is calibrated to the sensitivity of a sum of clipped '
+          f'updates; {type(self._records).__name__} is not a sum.'
+      )
     if self._records.secure and noise_placement == 'client':
       raise checks.UnsupportedError(
           'a secure sum needs noise_placement=server: Gaussian client noise is '

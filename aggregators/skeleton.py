@@ -156,9 +156,14 @@ class RecordAggregation(abc.ABC):
   Attributes:
     secure: the server never sees one client's record (so stacks of users,
       which would put several users in one record, are refused).
+    sums: the aggregate is the sum of the records, so adding or removing one
+      client moves it by at most that client's clipped record. Noise
+      calibrated to that sensitivity is sound only after a sum; a factory
+      refuses an aggregation that is not one (a median, a trimmed mean).
   """
 
   secure: bool = False
+  sums: bool = True
 
   def check_cohort(self, expected_clients_per_round: float) -> None:
     """Raises ValueError if it cannot aggregate cohorts of about this size."""

@@ -527,23 +527,11 @@ class PrivacyAccountant:
         )
         return dp_accounting.SelfComposedDpEvent(round_event, rounds)
 
-      guess = results[-1] if results else 1.0
-      try:
-        results.append(mechanism_calibration.calibrate_dp_mechanism(
-            lambda kind=kind: self._new_accountant(kind), make_event,
-            target_epsilon, self.delta,
-            bracket_interval=mechanism_calibration.LowerEndpointAndGuess(
-                max(_MIN_CALIBRATED_NOISE, guess / 2), guess
-            ),
-            tol=1e-4,
-        ))
-      except (ValueError, mechanism_calibration.NoBracketIntervalFoundError,
-              mechanism_calibration.NoOptimumFoundError) as e:
-        raise ValueError(
-            f'no noise multiplier in [{_MIN_CALIBRATED_NOISE}, 2^30] meets '
-            f'epsilon={target_epsilon} at delta={self.delta} over {rounds} '
-            f'rounds ({kind.value}): {e}'
-        ) from e
+      results.append(_calibrate(
+          lambda kind=kind: self._new_accountant(kind), make_event,
+          target_epsilon, self.delta, rounds, kind,
+          guess=results[-1] if results else 1.0,
+      ))
     return float(min(results))
 
 
@@ -602,6 +590,41 @@ def _largest_within(
     else:
       beyond = middle
   return within
+
+
+def _calibrate(
+    new_accountant, make_event, target_epsilon: float, delta: float,
+    rounds: int, kind: AccountantKind, guess: float,
+) -> float:
+  """dp-accounting's calibration from `guess`, its failures as one ValueError.
+
+  The search starts in [guess / 2, guess] and grows upwards; an answer below
+  guess / 2 is then searched for in [0.05, guess / 2].
+  """
+  lower = max(_MIN_CALIBRATED_NOISE, guess / 2)
+
+  def calibrate(bracket_interval):
+    return mechanism_calibration.calibrate_dp_mechanism(
+        new_accountant, make_event, target_epsilon, delta,
+        bracket_interval=bracket_interval, tol=1e-4,
+    )
+
+  try:
+    try:
+      return calibrate(mechanism_calibration.LowerEndpointAndGuess(lower, guess))
+    except mechanism_calibration.NoBracketIntervalFoundError:
+      if lower <= _MIN_CALIBRATED_NOISE:
+        raise
+      return calibrate(mechanism_calibration.ExplicitBracketInterval(
+          _MIN_CALIBRATED_NOISE, lower
+      ))
+  except (ValueError, mechanism_calibration.NoBracketIntervalFoundError,
+          mechanism_calibration.NoOptimumFoundError) as e:
+    raise ValueError(
+        f'no noise multiplier in [{_MIN_CALIBRATED_NOISE}, 2^30] meets '
+        f'epsilon={target_epsilon} at delta={delta} over {rounds} rounds '
+        f'({kind.value}): {e}'
+    ) from e
 
 
 def _new_accountant(kind: AccountantKind, relation: _NeighborRel):
@@ -911,24 +934,14 @@ def calibrate_noise(
   participation = Participation(tuple(tuple(c) for c in planned_cohorts[:rounds]))
   run = PrivacyLedger(ledger, scheme, num_clients, clients_per_round, delta, kind)
   relation = _NEIGHBOR_RELATIONS[ledger.adjacency]
-  results = []
-  for accountant_kind in run._run_level_kinds(  # pylint: disable=protected-access
-      ledger.event_of_participation(participation)):
-    try:
-      results.append(mechanism_calibration.calibrate_dp_mechanism(
+  results = [
+      _calibrate(
           lambda k=accountant_kind: _new_accountant(k, relation),
           lambda z: as_python_floats(
               ledger_for_noise(float(z)).event_of_participation(participation)),
-          target_epsilon, delta,
-          bracket_interval=mechanism_calibration.LowerEndpointAndGuess(
-              _MIN_CALIBRATED_NOISE, 1.0),
-          tol=1e-4,
-      ))
-    except (ValueError, mechanism_calibration.NoBracketIntervalFoundError,
-            mechanism_calibration.NoOptimumFoundError) as e:
-      raise ValueError(
-          f'no noise multiplier in [{_MIN_CALIBRATED_NOISE}, 2^30] meets '
-          f'epsilon={target_epsilon} at delta={delta} over {rounds} rounds '
-          f'({accountant_kind.value}): {e}'
-      ) from e
+          target_epsilon, delta, rounds, accountant_kind, guess=1.0,
+      )
+      for accountant_kind in run._run_level_kinds(  # pylint: disable=protected-access
+          ledger.event_of_participation(participation))
+  ]
   return float(min(results))

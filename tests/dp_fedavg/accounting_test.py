@@ -240,6 +240,17 @@ class PrivacyAccountantTest(parameterized.TestCase):
     self.assertGreaterEqual(epsilon_for(z), 0.99 * target)
     self.assertGreater(epsilon_for(0.99 * z), target)
 
+  def test_target_that_needs_less_than_half_the_first_guess_is_met(self):
+    # The search starts from z = 1; a large target needs z ~ 0.21 (PLD).
+    accountant = accounting.PrivacyAccountant(_FULL, 10, 10, 1e-5)
+    z = accountant.calibrate_noise_multiplier(
+        dp_accounting.GaussianDpEvent, 30.0, 1
+    )
+    self.assertLess(z, 0.5)
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(dp_accounting.GaussianDpEvent(z))
+    self.assertBetween(pld.get_epsilon(1e-5), 0.99 * 30.0, 30.0)
+
   def test_unreachable_target_raises(self):
     accountant = accounting.PrivacyAccountant(_POISSON, 100, 100, 1e-5)
     with self.assertRaisesRegex(ValueError, 'no noise multiplier'):

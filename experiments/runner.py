@@ -104,9 +104,9 @@ class PrivacyPlan:
           mechanism.build_ledger(params, setting), *run
       )
       logging.info(
-          'calibrated noise %.6g: the smallest meeting epsilon=%g at delta=%g '
-          'after %d rounds', noise, config.target_epsilon, config.delta,
-          config.rounds,
+          'calibrated noise multiplier %.6g: the smallest meeting epsilon=%g '
+          'at delta=%g after %d rounds', noise, config.target_epsilon,
+          config.delta, config.rounds,
       )
     return cls(
         config, params, mechanism.noise_of(params),

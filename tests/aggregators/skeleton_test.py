@@ -24,7 +24,7 @@ class CoordinateMax(skeleton.RecordAggregation):
 
     @tff.tensorflow.computation
     def lowest():
-      return tf.fill(record_type.shape, record_type.dtype.min)
+      return tf.fill(record_type.shape, tf.float32.min)
 
     @tff.tensorflow.computation(record_type, record_type)
     def larger(a, b):

@@ -29,36 +29,75 @@ def _mlp():
   ])
 
 
+def _valid_conv():
+  return tf.keras.Sequential([
+      tf.keras.layers.InputLayer(input_shape=(6, 5, 3)),
+      tf.keras.layers.Conv2D(4, (3, 2), strides=(1, 2), padding='valid'),
+      tf.keras.layers.Flatten(),
+      tf.keras.layers.Dense(2),
+  ])
+
+
+_COVERED = (
+    ('femnist_cnn', lambda: models.group_norm_cnn((28, 28, 1), 62)),
+    ('strided_same_conv', _strided_same_conv),
+    ('valid_conv', _valid_conv),
+    ('mlp', _mlp),
+)
+
+
+def _users(keras_model_fn, users=3, batch=5):
+  """`users` Keras models with their own weights, and examples for each."""
+  rng = np.random.default_rng(0)
+  # Every user's own weights: the model's initial weights, perturbed.
+  keras_models = [keras_model_fn() for _ in range(users)]
+  for model in keras_models:
+    model.set_weights([
+        w + rng.normal(scale=0.1, size=w.shape).astype(np.float32)
+        for w in model.get_weights()
+    ])
+  features = rng.normal(
+      size=(users, batch, *keras_models[0].input_shape[1:])
+  ).astype(np.float32)
+  return keras_models, tf.constant(features)
+
+
 class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
 
-  @parameterized.named_parameters(
-      ('femnist_cnn', lambda: models.group_norm_cnn((28, 28, 1), 62)),
-      ('strided_same_conv', _strided_same_conv),
-      ('mlp', _mlp),
-  )
+  @parameterized.named_parameters(*_COVERED)
   def test_each_user_gets_its_own_models_output(self, keras_model_fn):
     forward = per_user_model.build_forward(keras_model_fn)
     self.assertIsNotNone(forward)
-    users, batch = 3, 5
-    rng = np.random.default_rng(0)
-    # Every user's own weights: the model's initial weights, perturbed.
-    keras_models = [keras_model_fn() for _ in range(users)]
-    for model in keras_models:
-      model.set_weights([
-          w + rng.normal(scale=0.1, size=w.shape).astype(np.float32)
-          for w in model.get_weights()
-      ])
-    features = rng.normal(
-        size=(users, batch, *keras_models[0].input_shape[1:])
-    ).astype(np.float32)
+    keras_models, features = _users(keras_model_fn)
     stacked_weights = [
         tf.stack(per_layer)
         for per_layer in zip(*[m.trainable_weights for m in keras_models])
     ]
-    logits = forward(stacked_weights, tf.constant(features))
+    logits = forward(stacked_weights, features)
     for user, model in enumerate(keras_models):
       self.assertAllClose(logits[user], model(features[user]),
                           atol=1e-5, rtol=1e-5)
+
+  @parameterized.named_parameters(*_COVERED)
+  def test_each_user_gets_its_own_models_gradients(self, keras_model_fn):
+    """Training differentiates the forward pass: on every CPU (TF has no CPU
+    gradient for grouped convolutions without oneDNN)."""
+    forward = per_user_model.build_forward(keras_model_fn)
+    keras_models, features = _users(keras_model_fn)
+    stacked_weights = [
+        tf.Variable(tf.stack(per_layer))
+        for per_layer in zip(*[m.trainable_weights for m in keras_models])
+    ]
+    with tf.GradientTape() as tape:
+      # Each user's loss depends on its own weights only.
+      total = tf.reduce_sum(tf.square(forward(stacked_weights, features)))
+    gradients = tape.gradient(total, stacked_weights)
+    for user, model in enumerate(keras_models):
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(model(features[user])))
+      expected = tape.gradient(loss, model.trainable_weights)
+      for stacked, want in zip(gradients, expected):
+        self.assertAllClose(stacked[user], want, atol=1e-4, rtol=1e-4)
 
   @parameterized.named_parameters(
       ('recurrent', lambda: tf.keras.Sequential([

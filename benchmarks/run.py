@@ -349,8 +349,8 @@ def _report(machine, gflops, results, overhead, phases, memory, command) -> str:
       'examples read from files inside the worker (written before the timed '
       'rounds). The MLP trains all users of a TFF client at once with the '
       'low-rank SGD update (no per-user kernel); the CNN trains all users at '
-      'once on per-user weight copies (each convolution a batched matmul of '
-      'the users\' input windows); the GRU trains '
+      'once on per-user weight copies (grouped convolutions, where TF has '
+      'their CPU gradient: with oneDNN; else user by user); the GRU trains '
       'them one after another inside the worker.', '',
   ]
   for task in dict.fromkeys(r['task'] for r in results):

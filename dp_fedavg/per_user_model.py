@@ -2,16 +2,18 @@
 
 The vectorized engine trains every user of a TFF client at once. For models
 made of the layer kinds below, each layer runs once for all users, with each
-user's own weights: convolutions as one batched matmul of each user's input
-windows with its kernel, Dense layers as one batched matmul. The arithmetic is that
+user's own weights: convolutions as one grouped convolution (users stacked in
+the channel axis), Dense layers as one batched matmul. The arithmetic is that
 of the Keras layers, so training matches the standard engine up to float32
 rounding.
 
 Layouts: convolutional activations are [batch, height, width, users,
-channels], so a pooling needs only a reshape;
+channels], so a grouped convolution or a pooling needs only a reshape;
 after Flatten, activations are [users, batch, features].
 """
 
+import concurrent.futures
+import functools
 from typing import Callable, Optional
 
 import tensorflow as tf
@@ -33,51 +35,55 @@ def _users_out_of_channels(y, users):
   return tf.reshape(y, tf.concat([tf.shape(y)[:3], [users, -1]], 0))
 
 
-def _windows(h, kernel_size, strides, padding: str):
-  """Each output position's input window, as `tf.nn.conv2d` pads and strides.
+@functools.cache
+def grouped_conv_has_gradients() -> bool:
+  """Whether this TF differentiates grouped convolutions on this machine.
 
-  [batch, height, width, users, channels] (height and width static) ->
-  [batch, out_height, out_width, users, kh * kw, channels], windows in
-  (row, column) order.
+  TF 2.14 has no CPU gradient for them unless oneDNN is on (by default on
+  CPUs with AVX-512 VNNI and newer): "Gradients for grouped convolutions are
+  not supported on CPU". The TFF worker runs the same TF build on the same
+  CPU, so the answer here is the answer there. Where it is False,
+  convolutional models train user by user: an im2col batched matmul that
+  does differentiate measured 3x slower than that (242 against 84 ms per
+  step of 10 FEMNIST users on an AVX2 EPYC).
   """
-  sizes = []
-  pads = [[0, 0]]
-  for size, kernel, stride in zip(h.shape[1:3], kernel_size, strides):
-    if padding == 'SAME':
-      out = -(-size // stride)
-      total = max((out - 1) * stride + kernel - size, 0)
-      pads.append([total // 2, total - total // 2])
-    else:
-      out = (size - kernel) // stride + 1
-      pads.append([0, 0])
-    sizes.append(out)
-  padded = tf.pad(h, pads + [[0, 0], [0, 0]])
-  (out_h, out_w), (stride_h, stride_w) = sizes, strides
-  return tf.stack([
-      padded[:, i:i + (out_h - 1) * stride_h + 1:stride_h,
-             j:j + (out_w - 1) * stride_w + 1:stride_w]
-      for i in range(kernel_size[0]) for j in range(kernel_size[1])
-  ], axis=4)
+
+  def differentiate() -> bool:
+    inputs = tf.zeros([1, 3, 3, 2])
+    filters = tf.zeros([1, 1, 1, 2])  # Two groups of one channel.
+    try:
+      with tf.GradientTape() as tape:
+        tape.watch(filters)
+        output = tf.nn.conv2d(inputs, filters, 1, 'VALID')
+      tape.gradient(output, filters)
+    except tf.errors.InvalidArgumentError:
+      return False
+    return True
+
+  # Only running the gradient shows whether a kernel exists, so it runs
+  # eagerly, in a thread of its own: the caller may be building a graph
+  # (graphs are per thread).
+  with concurrent.futures.ThreadPoolExecutor(1) as thread:
+    return thread.submit(differentiate).result()
 
 
 def _conv2d(layer: tf.keras.layers.Conv2D):
   if (layer.groups != 1 or tuple(layer.dilation_rate) != (1, 1)
-      or not layer.use_bias):
+      or not layer.use_bias or not grouped_conv_has_gradients()):
     return None
 
   def apply(weights, h):
     kernel, bias = weights
-    height, width, channels, out = kernel.shape[1:]
-    # One batched matmul of every user's windows with its own kernel. A
-    # grouped tf.nn.conv2d (users stacked in the channel axis) computes the
-    # same forward pass, but TF has no CPU gradient for grouped convolutions
-    # unless oneDNN is on (CPUs with AVX-512 VNNI and newer).
-    windows = _windows(h, (height, width), layer.strides, layer.padding.upper())
-    y = tf.einsum(
-        'bhwukc,ukco->bhwuo', windows,
-        tf.reshape(kernel, [-1, height * width, channels, out]),
-    )
-    return layer.activation(y + bias)
+    shape = tf.shape(h)
+    users, channels = shape[3], shape[4]
+    height, width, _, out = kernel.shape[1:]
+    # Filter [height, width, channels, users * out]: with users * channels
+    # input channels, TF groups them by user.
+    filters = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]),
+                         tf.stack([height, width, channels, users * out]))
+    y = tf.nn.conv2d(_users_in_channels(h), filters, layer.strides,
+                     layer.padding.upper())
+    return layer.activation(_users_out_of_channels(y, users) + bias)
 
   return apply, 2
 

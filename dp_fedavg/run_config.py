@@ -177,7 +177,7 @@ def mechanism_error(
       )
   if mechanism.noise is None and config.target_epsilon is not None:
     return (
-        f'--target_epsilon needs a private --aggregator; '
+        '--target_epsilon needs a private --aggregator; '
         f'--aggregator={config.aggregator} spends an infinite epsilon.'
     )
   if config.calibrate == 'noise' and config.target_epsilon is None:

@@ -48,6 +48,7 @@ import math
 from typing import Optional
 
 import dp_accounting
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -55,6 +56,7 @@ from aggregators import checks
 from aggregators import clipping as clipping_lib
 from aggregators import noise_seeds
 from aggregators import registry
+from aggregators import robust
 from aggregators import secure_encoding
 from aggregators import skeleton
 from dp_fedavg import accounting
@@ -142,6 +144,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       noise_seed: Optional[int] = None,
       record_aggregation: Optional[skeleton.RecordAggregation] = None,
       stacked_users: bool = False,
+      centered: bool = False,
   ):
     """Initializes the factory.
 
@@ -160,6 +163,10 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       stacked_users: each client's value is a stack of users' updates (the
         vectorized engine); each user is clipped, counted and, with client
         noise, noised on its own.
+      centered: centered clipping with central DP (`aggregators.robust`):
+        every client clips its update's difference from the previous round's
+        released mean, and the server adds it back. Needs a fixed clip and
+        server noise.
 
     Raises:
       TypeError: if an argument is not of its type.
@@ -189,10 +196,11 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           'record_aggregation must be a skeleton.RecordAggregation, got '
           f'{record_aggregation!r}.'
       )
-    if not self._records.sums:
+    if not self._records.sums and noise_placement == 'server':
       raise checks.UnsupportedError(
-          'the noise is calibrated to the sensitivity of a sum of clipped '
-          f'updates; {type(self._records).__name__} is not a sum.'
+          'server noise is calibrated to the sensitivity of a sum of clipped '
+          f'updates; {type(self._records).__name__} is not a sum (with '
+          'noise_placement=client the clients noise their own updates).'
       )
     if self._records.secure and noise_placement == 'client':
       raise checks.UnsupportedError(
@@ -206,6 +214,13 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           'a secure sum cannot aggregate stacked users: it protects each '
           'user\'s update from everyone else, and a stack puts several users\' '
           'updates in one client.'
+      )
+    self._centered = checks.check_bool(centered, 'centered')
+    if centered and (noise_placement == 'client' or adaptive is not None):
+      raise checks.UnsupportedError(
+          'centered clipping in its central-DP form needs server noise and a '
+          'fixed clip (with client noise the server applies the '
+          'centered_clipping rule to the noised records).'
       )
     self._adaptive = adaptive
     if adaptive is None:
@@ -256,28 +271,42 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
     client_noise = self._noise_placement == 'client'
     adaptive = self._adaptive
     denominator = self._expected_clients_per_round
+    centered = self._centered
+    dimension = skeleton.flat_dimension(value_type)
+    # The previous release: the centre of centered clipping, on the clients
+    # (central DP) or in the server's rule.
+    keeps_center = centered or getattr(
+        records, 'robustness', None) is not None and (
+            records.robustness.rule == 'centered_clipping')
 
     @tff.tensorflow.computation
     def initial_state():
-      return collections.OrderedDict(
+      state = collections.OrderedDict(
           clip=tf.constant(self._clip, tf.float32),
           layer_shares=clipping_lib.uniform_shares(num_layers),
           noise_multiplier=tf.constant(self._update_noise, tf.float64),
           clipped_count_stddev=tf.constant(self._count_stddev, tf.float64),
           noise_seed=noise_seeds.initial_seed(self._noise_seed),
       )
+      if keeps_center:
+        state['center'] = tf.zeros([dimension], tf.float32)
+      state.update(records.state_fields())
+      return state
 
     state_type = initial_state.type_signature.result
 
     @tff.tensorflow.computation(state_type)
     def client_params(state):
-      return collections.OrderedDict(
+      params = collections.OrderedDict(
           clip=state['clip'],
           layer_shares=state['layer_shares'],
           client_noise_stddev=state['clip']
           * tf.cast(state['noise_multiplier'], tf.float32)
           if client_noise else tf.constant(0.0),
       )
+      if centered:
+        params['center'] = state['center']
+      return params
 
     params_type = client_params.type_signature.result
 
@@ -307,24 +336,39 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           for c in clipped_sums
       ]
 
-    client_update = skeleton.client_update_computation(
+    client_step = skeleton.ClientStep(
         clip_users, 2, value_type, params_type, self._stacked_users,
         client_noise_fn=add_client_noise if client_noise else None,
+        centered=centered,
     )
+    client_update = client_step.computation(gather=records.gathers)
     counts_type = records.counts_type(client_update.type_signature.result[1])
     reports_secure_clipped = 'secure_clipped' in dict(
         tff.structure.iter_elements(counts_type)
     )
+    aggregate_type = (
+        tff.TensorType(np.float32, [dimension]) if records.gathers
+        else value_type
+    )
+    record_fields = list(records.state_fields())
 
-    @tff.tensorflow.computation(value_type, counts_type, state_type)
+    @tff.tensorflow.computation(aggregate_type, counts_type, state_type)
     def finish_round(value_sum, counts, state):
+      if records.gathers:
+        value_sum = skeleton.unflatten(value_sum, value_specs)
       seeds = tf.random.experimental.stateless_split(
           state['noise_seed'], num=num_layers + 2
       )
       clip = state['clip']
       update_stddev = clip * tf.cast(state['noise_multiplier'], tf.float32)
       flat_sum = tf.nest.flatten(value_sum)
-      if client_noise:
+      if not records.sums:
+        # Already the round's estimate of the mean, from noised records.
+        noised = flat_sum
+        sum_noise_stddev = update_stddev * tf.sqrt(
+            tf.cast(counts['participants'], tf.float32)
+        )
+      elif client_noise:
         noised = flat_sum
         sum_noise_stddev = update_stddev * tf.sqrt(
             tf.cast(counts['participants'], tf.float32)
@@ -337,7 +381,14 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
             for j, s in enumerate(flat_sum)
         ]
         sum_noise_stddev = update_stddev
-      mean = [s * post_noise_scale / denominator for s in noised]
+      if records.sums:
+        mean = [s * post_noise_scale / denominator for s in noised]
+      else:
+        mean = noised
+      if centered:
+        # The clients clipped their differences from the centre.
+        mean = [m + c for m, c in zip(
+            mean, tf.nest.flatten(skeleton.unflatten(state['center'], value_specs)))]
 
       count_noise = tf.random.stateless_normal(
           [], seed=seeds[num_layers],
@@ -368,6 +419,11 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           clipped_count_stddev=state['clipped_count_stddev'],
           noise_seed=seeds[num_layers + 1],
       )
+      if keeps_center:
+        new_state['center'] = tf.concat(
+            [tf.reshape(m, [-1]) for m in mean], axis=0)
+      for name in record_fields:
+        new_state[name] = state[name]
       measurements = collections.OrderedDict(
           clip=clip,
           sum_noise_stddev=sum_noise_stddev,
@@ -377,6 +433,8 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       )
       if reports_secure_clipped:
         measurements['secure_clipped_count'] = counts['secure_clipped']
+      if 'byzantine_count' in record_fields:
+        measurements['byzantine_count'] = state['byzantine_count']
       return (
           tf.nest.pack_sequence_as(value_specs, mean),
           new_state,
@@ -384,7 +442,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       )
 
     return skeleton.clip_aggregate_finish_process(
-        initial_state, client_params, client_update, finish_round, records
+        initial_state, client_params, client_step, finish_round, records
     )
 
 
@@ -527,16 +585,26 @@ def _adaptive_of(params) -> Optional[AdaptiveClipping]:
 def _build(params, setting: registry.Setting) -> GaussianFactory:
   adaptive = _adaptive_of(params)
   secure = isinstance(params, SecureGaussianParams)
+  placement = getattr(params, 'noise_placement', 'server')
+  records = secure_encoding.GridSecureSum() if secure else None
+  centered = False
+  if setting.robust:
+    robust_records, centered = robust.gaussian_composition(
+        setting.robustness, client_noise=placement == 'client', secure=secure,
+        adaptive=adaptive is not None,
+    )
+    records = robust_records or records
   return GaussianFactory(
       noise_multiplier=params.noise_multiplier,
       clip=params.clip if adaptive is None else params.initial_clip,
       expected_clients_per_round=setting.expected_clients_per_round,
       clipping=params.clipping,
       adaptive=adaptive,
-      noise_placement=getattr(params, 'noise_placement', 'server'),
+      noise_placement=placement,
       noise_seed=setting.noise_seed,
-      record_aggregation=secure_encoding.GridSecureSum() if secure else None,
+      record_aggregation=records,
       stacked_users=setting.stacked_users,
+      centered=centered,
   )
 
 
@@ -567,6 +635,7 @@ registry.register(registry.Mechanism(
     summary='Gaussian noise on the sum of updates clipped to --clip',
     params_type=GaussianFixedParams, build_factory=_build,
     build_ledger=_ledger, noise=_NOISE, argument_names=_argument_names,
+    robust=True,
 ))
 registry.register(registry.Mechanism(
     name='gaussian_adaptive',
@@ -579,5 +648,5 @@ registry.register(registry.Mechanism(
     summary='Gaussian server noise on a secure sum of the clipped updates',
     params_type=SecureGaussianParams, build_factory=_build,
     build_ledger=_ledger, noise=_NOISE, secure_sums=True,
-    argument_names=_argument_names,
+    argument_names=_argument_names, robust=True,
 ))

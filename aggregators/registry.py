@@ -31,6 +31,7 @@ import dp_accounting
 import tensorflow_federated as tff
 
 from aggregators import checks
+from aggregators import robust
 from dp_fedavg import accounting
 
 # Loaded on the first look-up, so that importing one mechanism does not import
@@ -57,12 +58,20 @@ class Setting:
     noise_seed: seed of the server's noise stream; None draws one.
     stacked_users: each TFF client carries a stack of users (the vectorized
       engine).
+    robustness: the robust rule and simulated attack
+      (`aggregators.robust.Robustness`); None for the plain aggregation.
   """
 
   expected_clients_per_round: float
   model_dimension: Optional[int] = None
   noise_seed: Optional[int] = None
   stacked_users: bool = False
+  robustness: Optional[robust.Robustness] = None
+
+  @property
+  def robust(self) -> bool:
+    """Whether a robust rule or an attack is asked for."""
+    return self.robustness is not None and self.robustness.active
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +103,8 @@ class Mechanism:
     argument_names: factory argument -> parameter, where the names differ
       (a function of the parameters, for mechanisms that pass different
       parameters to one argument).
+    robust: whether `build_factory` composes `Setting.robustness` (robust
+      rules, attacks); `factory` refuses it for the others.
   """
 
   name: str
@@ -105,6 +116,7 @@ class Mechanism:
   noise: Optional[NoiseParameter] = None
   secure_sums: bool = False
   argument_names: Callable[[Any], Mapping[str, str]] = lambda params: {}
+  robust: bool = False
 
   @property
   def parameter_names(self) -> tuple[str, ...]:
@@ -128,6 +140,23 @@ class Mechanism:
         params, **{self.noise.name: self.noise.from_noise(noise)}
     )
 
+  def factory(
+      self, params, setting: Setting
+  ) -> Optional[tff.aggregators.UnweightedAggregationFactory]:
+    """Its factory for `setting`; None is the plain mean.
+
+    Raises:
+      checks.UnsupportedError: robust rules or attacks for a mechanism that
+        does not compose them.
+    """
+    if setting.robust and not self.robust:
+      robust_names = ', '.join(m.name for m in map(get, names()) if m.robust)
+      raise checks.UnsupportedError(
+          f'robust rules and attacks run with {robust_names}: {self.name}\'s '
+          'noise is calibrated for a sum, or its sum is secure or adaptive.'
+      )
+    return self.build_factory(params, setting)
+
   def check(self, params, setting: Setting) -> None:
     """Builds the factory once; raises its refusal in parameter terms.
 
@@ -136,7 +165,7 @@ class Mechanism:
       ValueError, TypeError: other refusals of the factory.
     """
     try:
-      self.build_factory(params, setting)
+      self.factory(params, setting)
     except checks.ArgumentError as e:
       raise e.renamed(self.argument_names(params).get(e.name, e.name)) from e
 
@@ -144,7 +173,7 @@ class Mechanism:
     """Why the factory refuses stacked users (the vectorized engine); None if
     it takes them."""
     try:
-      self.build_factory(params, dataclasses.replace(setting, stacked_users=True))
+      self.factory(params, dataclasses.replace(setting, stacked_users=True))
     except checks.UnsupportedError as e:
       return str(e)
     return None
@@ -232,11 +261,21 @@ class NoParameters:
   """Plain FedAvg takes none."""
 
 
+def _no_privacy_factory(params, setting: Setting):
+  """The plain mean, or a robust rule of the raw updates."""
+  del params
+  if not setting.robust or not setting.robustness.gathers:
+    return None
+  return robust.RobustMeanFactory(
+      setting.robustness, setting.noise_seed, setting.stacked_users)
+
+
 register(Mechanism(
     name='none',
     summary='plain (non-private) FedAvg: the unweighted mean, epsilon infinite',
     params_type=NoParameters,
-    build_factory=lambda params, setting: None,
+    build_factory=_no_privacy_factory,
+    robust=True,
     build_ledger=lambda params, setting: accounting.SampledRounds(
         dp_accounting.NonPrivateDpEvent(),
         lambda state: dp_accounting.NonPrivateDpEvent(),

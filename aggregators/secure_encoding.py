@@ -94,7 +94,8 @@ class GridSecureSum(skeleton.RecordAggregation):
         + [('secure_clipped', tff.TensorType(np.int32))]
     ))
 
-  def aggregate(self, records, counts, params, state):
+  def aggregate(self, records, counts, params, state, clients):
+    del clients
     record_type = records.type_signature.member
     levels, shrink = self._levels, self._shrink(record_type)
     encoded_type = tff.types.to_type(tf.nest.map_structure(
@@ -159,8 +160,8 @@ class ModularSecureSum(skeleton.RecordAggregation):
   def __init__(self, modulus: int):
     self._modulus = modulus
 
-  def aggregate(self, records, counts, params, state):
-    del params, state
+  def aggregate(self, records, counts, params, state, clients):
+    del params, state, clients
     record_sum, _ = _secure_sum(
         tff.aggregators.SecureModularSumFactory(self._modulus), records
     )

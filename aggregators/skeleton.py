@@ -17,6 +17,8 @@ branching on it, as TFF's `DifferentiallyPrivateFactory` takes its inner sum.
 """
 
 import abc
+import dataclasses
+from typing import Optional
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -74,11 +76,31 @@ def _users_all_finite(flat_tensors: list[tf.Tensor]) -> tf.Tensor:
   ), axis=1)
 
 
-def client_update_computation(
-    clip_fn, norm_order: int, value_type, params_type, stacked_users: bool,
-    client_noise_fn=None,
-) -> tff.Computation:
-  """The clients' step: (update, params) -> (clipped update, counts).
+def flat_dimension(value_type) -> int:
+  """How many values one user's update of `value_type` holds."""
+  return sum(
+      spec.shape.num_elements()
+      for spec in tf.nest.flatten(tff.types.type_to_tf_tensor_specs(value_type))
+  )
+
+
+def _split_flat(matrix: tf.Tensor, value_specs) -> list[tf.Tensor]:
+  """[users, D] -> per tensor [users, d_j], in `tf.nest.flatten` order."""
+  sizes = [spec.shape.num_elements() for spec in tf.nest.flatten(value_specs)]
+  return tf.split(matrix, sizes, axis=1)
+
+
+def unflatten(vector: tf.Tensor, value_specs):
+  """[D] -> the structure of `value_specs`."""
+  parts = _split_flat(vector[tf.newaxis], value_specs)
+  return tf.nest.pack_sequence_as(value_specs, [
+      tf.reshape(part, spec.shape)
+      for part, spec in zip(parts, tf.nest.flatten(value_specs))
+  ])
+
+
+class ClientStep:
+  """The clients' step: each user's update -> its record and counts.
 
   Every clipping here multiplies each tensor of a user's update by a factor
   found from the tensors' norms, so the factories give only that rule:
@@ -87,25 +109,43 @@ def client_update_computation(
   represent), `is_finite` [users] says whether each user's values are all
   finite, `scales` [users, tensors] are the factors and `counts` a structure of
   [users] int32. A user whose update is not finite contributes zeros whatever
-  its scale. `client_noise_fn(clipped_sums, params, num_users)`, if given,
-  adds the noise of `num_users` users to the sums.
+  its scale. `client_noise_fn(records, params, num_users)`, if given, adds the
+  noise of `num_users` users to each of the tensors `records`.
+
+  With `centered`, `params['center']` (a [D] vector, see `flat_dimension`) is
+  subtracted from each user's update before it is clipped (centered clipping
+  around a public centre).
 
   With `stacked_users`, a client's value is a stack of users' updates (the
-  vectorized engine): every user is clipped (and counted) on its own, and the
-  client sends the sums over its users, so one user still moves the round's
-  sums by at most its clipped update: the sensitivity and the noise are those
-  of one user per client. The norms and the scaled sum are computed for all
-  users at once (two passes over the stack); a per-user `tf.map_fn` made the
-  vectorized engine's DP rounds 1.2-1.6x its no-DP rounds.
+  vectorized engine): every user is clipped (and counted) on its own. By
+  default the client sends the sums over its users, so one user still moves
+  the round's sums by at most its clipped update: the sensitivity and the
+  noise are those of one user per client. The norms and the scaled sum are
+  computed for all users at once (two passes over the stack); a per-user
+  `tf.map_fn` made the vectorized engine's DP rounds 1.2-1.6x its no-DP
+  rounds. With `gather`, the client sends every user's record instead, as
+  a [users, D] matrix (for aggregations that see each record).
   """
-  if norm_order not in (1, 2):
-    raise ValueError(f'norm_order must be 1 or 2, got {norm_order}.')
 
-  def clip_and_sum(stack, params):
-    tensors = tf.nest.flatten(stack)
-    users = tf.shape(tensors[0])[0]
-    flat = [tf.reshape(t, tf.stack([users, -1])) for t in tensors]
-    norms = _user_norms(flat, norm_order)
+  def __init__(
+      self, clip_fn, norm_order: int, value_type, params_type,
+      stacked_users: bool, client_noise_fn=None, centered: bool = False,
+  ):
+    if norm_order not in (1, 2):
+      raise ValueError(f'norm_order must be 1 or 2, got {norm_order}.')
+    self._clip_fn = clip_fn
+    self._norm_order = norm_order
+    self._value_type = value_type
+    self._value_specs = tff.types.type_to_tf_tensor_specs(value_type)
+    self._params_type = params_type
+    self._stacked_users = stacked_users
+    self._client_noise_fn = client_noise_fn
+    self._centered = centered
+
+  def _clip(self, flat, params):
+    """Per tensor [users, d_j] -> (scales [users, tensors], zeroed flat, counts)."""
+    users = tf.shape(flat[0])[0]
+    norms = _user_norms(flat, self._norm_order)
     # Any non-finite value makes its norm non-finite, so finite norms prove
     # every value finite; the exact check runs only when they do not.
     is_finite = tf.cond(
@@ -113,7 +153,7 @@ def client_update_computation(
         lambda: tf.ones(tf.stack([users]), tf.bool),
         lambda: _users_all_finite(flat),
     )
-    scales, counts = clip_fn(norms, is_finite, params)
+    scales, counts = self._clip_fn(norms, is_finite, params)
     # A non-finite user's scale may be nan, and 0 * inf is nan: both its
     # scale and its values are zeroed.
     scales = tf.where(is_finite[:, tf.newaxis], scales, tf.zeros_like(scales))
@@ -123,31 +163,90 @@ def client_update_computation(
         lambda: [tf.where(is_finite[:, tf.newaxis], t, tf.zeros_like(t))
                  for t in flat],
     )
-    sums = [
-        tf.reshape(tf.linalg.matvec(f, scales[:, j], transpose_a=True),
-                   tf.shape(t)[1:])
-        for j, (f, t) in enumerate(zip(flat, tensors))
-    ]
-    if client_noise_fn is not None:
-      sums = client_noise_fn(sums, params, users)
-    return (
-        tf.nest.pack_sequence_as(value_specs, sums),
-        tf.nest.map_structure(lambda c: tf.reduce_sum(c, axis=0), counts),
-    )
+    return scales, flat, counts
 
-  value_specs = tff.types.type_to_tf_tensor_specs(value_type)
-  if stacked_users:
-    return tff.tensorflow.computation(
-        clip_and_sum, stacked_type(value_type), params_type
-    )
+  def _user_records(self, flat, params):
+    """Per tensor [users, d_j] -> ([users, D] records, counts)."""
+    scales, flat, counts = self._clip(flat, params)
+    records = [f * scales[:, j:j + 1] for j, f in enumerate(flat)]
+    if self._client_noise_fn is not None:
+      records = self._client_noise_fn(records, params, 1)
+    return tf.concat(records, axis=1), counts
 
-  @tff.tensorflow.computation(value_type, params_type)
-  def one_user(value, params):
-    return clip_and_sum(
-        tf.nest.map_structure(lambda t: t[tf.newaxis], value), params
-    )
+  def records(self, updates: tf.Tensor, params) -> tf.Tensor:
+    """[k, D] records of [k, D] updates (already centred under `centered`).
 
-  return one_user
+    What k clients would send for these updates; the server uses it to put
+    simulated updates through the clients' step (`aggregators.robust`).
+    """
+    return self._user_records(_split_flat(updates, self._value_specs), params)[0]
+
+  def computation(self, gather: bool = False) -> tff.Computation:
+    """(update, params) -> (record, counts); see the class docstring."""
+    value_specs = self._value_specs
+
+    def clip_client(stack, params):
+      tensors = tf.nest.flatten(stack)
+      users = tf.shape(tensors[0])[0]
+      flat = [
+          tf.reshape(t, [-1, spec.shape.num_elements()])
+          for t, spec in zip(tensors, tf.nest.flatten(value_specs))
+      ]
+      if self._centered:
+        centers = _split_flat(params['center'][tf.newaxis], value_specs)
+        flat = [f - c for f, c in zip(flat, centers)]
+      if gather:
+        records, counts = self._user_records(flat, params)
+      else:
+        scales, flat, counts = self._clip(flat, params)
+        sums = [
+            tf.reshape(tf.linalg.matvec(f, scales[:, j], transpose_a=True),
+                       tf.shape(t)[1:])
+            for j, (f, t) in enumerate(zip(flat, tensors))
+        ]
+        if self._client_noise_fn is not None:
+          sums = self._client_noise_fn(sums, params, users)
+        records = tf.nest.pack_sequence_as(value_specs, sums)
+      return records, tf.nest.map_structure(
+          lambda c: tf.reduce_sum(c, axis=0), counts
+      )
+
+    if self._stacked_users:
+      return tff.tensorflow.computation(
+          clip_client, stacked_type(self._value_type), self._params_type
+      )
+
+    @tff.tensorflow.computation(self._value_type, self._params_type)
+    def one_user(value, params):
+      return clip_client(
+          tf.nest.map_structure(lambda t: t[tf.newaxis], value), params
+      )
+
+    return one_user
+
+
+def client_update_computation(
+    clip_fn, norm_order: int, value_type, params_type, stacked_users: bool,
+    client_noise_fn=None,
+) -> tff.Computation:
+  """The clients' step that sends sums; see `ClientStep`."""
+  return ClientStep(
+      clip_fn, norm_order, value_type, params_type, stacked_users,
+      client_noise_fn,
+  ).computation()
+
+
+@dataclasses.dataclass(frozen=True)
+class Clients:
+  """What the clients compute, for aggregations that redo it on the server.
+
+  Attributes:
+    params: the server's state -> the clients' parameters.
+    step: their step, when the factory built it as a `ClientStep`.
+  """
+
+  params: tff.Computation
+  step: Optional[ClientStep] = None
 
 
 class RecordAggregation(abc.ABC):
@@ -159,11 +258,17 @@ class RecordAggregation(abc.ABC):
     sums: the aggregate is the sum of the records, so adding or removing one
       client moves it by at most that client's clipped record. Noise
       calibrated to that sensitivity is sound only after a sum; a factory
-      refuses an aggregation that is not one (a median, a trimmed mean).
+      refuses an aggregation that is not one (a median, a trimmed mean) with
+      server noise. An aggregate that is not a sum is already the round's
+      estimate of the mean: the factory does not divide it.
+    gathers: the clients send every user's record, a [users, D] matrix of
+      flattened updates (`ClientStep.computation(gather=True)`), not their
+      sums.
   """
 
   secure: bool = False
   sums: bool = True
+  gathers: bool = False
 
   def check_cohort(self, expected_clients_per_round: float) -> None:
     """Raises ValueError if it cannot aggregate cohorts of about this size."""
@@ -179,43 +284,61 @@ class RecordAggregation(abc.ABC):
     del record_type
     return 1.0
 
+  def state_fields(self) -> dict:
+    """Entries it needs in the factory's state (TF values; called while
+    tracing the initial state), carried unchanged from round to round."""
+    return {}
+
   @abc.abstractmethod
-  def aggregate(self, records, counts, params, state):
+  def aggregate(self, records, counts, params, state, clients: Clients):
     """(SERVER aggregate, SERVER count sums) of CLIENTS `records` and `counts`.
 
     Called while tracing the process's federated computation; `params` are
-    the clients' broadcast parameters and `state` the server's state.
+    the clients' broadcast parameters, `state` the server's state and
+    `clients` what the clients computed them with.
     """
 
 
 class PlainSum(RecordAggregation):
   """`tff.federated_sum` of the records and of the counts."""
 
-  def aggregate(self, records, counts, params, state):
-    del params, state
+  def aggregate(self, records, counts, params, state, clients):
+    del params, state, clients
     return tff.federated_sum(records), tff.federated_sum(counts)
 
 
 def clip_aggregate_finish_process(
     initial_state: tff.Computation,
     client_params: tff.Computation,
-    client_update: tff.Computation,
+    client_update: tff.Computation | ClientStep,
     finish_round: tff.Computation,
     record_aggregation: RecordAggregation,
 ) -> tff.templates.AggregationProcess:
   """The factories' process; see the module docstring.
 
-  `client_update(value, params) -> (record, counts)`; `finish_round(aggregate,
-  count_sums, state) -> (result, new state, measurements)`. Only what
-  `record_aggregation` releases leaves the clients' side, so the noise added
-  in `finish_round` (or by the clients) covers everything released.
+  `client_update(value, params) -> (record, counts)`, or a `ClientStep`
+  whose computation sends each user's record when `record_aggregation`
+  gathers them; `finish_round(aggregate, count_sums, state) -> (result, new
+  state, measurements)`. Only what `record_aggregation` releases leaves the
+  clients' side, so the noise added in `finish_round` (or by the clients)
+  covers everything released.
   """
+  client_step = None
+  if isinstance(client_update, ClientStep):
+    client_step = client_update
+    client_update = client_step.computation(gather=record_aggregation.gathers)
+  elif record_aggregation.gathers:
+    raise TypeError(
+        f'{type(record_aggregation).__name__} gathers users\' records; the '
+        'factory must give its client step as a skeleton.ClientStep.'
+    )
+  clients = Clients(client_params, client_step)
 
   @tff.federated_computation
   def init_fn():
     return tff.federated_eval(initial_state, tff.SERVER)
 
-  # A user's update, or a stack of users' (see `client_update_computation`).
+  # A user's update, or a stack of users' (see `ClientStep`).
   client_value_type = client_update.type_signature.parameter[0]
 
   @tff.federated_computation(
@@ -226,7 +349,7 @@ def clip_aggregate_finish_process(
     params = tff.federated_broadcast(tff.federated_map(client_params, state))
     records, counts = tff.federated_map(client_update, (value, params))
     aggregate, count_sums = record_aggregation.aggregate(
-        records, counts, params, state
+        records, counts, params, state, clients
     )
     result, new_state, measurements = tff.federated_map(
         finish_round, (aggregate, count_sums, state)

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_federated as tff
 
 from dp_fedavg import accounting
+from dp_fedavg import byzantine as byzantine_lib
 from dp_fedavg import checkpoints
 from dp_fedavg import sampling
 from dp_fedavg.tasks import base
@@ -110,7 +111,8 @@ def run_training(
     inspect_round: Optional[
         Callable[[int, tff.learning.models.ModelWeights, list], None]
     ] = None,
-    client_data_fn: Optional[Callable[[list[int], int], list]] = None,
+    client_data_fn: Optional[Callable[[list[int], int, int], list]] = None,
+    byzantine: Optional[byzantine_lib.ByzantineClients] = None,
 ) -> TrainingOutcome:
   """Trains for `rounds` rounds, or until the privacy budget would run out.
 
@@ -140,8 +142,11 @@ def run_training(
       weights the cohort starts from and the cohort's datasets (diagnostics
       such as `dp_fedavg.diagnostics.UpdateNormProbe`).
     client_data_fn: the process's client data for a cohort (indices into
-      `task.train_data.client_ids`) and the round's shuffle seed; None builds
-      one preprocessed dataset per client (the standard engine).
+      `task.train_data.client_ids`), the round's shuffle seed and how many of
+      the cohort's first clients are Byzantine; None builds one preprocessed
+      dataset per client (the standard engine).
+    byzantine: the simulated Byzantine clients: each round they come first
+      in the cohort, and the aggregator is told how many were sampled.
 
   Raises:
     ValueError: `resume` without a checkpoint to resume from.
@@ -163,6 +168,10 @@ def run_training(
   elapsed = 0.0
   for round_num in range(first_round, rounds + 1):
     cohort = sampler.sample(round_num)
+    byzantine_count = 0
+    if byzantine is not None:
+      cohort, byzantine_count = byzantine.arrange(cohort)
+      state = byzantine.with_count(state, byzantine_count)
     if target_epsilon is not None:
       # The aggregator's state before the round fixes the round's privacy.
       next_epsilon = ledger.epsilon_if_round(state.aggregator, cohort)
@@ -187,8 +196,11 @@ def run_training(
           )
           for i in cohort
       ]
+      if byzantine is not None and byzantine.poisons_data:
+        client_data[:byzantine_count] = map(
+            byzantine.poison, client_data[:byzantine_count])
     else:
-      client_data = client_data_fn(list(cohort), shuffle_seed)
+      client_data = client_data_fn(list(cohort), shuffle_seed, byzantine_count)
     if inspect_round is not None:
       inspect_round(round_num, process.get_model_weights(state), client_data)
     output = process.next(state, client_data)

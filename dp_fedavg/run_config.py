@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 
 from aggregators import checks
 from aggregators import registry
+from aggregators import robust
 from dp_fedavg import accounting
 from dp_fedavg import sampling as sampling_lib
 
@@ -50,6 +51,21 @@ class RunConfig:
   user_data_dir: Optional[str] = None
   workers: tuple[str, ...] = ()
   seed: int = 0
+  # Robust aggregation and simulated attacks (aggregators.robust).
+  robust_rule: str = 'none'
+  trim_fraction: float = 0.1
+  robust_assumed_byzantine: Optional[int] = None
+  krum_selected: Optional[int] = None
+  gm_iterations: int = 3
+  gm_smoothing: float = 1e-6
+  cc_radius: Optional[float] = None
+  robust_preaggregation: str = 'none'
+  bucket_size: int = 2
+  attack: str = 'none'
+  byzantine_fraction: float = 0.0
+  attack_scale: float = 10.0
+  attack_stddev: float = 1.0
+  ipm_epsilon: float = 0.1
 
   @property
   def mechanism(self) -> registry.Mechanism:
@@ -67,6 +83,26 @@ class RunConfig:
   @property
   def accountant_kind(self) -> accounting.AccountantKind:
     return accounting.AccountantKind(self.accountant)
+
+  def robustness(self, expected_clients_per_round: float) -> robust.Robustness:
+    """The robust rule and attack; f defaults to the expected number of
+    Byzantine clients in a cohort, byzantine_fraction * n.
+
+    Raises:
+      checks.ArgumentError: a robust parameter outside its range.
+    """
+    assumed = self.robust_assumed_byzantine
+    if assumed is None:
+      assumed = round(self.byzantine_fraction * expected_clients_per_round)
+    return robust.Robustness(
+        rule=self.robust_rule, trim_fraction=self.trim_fraction,
+        assumed_byzantine=assumed, krum_selected=self.krum_selected,
+        gm_iterations=self.gm_iterations, gm_smoothing=self.gm_smoothing,
+        cc_radius=self.cc_radius, preaggregation=self.robust_preaggregation,
+        bucket_size=self.bucket_size, attack=self.attack,
+        attack_scale=self.attack_scale, attack_stddev=self.attack_stddev,
+        ipm_epsilon=self.ipm_epsilon,
+    )
 
   def replace(self, **values: Any) -> 'RunConfig':
     """A copy with `values` changed: fields, or mechanism parameters by name."""
@@ -127,6 +163,20 @@ def range_error(config: RunConfig) -> Optional[str]:
   for name, is_allowed, allowed in checks:
     if not is_allowed:
       return out_of_range(name, config.flat()[name], allowed)
+  return byzantine_error(config)
+
+
+def byzantine_error(config: RunConfig) -> Optional[str]:
+  """A simulated attack that is not fully asked for, as one line."""
+  if not 0 <= config.byzantine_fraction < 1:
+    return out_of_range('byzantine_fraction', config.byzantine_fraction, 'in [0, 1)')
+  if config.attack != 'none' and config.byzantine_fraction == 0:
+    return f'--attack={config.attack} needs --byzantine_fraction > 0.'
+  if config.byzantine_fraction > 0 and config.attack == 'none':
+    return (
+        f'--byzantine_fraction={config.byzantine_fraction} needs --attack: '
+        'Byzantine clients that send honest updates are honest clients.'
+    )
   return None
 
 
@@ -182,9 +232,14 @@ def mechanism_error(
     )
   if config.calibrate == 'noise' and config.target_epsilon is None:
     return '--calibrate=noise needs --target_epsilon.'
+  try:
+    robustness = config.robustness(max(1, config.clients_per_round))
+  except checks.ArgumentError as e:
+    return out_of_range(e.name, e.value, e.allowed)
   setting = registry.Setting(
       expected_clients_per_round=max(1, config.clients_per_round),
       noise_seed=config.seed,
+      robustness=robustness,
   )
   try:
     mechanism.check(config.params, setting)

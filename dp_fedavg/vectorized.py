@@ -95,10 +95,16 @@ class UserFiles:
   def num_components(self) -> int:
     return len(self._specs)
 
-  def paths(self, user_index: int) -> list[str]:
-    """The user's files, written now if they are not yet."""
+  def paths(
+      self, user_index: int,
+      flip_labels: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+  ) -> list[str]:
+    """The user's files, written now if they are not yet; with `flip_labels`
+    (a label_flip attacker), files of its poisoned examples."""
+    poisoned = '.flipped' if flip_labels else ''
     paths = [
-        os.path.join(self._directory, f'{user_index}.{component}.tensor')
+        os.path.join(self._directory,
+                     f'{user_index}{poisoned}.{component}.tensor')
         for component in range(len(self._specs))
     ]
     if not all(os.path.exists(path) for path in paths):
@@ -106,6 +112,9 @@ class UserFiles:
       examples = base.all_examples(
           self._task.train_data.create_tf_dataset_for_client(client_id)
       )
+      if examples is not None and flip_labels:
+        features, labels = examples
+        examples = (features, flip_labels(labels))
       tensors = (
           [tf.zeros([0, *spec.shape], spec.dtype) for spec in self._specs]
           if examples is None else tf.nest.flatten(examples)
@@ -126,7 +135,8 @@ def default_users_per_client(expected_users_per_round: float) -> int:
 
 def pack_cohort(
     user_files: UserFiles, cohort: list[int], users_per_client: int,
-    shuffle_seed: int,
+    shuffle_seed: int, byzantine_count: int = 0,
+    flip_labels: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
 ) -> list[tf.data.Dataset]:
   """The round's client data: groups of at most `users_per_client` users.
 
@@ -135,11 +145,21 @@ def pack_cohort(
   Users are grouped by size: a group trains for as many steps as its
   largest user, so mixing small and large users would waste most of the
   steps on padding. (Which users share a TFF client changes nothing else:
-  each is trained and clipped on its own.)
+  each is trained and clipped on its own.) The cohort's first
+  `byzantine_count` users are Byzantine, and stay first, so that the
+  aggregator finds their records first (`dp_fedavg.byzantine`); with
+  `flip_labels` they train on poisoned labels.
   """
-  paths = {user: user_files.paths(user) for user in cohort}
+  paths = {
+      user: user_files.paths(
+          user, flip_labels if position < byzantine_count else None)
+      for position, user in enumerate(cohort)
+  }
   # The file's size grows with the user's number of examples.
-  by_size = sorted(cohort, key=lambda user: os.path.getsize(paths[user][0]))
+  by_size = [
+      user for part in (cohort[:byzantine_count], cohort[byzantine_count:])
+      for user in sorted(part, key=lambda user: os.path.getsize(paths[user][0]))
+  ]
   groups = []
   for start in range(0, len(by_size), users_per_client):
     users = by_size[start:start + users_per_client]

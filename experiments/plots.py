@@ -58,3 +58,23 @@ def layer_norm_boxes(
   figure.tight_layout()
   figure.savefig(path)
   plt.close(figure)
+
+
+def accuracy_vs_fraction(
+    series: dict[str, list[tuple[float, float]]], path: str, title: str
+) -> None:
+  """Final accuracy against the fraction of Byzantine clients, one line per
+  series (label -> [(fraction, accuracy)])."""
+  figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+  for label, points in sorted(series.items()):
+    points = sorted(points)
+    axes.plot([f for f, _ in points], [a for _, a in points], 'o-', label=label)
+  axes.set_xlabel('fraction of Byzantine clients')
+  axes.set_ylabel('test accuracy')
+  axes.set_ylim(0, 1)
+  axes.set_title(title)
+  axes.grid(True, alpha=0.3)
+  axes.legend(fontsize='small', loc='lower left')
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from aggregators import registry
 from dp_fedavg import accounting
+from dp_fedavg import byzantine as byzantine_lib
 from dp_fedavg import checkpoints
 from dp_fedavg import execution
 from dp_fedavg import loop
@@ -82,6 +83,7 @@ class PrivacyPlan:
         model_dimension=model_dimension,
         noise_seed=config.seed,
         stacked_users=config.engine == 'vectorized',
+        robustness=config.robustness(expected),
     )
     run = (scheme, num_clients, config.clients_per_round, config.delta,
            config.accountant_kind)
@@ -110,7 +112,7 @@ class PrivacyPlan:
       )
     return cls(
         config, params, mechanism.noise_of(params),
-        mechanism.build_factory(params, setting), ledger,
+        mechanism.factory(params, setting), ledger,
     )
 
 
@@ -197,8 +199,27 @@ class Runner:
         users_per_client, self._user_files.directory,
     )
     files = self._user_files
-    return learning_process, lambda cohort, shuffle_seed: vectorized.pack_cohort(
-        files, cohort, users_per_client, shuffle_seed
+    byzantine = self._byzantine(config)
+    flip_labels = byzantine.flip_labels if byzantine and byzantine.poisons_data else None
+    return learning_process, (
+        lambda cohort, shuffle_seed, byzantine_count: vectorized.pack_cohort(
+            files, cohort, users_per_client, shuffle_seed, byzantine_count,
+            flip_labels,
+        )
+    )
+
+  def _byzantine(
+      self, config: run_config.RunConfig
+  ) -> Optional[byzantine_lib.ByzantineClients]:
+    """The run's simulated Byzantine clients; None without an attack."""
+    if config.attack == 'none':
+      return None
+    num_classes = None
+    if config.attack == 'label_flip':
+      num_classes = int(self.task.keras_model_fn().output_shape[-1])
+    return byzantine_lib.ByzantineClients(
+        len(self.task.train_data.client_ids), config.byzantine_fraction,
+        config.attack, config.seed, num_classes,
     )
 
   def run(
@@ -278,6 +299,7 @@ class Runner:
         resume=resume,
         inspect_round=inspect_round,
         client_data_fn=client_data_fn,
+        byzantine=self._byzantine(config),
     )
     model_weights = learning_process.get_model_weights(outcome.state)
     model_path = run_outputs.save_model(task, model_weights)

@@ -41,9 +41,12 @@ def write_flags(output_dir: str, *modules) -> dict[str, Any]:
   return values
 
 
-def write_results(output_dir: str, rows: list[dict[str, Any]]) -> str:
-  """Writes one row per run to results.csv; returns its path."""
-  path = os.path.join(output_dir, RESULTS_FILE)
+def write_results(
+    output_dir: str, rows: list[dict[str, Any]], name: str = RESULTS_FILE
+) -> str:
+  """Writes `rows` (one per run in results.csv) to the CSV file `name`;
+  returns its path."""
+  path = os.path.join(output_dir, name)
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()

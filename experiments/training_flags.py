@@ -14,6 +14,7 @@ from absl import flags
 from dp_fedavg import run_config
 from dp_fedavg import tasks
 from experiments import privacy_flags
+from experiments import robust_flags
 
 TASK = flags.DEFINE_string('task', 'digits', f'One of {tasks.TASK_NAMES}.')
 DATA_DIR = flags.DEFINE_string(
@@ -65,7 +66,7 @@ _TRAINING_FLAGS = (
     TASK, DATA_DIR, DATA_SOURCE, PARTITION, DIRICHLET_ALPHA, LOCAL_EPOCHS,
     BATCH_SIZE, CLIENT_LR, SERVER_LR, SERVER_MOMENTUM, EVAL_EVERY, WORKERS,
     ENGINE, USERS_PER_WORKER_CLIENT, USER_DATA_DIR, SEED,
-)
+) + robust_flags.FLAGS
 
 RANGE_CHECKS = (
     (TASK, lambda v: v in tasks.TASK_NAMES, f'one of {", ".join(tasks.TASK_NAMES)}'),
@@ -146,7 +147,8 @@ def flag_values(*modules) -> dict[str, Any]:
   (what config.json and flags.json hold)."""
   holders = [
       holder
-      for module in (privacy_flags, sys.modules[__name__], *modules)
+      for module in (
+          privacy_flags, robust_flags, sys.modules[__name__], *modules)
       for holder in vars(module).values()
       if isinstance(holder, flags.FlagHolder)
   ]

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-PARTITIONS = ('iid', 'dirichlet')
+PARTITIONS = ('iid', 'dirichlet', 'sorted')
 # Where a task's data comes from: the project's files ('local': the shared
 # data or --data_dir) or TFF's own dataset loaders ('tff').
 DATA_SOURCES = ('local', 'tff')
@@ -127,7 +127,8 @@ def split_examples(
     dirichlet_alpha: float,
     rng: np.random.Generator,
 ) -> list[np.ndarray]:
-  """Positions into `labels` for each of `num_clients`: 'iid' or 'dirichlet'."""
+  """Positions into `labels` for each of `num_clients`: 'iid', 'dirichlet' or
+  'sorted' (label-sorted consecutive shares)."""
   if partition not in PARTITIONS:
     raise ValueError(f'partition must be one of {PARTITIONS}, got {partition!r}.')
   if not dirichlet_alpha > 0:
@@ -139,6 +140,12 @@ def split_examples(
     )
   if partition == 'iid':
     return np.array_split(rng.permutation(len(labels)), num_clients)
+  if partition == 'sorted':
+    # Karimireddy, He & Jaggi (ICLR 2022): examples sorted by label, then cut
+    # into consecutive shares, so most clients hold one or two classes.
+    shuffled = rng.permutation(len(labels))
+    return np.array_split(
+        shuffled[np.argsort(labels[shuffled], kind='stable')], num_clients)
   return dirichlet_partition(labels, num_clients, dirichlet_alpha, rng)
 
 

@@ -18,8 +18,8 @@ class CoordinateMax(skeleton.RecordAggregation):
 
   sums = False
 
-  def aggregate(self, records, counts, params, state):
-    del params, state
+  def aggregate(self, records, counts, params, state, clients):
+    del params, state, clients
     record_type = records.type_signature.member
 
     @tff.tensorflow.computation

@@ -87,6 +87,15 @@ class FlagValidationTest(parameterized.TestCase):
       ('unknown_ddp_mechanism',
        dict(aggregator='distributed_dp', ddp_mechanism='laplace'),
        '--ddp_mechanism=laplace'),
+      ('unknown_rule', dict(robust_rule='mean'), '--robust_rule=mean'),
+      ('trim_half', dict(aggregator='none', robust_rule='trimmed_mean',
+                         trim_fraction=0.5), '--trim_fraction=0.5'),
+      ('unknown_attack', dict(attack='backdoor', byzantine_fraction=0.1),
+       '--attack=backdoor'),
+      ('byzantine_fraction_one', dict(attack='alie', byzantine_fraction=1.0),
+       '--byzantine_fraction=1.0'),
+      ('zero_bucket', dict(robust_preaggregation='bucketing', bucket_size=0),
+       '--bucket_size=0'),
   )
   def test_out_of_range_flag_is_named(self, overrides, flag_text):
     overrides.setdefault('output_dir', self.create_tempdir().full_path)
@@ -115,6 +124,14 @@ class FlagValidationTest(parameterized.TestCase):
       ('vectorized_distributed_dp',
        dict(aggregator='distributed_dp', engine='vectorized'),
        '--engine=standard'),
+      ('median_after_central_noise', dict(robust_rule='median'),
+       '--robust_rule=median after central noise is unsound'),
+      ('attack_without_byzantine_clients', dict(attack='alie'),
+       '--attack=alie needs --byzantine_fraction'),
+      ('byzantine_clients_without_attack', dict(byzantine_fraction=0.2),
+       'needs --attack'),
+      ('robust_laplace', dict(aggregator='laplace', robust_rule='median'),
+       'robust rules and attacks run with'),
   )
   def test_inconsistent_flags_are_named(self, overrides, flag_text):
     with flagsaver.flagsaver(

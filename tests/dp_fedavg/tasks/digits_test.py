@@ -21,7 +21,7 @@ def _client_sizes(task):
 
 class DigitsTaskTest(tf.test.TestCase, parameterized.TestCase):
 
-  @parameterized.parameters('iid', 'dirichlet')
+  @parameterized.parameters('iid', 'dirichlet', 'sorted')
   def test_partition_covers_train_split_with_no_empty_client(self, partition):
     task = digits.build_task(
         num_clients=40, partition=partition, dirichlet_alpha=0.05, seed=1
@@ -46,6 +46,16 @@ class DigitsTaskTest(tf.test.TestCase, parameterized.TestCase):
       ])
 
     self.assertLess(mean_distinct_labels('dirichlet'), mean_distinct_labels('iid') - 2)
+
+  def test_sorted_partition_gives_each_client_one_or_two_labels(self):
+    # 30 consecutive shares of ~48 label-sorted examples; each class has
+    # ~144, so a share spans at most two classes.
+    task = digits.build_task(num_clients=30, partition='sorted', seed=2)
+    distinct = [
+        len({int(y) for _, y in task.train_data.create_tf_dataset_for_client(c)})
+        for c in task.train_data.client_ids
+    ]
+    self.assertLessEqual(max(distinct), 2)
 
   def test_examples_are_scaled_images_with_labels(self):
     task = digits.build_task(num_clients=10)

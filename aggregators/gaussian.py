@@ -275,9 +275,7 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
     dimension = skeleton.flat_dimension(value_type)
     # The previous release: the centre of centered clipping, on the clients
     # (central DP) or in the server's rule.
-    keeps_center = centered or getattr(
-        records, 'robustness', None) is not None and (
-            records.robustness.rule == 'centered_clipping')
+    keeps_center = centered or records.reads_center
 
     @tff.tensorflow.computation
     def initial_state():

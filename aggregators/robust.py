@@ -265,10 +265,7 @@ class GatheredRecords(skeleton.RecordAggregation):
   def __init__(self, robustness: Robustness):
     self._robustness = robustness
     self.sums = robustness.rule == 'none'
-
-  @property
-  def robustness(self) -> Robustness:
-    return self._robustness
+    self.reads_center = robustness.rule == 'centered_clipping'
 
   def state_fields(self) -> dict:
     return collections.OrderedDict(byzantine_count=tf.constant(0, tf.int32))
@@ -300,12 +297,6 @@ class GatheredRecords(skeleton.RecordAggregation):
     server_params = tff.federated_map(clients.params, state)
     robustness = self._robustness
     step = clients.step
-    state_names = [
-        name for name, _ in tff.structure.iter_elements(state.type_signature.member)
-    ]
-    if robustness.rule == 'centered_clipping' and 'center' not in state_names:
-      raise TypeError('centered_clipping needs the previous aggregate, '
-                      '`center`, in the factory\'s state.')
 
     @tff.tensorflow.computation(
         gathered.type_signature.member, server_params.type_signature.member,
@@ -332,7 +323,7 @@ class GatheredRecords(skeleton.RecordAggregation):
             [step.records(sent, client_params), matrix[byzantine:]], axis=0
         )
       zeros = tf.zeros([matrix_type.shape[1]], matrix_type.dtype)
-      center = server_state['center'] if 'center' in state_names else zeros
+      center = server_state['center'] if self.reads_center else zeros
       # An empty round (Poisson sampling) moves nothing: centered clipping
       # keeps its centre, the others release zeros.
       empty = center if robustness.rule == 'centered_clipping' else zeros

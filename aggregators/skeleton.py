@@ -264,11 +264,14 @@ class RecordAggregation(abc.ABC):
     gathers: the clients send every user's record, a [users, D] matrix of
       flattened updates (`ClientStep.computation(gather=True)`), not their
       sums.
+    reads_center: it reads `state['center']`, the previous round's released
+      aggregate as a [D] vector, which the factory then keeps in its state.
   """
 
   secure: bool = False
   sums: bool = True
   gathers: bool = False
+  reads_center: bool = False
 
   def check_cohort(self, expected_clients_per_round: float) -> None:
     """Raises ValueError if it cannot aggregate cohorts of about this size."""

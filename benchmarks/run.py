@@ -53,7 +53,7 @@ _QUICK = flags.DEFINE_bool(
     'quick', False, 'Smallest settings only (checks the harness, not speed).')
 
 _NOISE, _CLIP = 1.0, 1.0
-_LOCAL_EPOCHS, _BATCH = 1, 16
+_LOCAL_EPOCHS, _BATCH = synthetic.LOCAL_EPOCHS, synthetic.BATCH
 _MLP_POPULATION = 1000
 
 
@@ -88,15 +88,6 @@ def _aggregators(n: int, stacked_users: bool = False) -> dict[str, object]:
       'ours distributed_dp': distributed_dp.DistributedDpFactory(
           _NOISE, _CLIP, n, bits=20, rotation_seed=0),
   }
-
-
-def _datasets(task, client_ids):
-  return [
-      task.preprocess(
-          task.train_data.create_tf_dataset_for_client(c), _LOCAL_EPOCHS, _BATCH, 0
-      )
-      for c in client_ids
-  ]
 
 
 def _matmul_gflops() -> float:
@@ -134,7 +125,7 @@ def _bench_task(name, task, cohort_sizes, repeats, gflops, rng, results,
     ]
     cohorts_ids = [[population[i] for i in indices] for indices in cohorts_indices]
     start = time.perf_counter()
-    cohorts = [_datasets(task, ids) for ids in cohorts_ids]
+    cohorts = [synthetic.client_datasets(task, ids) for ids in cohorts_ids]
     dataset_seconds = (time.perf_counter() - start) / len(cohorts)
     aggregators = {
         aggregator_name: (factory, None)
@@ -222,7 +213,7 @@ def _overhead_removal(task, repeats) -> dict[str, list[float]]:
   """
   n = 50
   cohorts = [
-      _datasets(task, [str(i) for i in range(r * n, (r + 1) * n)])
+      synthetic.client_datasets(task, [str(i) for i in range(r * n, (r + 1) * n)])
       for r in range(repeats + 1)
   ]
   variants = {
@@ -275,7 +266,7 @@ def _loop_phases(task, repeats) -> dict[str, float]:
     for round_num in range(repeats + 1):
       start = time.perf_counter()
       cohort = sampler.sample(round_num)
-      datasets = _datasets(task, [str(i) for i in cohort])
+      datasets = synthetic.client_datasets(task, [str(i) for i in cohort])
       built = time.perf_counter()
       output = learning_process.next(state, datasets)
       trained = time.perf_counter()

@@ -181,6 +181,28 @@ def worst_cases(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return list(worst.values())
 
 
+_MODE_LABELS = dict(none='no DP', central='central DP', local='local DP')
+
+
+def write_figures(
+    rows: list[dict[str, Any]], attacks_shown: list[str], output_dir: str,
+    title: str,
+) -> list[str]:
+  """accuracy_<attack>.png per attack: accuracy against the fraction, one
+  line per rule and DP mode (fraction 0 is the run without attack)."""
+  paths = []
+  for attack in attacks_shown:
+    series = collections.defaultdict(list)
+    for row in rows:
+      if row['attack'] in (attack, 'none') and row['eval_accuracy'] is not None:
+        label = f'{row["robust_rule"]}, {_MODE_LABELS[row["dp_mode"]]}'
+        series[label].append((row['byzantine_fraction'], row['eval_accuracy']))
+    path = os.path.join(output_dir, f'accuracy_{attack}.png')
+    plots.accuracy_vs_fraction(dict(series), path, f'{title}: {attack}')
+    paths.append(path)
+  return paths
+
+
 def main(argv):
   config = training_flags.config_from_flags()
   task = training_flags.start_or_exit(argv, study_error(config), config)
@@ -218,18 +240,9 @@ def main(argv):
   worst = worst_cases(rows)
   if worst:
     studies.write_results(output_dir, worst, 'worst_case.csv')
-  figures = []
-  for attack in _ATTACKS.value:
-    series = collections.defaultdict(list)
-    for row in rows:
-      if row['attack'] in (attack, 'none') and row['eval_accuracy'] is not None:
-        series[f'{row["robust_rule"]} ({row["dp_mode"]} DP)'].append(
-            (row['byzantine_fraction'], row['eval_accuracy']))
-    path = os.path.join(output_dir, f'accuracy_{attack}.png')
-    plots.accuracy_vs_fraction(
-        dict(series), path,
-        f'{task.name}: {attack}, {config.robust_preaggregation} pre-aggregation')
-    figures.append(path)
+  figures = write_figures(
+      rows, _ATTACKS.value, output_dir,
+      f'{task.name}, pre-aggregation {config.robust_preaggregation}')
   print(f'results: {results}')
   for row in worst:
     print(f'worst case {row["dp_mode"]:>7} DP {row["robust_rule"]:>17} at '

@@ -9,6 +9,7 @@ configuration in `main`, and a study derives one per run.
 
 import contextlib
 import dataclasses
+import math
 import tempfile
 from typing import Any, Callable, Iterator, Optional
 
@@ -170,7 +171,10 @@ class Runner:
     self._user_files = None
     self._user_data_tmp = None
 
-  def _engine(self, plan: PrivacyPlan):
+  def _engine(
+      self, plan: PrivacyPlan,
+      byzantine: Optional[byzantine_lib.ByzantineClients],
+  ):
     """The learning process of the plan's engine and its client data function."""
     config = plan.config
     if config.engine == 'standard':
@@ -199,8 +203,9 @@ class Runner:
         users_per_client, self._user_files.directory,
     )
     files = self._user_files
-    byzantine = self._byzantine(config)
-    flip_labels = byzantine.flip_labels if byzantine and byzantine.poisons_data else None
+    flip_labels = None
+    if byzantine is not None and byzantine.poisons_data:
+      flip_labels = byzantine.flip_labels
     return learning_process, (
         lambda cohort, shuffle_seed, byzantine_count: vectorized.pack_cohort(
             files, cohort, users_per_client, shuffle_seed, byzantine_count,
@@ -269,7 +274,26 @@ class Runner:
     )
     # Model initialization draws from the global seed.
     tf.keras.utils.set_random_seed(seed)
-    learning_process, client_data_fn = self._engine(plan)
+    byzantine = self._byzantine(config)
+    if config.robust_rule != 'none' or byzantine is not None:
+      logging.info(
+          'robust rule %s (pre-aggregation %s); attack %s by %d Byzantine '
+          'clients of %d', config.robust_rule, config.robust_preaggregation,
+          config.attack, len(byzantine.members) if byzantine else 0,
+          ledger.num_clients,
+      )
+    drift = plan.noise * math.sqrt(task.update_dimension) / ledger.clients_per_round
+    if (config.robust_rule == 'centered_clipping' and plan.noise > 0
+        and getattr(plan.params, 'noise_placement', 'server') == 'server'
+        and drift > 1):
+      logging.warning(
+          'centered clipping under central DP: the noise left in the centre '
+          '(z sqrt(d) / n = %.3g times the clip) exceeds what one round\'s '
+          'clipped differences remove, so the centre will drift; use more '
+          'clients per round or less noise (aggregators/centered_clipping.py)',
+          drift,
+      )
+    learning_process, client_data_fn = self._engine(plan, byzantine)
     results = []
 
     def release(result: loop.RoundResult) -> None:
@@ -299,7 +323,7 @@ class Runner:
         resume=resume,
         inspect_round=inspect_round,
         client_data_fn=client_data_fn,
-        byzantine=self._byzantine(config),
+        byzantine=byzantine,
     )
     model_weights = learning_process.get_model_weights(outcome.state)
     model_path = run_outputs.save_model(task, model_weights)

@@ -124,7 +124,10 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
   State: `clip` (float32 S), `layer_shares` (float32[m], S_j / S),
   `noise_multiplier` (float64 z_update), `clipped_count_stddev` (float64
   sigma_b, 0 for a fixed clip) and `noise_seed` (int64[2], advanced every
-  round).
+  round); with centered clipping (central, or the server rule) `center`
+  (float32[D], the previous round's result, flattened); and the inner
+  aggregation's own fields (`byzantine_count` for a simulated attack, also
+  measured).
 
   Measurements: `clip` (S used this round); `sum_noise_stddev`, the stddev of
   the noise on each coordinate of the sum (server placement: z S; client:
@@ -360,13 +363,9 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
       clip = state['clip']
       update_stddev = clip * tf.cast(state['noise_multiplier'], tf.float32)
       flat_sum = tf.nest.flatten(value_sum)
-      if not records.sums:
-        # Already the round's estimate of the mean, from noised records.
-        noised = flat_sum
-        sum_noise_stddev = update_stddev * tf.sqrt(
-            tf.cast(counts['participants'], tf.float32)
-        )
-      elif client_noise:
+      # An aggregate that is not a sum follows client noise only (refused
+      # otherwise in __init__).
+      if client_noise:
         noised = flat_sum
         sum_noise_stddev = update_stddev * tf.sqrt(
             tf.cast(counts['participants'], tf.float32)
@@ -381,12 +380,13 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
         sum_noise_stddev = update_stddev
       if records.sums:
         mean = [s * post_noise_scale / denominator for s in noised]
-      else:
+      else:  # Already the round's estimate of the mean.
         mean = noised
       if centered:
         # The clients clipped their differences from the centre.
-        mean = [m + c for m, c in zip(
-            mean, tf.nest.flatten(skeleton.unflatten(state['center'], value_specs)))]
+        centers = tf.nest.flatten(
+            skeleton.unflatten(state['center'], value_specs))
+        mean = [m + c for m, c in zip(mean, centers)]
 
       count_noise = tf.random.stateless_normal(
           [], seed=seeds[num_layers],

@@ -43,4 +43,8 @@ def nearest_neighbour_mixing(
   )
   neighbours = tf.maximum(n - assumed_byzantine, 1)
   nearest = tf.math.top_k(-distances, k=neighbours).indices
-  return tf.reduce_mean(tf.gather(records, nearest), axis=1)
+  # The [n, n] averaging matrix, not a gathered [n, n - f, d] stack: that
+  # took 20 GB at n = 200 on a 159,010-parameter model.
+  weights = tf.reduce_sum(tf.one_hot(nearest, n), axis=1) / tf.cast(
+      neighbours, records.dtype)
+  return tf.matmul(weights, records)

@@ -40,6 +40,8 @@ ATTACKS = (
 )
 # Attacks that replace records on the server (label_flip poisons data).
 UPDATE_ATTACKS = ('sign_flip', 'scaling', 'gaussian', 'alie', 'ipm', 'mimic')
+# Attacks computed from the honest clients' records (omniscient).
+READS_HONEST_RECORDS = ('alie', 'ipm', 'mimic')
 
 
 def check_attack(attack: str) -> str:

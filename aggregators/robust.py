@@ -33,8 +33,16 @@ Which combinations are private, and why (`refusal` enforces it):
 * Any other mechanism: refused (the rules would follow a secure sum, which
   never shows the server a record, or a mechanism calibrated for a sum).
 
-Attacks change no privacy statement: a Byzantine client's update goes through
-the clients' step like any other (clipped, noised under local DP).
+Attacks change no accounting: a Byzantine client's update goes through the
+clients' step like any other (clipped, noised under local DP). Under local DP
+the attacker sees only noised messages, so its updates are post-processing
+and the guarantee covers the simulated release. Under central DP it does for
+attacks that read only their own client's data (sign_flip, scaling,
+gaussian, label_flip); the omniscient ones (alie, ipm, mimic) compute their
+updates from the honest clients' un-noised records, so one honest client
+also moves the k attack updates: the simulated release is outside the
+guarantee, which then holds against an attacker that cannot read honest
+updates (`attacks.READS_HONEST_RECORDS`; the runner warns).
 """
 
 import collections

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 from absl import logging
 import tensorflow as tf
 
+from aggregators import attacks
 from aggregators import registry
 from dp_fedavg import accounting
 from dp_fedavg import byzantine as byzantine_lib
@@ -282,10 +283,18 @@ class Runner:
           config.attack, len(byzantine.members) if byzantine else 0,
           ledger.num_clients,
       )
+    central = plan.noise > 0 and getattr(
+        plan.params, 'noise_placement', 'server') == 'server'
+    if central and config.attack in attacks.READS_HONEST_RECORDS:
+      logging.warning(
+          '--attack=%s reads the honest clients\' un-noised records: under '
+          'central DP the simulated release also depends on them through the '
+          'attack updates, so epsilon holds against an attacker that cannot '
+          'read honest updates, not for this simulation (README, Byzantine '
+          'robustness)', config.attack,
+      )
     drift = plan.noise * math.sqrt(task.update_dimension) / ledger.clients_per_round
-    if (config.robust_rule == 'centered_clipping' and plan.noise > 0
-        and getattr(plan.params, 'noise_placement', 'server') == 'server'
-        and drift > 1):
+    if config.robust_rule == 'centered_clipping' and central and drift > 1:
       logging.warning(
           'centered clipping under central DP: the noise left in the centre '
           '(z sqrt(d) / n = %.3g times the clip) exceeds what one round\'s '

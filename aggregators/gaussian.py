@@ -514,7 +514,8 @@ class GaussianFixedParams:
 
   noise_multiplier: float = registry.parameter(1.0, _NOISE_MULTIPLIER_HELP)
   clip: float = registry.parameter(
-      1.0, 'L2 norm bound S of one client\'s whole update (a fixed clip).')
+      1.0, 'L2 norm bound S of one client\'s whole update (a fixed clip); '
+      'with --privacy_unit=example, of one example\'s gradient.')
   clipping: str = registry.parameter('flat', _CLIPPING_HELP)
   noise_placement: str = registry.parameter(
       'server',

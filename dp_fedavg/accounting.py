@@ -648,6 +648,9 @@ class Adjacency(enum.Enum):
   # One client's contributions replaced by zeros (tree aggregation and matrix
   # factorization; dp-accounting's REPLACE_SPECIAL).
   ZERO_OUT = 'zero_out'
+  # One example of one client added or removed (--privacy_unit=example;
+  # dp_fedavg.example_privacy).
+  ADD_OR_REMOVE_ONE_EXAMPLE = 'add_or_remove_one_example'
 
 
 @dataclasses.dataclass(frozen=True)

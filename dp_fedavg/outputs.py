@@ -9,6 +9,7 @@ first release drops the CSV rows after its checkpoint.
 
 import asyncio
 import collections
+import csv
 import dataclasses
 import json
 import os
@@ -25,6 +26,18 @@ CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.csv'
 MODEL_FILE = 'final_model.keras'
 TENSORBOARD_DIR = 'tensorboard'
+
+
+def write_csv(path: str, rows: list[dict[str, Any]]) -> str:
+  """Writes `rows` (dicts with the same keys, the first one's order) as a
+  CSV file; returns its path. Written under a temporary name and renamed, so
+  an interrupted write leaves no truncated table."""
+  with open(path + '.partial', 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(path + '.partial', path)
+  return path
 
 
 class RunOutputs:
@@ -73,6 +86,10 @@ class RunOutputs:
     with open(os.path.join(self.output_dir, CONFIG_FILE), 'w') as f:
       json.dump(config, f, indent=2, sort_keys=True)
       f.write('\n')
+
+  def write_table(self, name: str, rows: list[dict[str, Any]]) -> str:
+    """Writes `rows` to the CSV file `name` in the output directory."""
+    return write_csv(os.path.join(self.output_dir, name), rows)
 
   def release_round(self, result: loop.RoundResult) -> None:
     row = collections.OrderedDict(

@@ -11,8 +11,12 @@ per-client sensitivity bound of user-level DP.
 import contextlib
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+# Turns an unweighted factory into the weighted one compose_learning_process
+# requires, as build_unweighted_fed_avg does; not exported at the top level.
+from tensorflow_federated.python.aggregators import factory_utils
 
 
 @contextlib.contextmanager
@@ -89,6 +93,49 @@ def build_process(
             learning_rate=server_learning_rate, momentum=server_momentum
         ),
         model_aggregator=aggregator or tff.aggregators.UnweightedMeanFactory(),
+    )
+
+
+def compose_process(
+    task,
+    build_client_work: Callable[[tff.Type], tff.learning.templates.ClientWorkProcess],
+    aggregator: tff.aggregators.UnweightedAggregationFactory,
+    update_type_of: Callable[[tff.Type], tff.Type],
+    client_learning_rate: float,
+    server_learning_rate: float,
+    server_momentum: float,
+) -> tff.learning.templates.LearningProcess:
+  """A DP-FedAvg process with the engine's own client work.
+
+  `build_client_work(weights_type)` gives the client work for the model's
+  `ModelWeights` type; `aggregator` aggregates its updates, whose type is
+  `update_type_of(trainable_type)`; the server steps with SGD with momentum,
+  as `build_process` does.
+  """
+  check_optimizer_args(
+      client_learning_rate, server_learning_rate, server_momentum
+  )
+  with tracing_with_grappler(False):
+    # Traced before any other model is built, as build_unweighted_fed_avg
+    # does, so a seeded run starts from the standard engine's weights.
+    @tff.tensorflow.computation
+    def initial_model_weights():
+      return tff.learning.models.ModelWeights.from_model(task.model_fn())
+
+    weights_type = initial_model_weights.type_signature.result
+    return tff.learning.templates.compose_learning_process(
+        initial_model_weights,
+        tff.learning.templates.build_broadcast_process(weights_type),
+        build_client_work(weights_type),
+        factory_utils.as_weighted_aggregator(aggregator).create(
+            update_type_of(weights_type.trainable), tff.TensorType(np.float32),
+        ),
+        tff.learning.templates.build_apply_optimizer_finalizer(
+            tff.learning.optimizers.build_sgdm(
+                learning_rate=server_learning_rate, momentum=server_momentum
+            ),
+            weights_type,
+        ),
     )
 
 

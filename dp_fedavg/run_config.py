@@ -13,7 +13,15 @@ from aggregators import checks
 from aggregators import registry
 from aggregators import robust
 from dp_fedavg import accounting
+from dp_fedavg import dp_sgd
 from dp_fedavg import sampling as sampling_lib
+
+# What one (epsilon, delta) protects: a client's whole data (user-level DP on
+# the aggregate), or one example of one client (DP-SGD inside every client).
+PRIVACY_UNITS = ('user', 'example')
+# The mechanism whose parameters example-level DP-SGD takes: its noise
+# multiplier, clip and clipping, applied to every example's gradient.
+EXAMPLE_MECHANISM = 'gaussian_fixed'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +39,9 @@ class RunConfig:
   num_clients: Optional[int] = None
   partition: str = 'iid'
   dirichlet_alpha: float = 0.5
+  silos: Optional[int] = None
   aggregator: str = 'gaussian_fixed'
+  privacy_unit: str = 'user'
   mechanism_values: tuple[tuple[str, Any], ...] = ()
   clients_per_round: int = 20
   sampling: str = 'poisson'
@@ -83,6 +93,25 @@ class RunConfig:
   @property
   def accountant_kind(self) -> accounting.AccountantKind:
     return accounting.AccountantKind(self.accountant)
+
+  @property
+  def example_level(self) -> bool:
+    return self.privacy_unit == 'example'
+
+  @property
+  def example_dp(self) -> dp_sgd.DpSgdConfig:
+    """The clients' DP-SGD (`--privacy_unit=example`): the Gaussian
+    mechanism's noise multiplier, clip and clipping, per example.
+
+    Raises:
+      checks.ArgumentError: a parameter outside its range.
+    """
+    params = self.params
+    return dp_sgd.DpSgdConfig(
+        noise_multiplier=params.noise_multiplier, clip=params.clip,
+        clipping=params.clipping, batch_size=self.batch_size,
+        local_epochs=self.local_epochs,
+    )
 
   def robustness(self, expected_clients_per_round: float) -> robust.Robustness:
     """The robust rule and attack; f defaults to the expected number of
@@ -159,6 +188,8 @@ def range_error(config: RunConfig) -> Optional[str]:
        or 0 < config.target_epsilon < math.inf, 'a finite number > 0'),
       ('calibrate', config.calibrate in CALIBRATIONS,
        f'one of {", ".join(CALIBRATIONS)}'),
+      ('privacy_unit', config.privacy_unit in PRIVACY_UNITS,
+       f'one of {", ".join(PRIVACY_UNITS)}'),
   )
   for name, is_allowed, allowed in checks:
     if not is_allowed:
@@ -202,6 +233,33 @@ def population_error(config: RunConfig, num_clients: int) -> Optional[str]:
   return None
 
 
+def example_level_error(config: RunConfig) -> Optional[str]:
+  """Why `--privacy_unit=example` cannot run as configured; None if it can."""
+  if config.aggregator != EXAMPLE_MECHANISM:
+    return (
+        f'--privacy_unit=example runs DP-SGD inside every client with the '
+        f'parameters of --aggregator={EXAMPLE_MECHANISM} (--noise_multiplier, '
+        f'--clip, --clipping) and averages the clients\' updates without '
+        f'server noise; --aggregator={config.aggregator} is user-level only.'
+    )
+  params = config.params
+  if params.noise_placement != 'server':
+    return (
+        '--privacy_unit=example adds its noise to every step of the clients\' '
+        'DP-SGD; --noise_placement applies to user-level DP only.'
+    )
+  if config.robust_rule != 'none' or config.attack != 'none':
+    return (
+        '--privacy_unit=example averages the clients\' updates; robust rules '
+        'and simulated attacks are built for user-level DP only.'
+    )
+  try:
+    config.example_dp  # pylint: disable=pointless-statement
+  except checks.ArgumentError as e:
+    return out_of_range(e.name, e.value, e.allowed)
+  return None
+
+
 def mechanism_error(
     config: RunConfig, default_values: Mapping[str, Any]
 ) -> Optional[str]:
@@ -232,6 +290,8 @@ def mechanism_error(
     )
   if config.calibrate == 'noise' and config.target_epsilon is None:
     return '--calibrate=noise needs --target_epsilon.'
+  if config.example_level:
+    return example_level_error(config)
   try:
     robustness = config.robustness(max(1, config.clients_per_round))
   except checks.ArgumentError as e:

@@ -37,11 +37,9 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
-# Turns an unweighted factory into the weighted one compose_learning_process
-# requires, as build_unweighted_fed_avg does; not exported at the top level.
-from tensorflow_federated.python.aggregators import factory_utils
 
 from aggregators import skeleton
+from dp_fedavg import dp_sgd
 from dp_fedavg import per_user_model
 from dp_fedavg import process as process_lib
 from dp_fedavg.tasks import base
@@ -137,6 +135,7 @@ def pack_cohort(
     user_files: UserFiles, cohort: list[int], users_per_client: int,
     shuffle_seed: int, byzantine_count: int = 0,
     flip_labels: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+    with_user_indices: bool = False,
 ) -> list[tf.data.Dataset]:
   """The round's client data: groups of at most `users_per_client` users.
 
@@ -148,7 +147,9 @@ def pack_cohort(
   each is trained and clipped on its own.) The cohort's first
   `byzantine_count` users are Byzantine, and stay first, so that the
   aggregator finds their records first (`dp_fedavg.byzantine`); with
-  `flip_labels` they train on poisoned labels.
+  `flip_labels` they train on poisoned labels. With `with_user_indices`
+  (example-level DP), a group also says which users it holds (`users`), so
+  each draws its batches and noise from its own seed.
   """
   paths = {
       user: user_files.paths(
@@ -170,6 +171,8 @@ def pack_cohort(
         ),
         shuffle_seed=tf.constant(shuffle_seed, tf.int64),
     )
+    if with_user_indices:
+      group['users'] = tf.constant(users, tf.int64, shape=[len(users)])
     groups.append(
         tf.data.Dataset.from_tensors(group)
         .with_options(base.client_dataset_options())
@@ -177,17 +180,22 @@ def pack_cohort(
   return groups
 
 
+def _read_user(user_paths, specs) -> list[tf.Tensor]:
+  """One user's examples, per component, from its files."""
+  return [
+      tf.ensure_shape(
+          tf.io.parse_tensor(tf.io.read_file(user_paths[j]), spec.dtype),
+          [None, *spec.shape],
+      )
+      for j, spec in enumerate(specs)
+  ]
+
+
 def _read_group(paths, specs, local_epochs, batch_size, shuffle_seed):
   """[users, steps, batch, ...] examples per component and their mask."""
 
   def read_user(user_paths):
-    tensors = [
-        tf.ensure_shape(
-            tf.io.parse_tensor(tf.io.read_file(user_paths[j]), spec.dtype),
-            [None, *spec.shape],
-        )
-        for j, spec in enumerate(specs)
-    ]
+    tensors = _read_user(user_paths, specs)
     order = base.local_example_order(
         tf.shape(tensors[0])[0], local_epochs, shuffle_seed
     )
@@ -376,8 +384,14 @@ def build_client_work(
     client_learning_rate: float,
     local_epochs: int,
     batch_size: int,
+    example_dp: Optional[dp_sgd.DpSgdConfig] = None,
 ) -> tff.learning.templates.ClientWorkProcess:
   """Client work on groups of users: stacked per-user deltas, train metrics.
+
+  With `example_dp`, every user of the group runs DP-SGD on its own examples
+  (`dp_fedavg.dp_sgd`), one user after another, each with the seed of the
+  standard engine's client (`dp_sgd.client_seed`); the group's data then
+  holds its users' indices (`pack_cohort(with_user_indices=True)`).
 
   Stacks of Dense layers train all users at once (shared GEMMs plus
   per-user low-rank corrections); models of the layer kinds in
@@ -398,6 +412,9 @@ def build_client_work(
       shuffle_seed=tff.TensorType(np.int64),
   ))
   trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
+  if example_dp is not None:
+    return _dp_sgd_client_work(task, weights_type, specs, example_dp,
+                               client_learning_rate)
 
   def read(data):
     group = data.get_single_element()
@@ -491,6 +508,53 @@ def build_client_work(
   return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
 
 
+def _dp_sgd_client_work(task, weights_type, specs, config, learning_rate):
+  """`build_client_work` with example-level DP-SGD inside every user."""
+  data_type = tff.SequenceType(collections.OrderedDict(
+      paths=tff.TensorType(np.str_, [None, len(specs)]),
+      shuffle_seed=tff.TensorType(np.int64),
+      users=tff.TensorType(np.int64, [None]),
+  ))
+  trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
+
+  @tff.tensorflow.computation(weights_type, data_type)
+  def train_group(weights, data):
+    # Built here, so its variables belong to this computation's graph.
+    local = dp_sgd.LocalDpSgd(task, config, learning_rate)
+
+    @tf.function
+    def train(weights, data):
+      group = data.get_single_element()
+      num_users = tf.shape(group['users'])[0]
+      updates = [
+          tf.TensorArray(spec.dtype, size=num_users, element_shape=spec.shape)
+          for spec in tf.nest.flatten(trainable_specs)
+      ]
+      loss_sum, sampled, clipped = tf.constant(0.0), tf.constant(0), tf.constant(0)
+      for user in tf.range(num_users):
+        seed = tf.stack([group['shuffle_seed'], group['users'][user]])
+        update, user_loss, user_sampled, user_clipped = local.train(
+            list(weights.trainable), _read_user(group['paths'][user], specs),
+            seed,
+        )
+        updates = [u.write(user, value) for u, value in zip(updates, update)]
+        loss_sum += user_loss
+        sampled += user_sampled
+        clipped += user_clipped
+      return (
+          tff.learning.templates.ClientResult(
+              update=tf.nest.pack_sequence_as(
+                  trainable_specs, [u.stack() for u in updates]),
+              update_weight=tf.constant(1.0),
+          ),
+          dp_sgd.train_metrics(loss_sum, sampled, clipped),
+      )
+
+    return train(weights, data)
+
+  return dp_sgd.client_work_process(train_group, weights_type, data_type)
+
+
 def build_process(
     task: base.FederatedTask,
     aggregator: Optional[tff.aggregators.UnweightedAggregationFactory],
@@ -499,6 +563,7 @@ def build_process(
     server_momentum: float,
     local_epochs: int,
     batch_size: int,
+    example_dp: Optional[dp_sgd.DpSgdConfig] = None,
 ) -> tff.learning.templates.LearningProcess:
   """The vectorized DP-FedAvg process: a `tff.learning` LearningProcess.
 
@@ -511,39 +576,19 @@ def build_process(
       `dp_fedavg.process.build_process`.
     local_epochs: passes over each user's examples per round.
     batch_size: examples per local step.
+    example_dp: example-level DP-SGD inside every user (see
+      `build_client_work`).
   """
-  # The standard engine's checks of the learning rates and momentum.
-  process_lib.check_optimizer_args(
-      client_learning_rate, server_learning_rate, server_momentum
+  return process_lib.compose_process(
+      task,
+      lambda weights_type: build_client_work(
+          task, weights_type, client_learning_rate, local_epochs, batch_size,
+          example_dp,
+      ),
+      # The aggregators take every user's update: a users axis in front.
+      aggregator or StackedMeanFactory(), skeleton.stacked_type,
+      client_learning_rate, server_learning_rate, server_momentum,
   )
-  with process_lib.tracing_with_grappler(False):
-    # Traced before any other model is built, as build_unweighted_fed_avg
-    # does, so a seeded run starts from the standard engine's weights.
-    @tff.tensorflow.computation
-    def initial_model_weights():
-      return tff.learning.models.ModelWeights.from_model(task.model_fn())
-
-    weights_type = initial_model_weights.type_signature.result
-    client_work = build_client_work(
-        task, weights_type, client_learning_rate, local_epochs, batch_size
-    )
-    factory = aggregator or StackedMeanFactory()
-    return tff.learning.templates.compose_learning_process(
-        initial_model_weights,
-        tff.learning.templates.build_broadcast_process(weights_type),
-        client_work,
-        # The aggregators take every user's update: a users axis in front.
-        factory_utils.as_weighted_aggregator(factory).create(
-            skeleton.stacked_type(weights_type.trainable),
-            tff.TensorType(np.float32),
-        ),
-        tff.learning.templates.build_apply_optimizer_finalizer(
-            tff.learning.optimizers.build_sgdm(
-                learning_rate=server_learning_rate, momentum=server_momentum
-            ),
-            weights_type,
-        ),
-    )
 
 
 class StackedMeanFactory(tff.aggregators.UnweightedAggregationFactory):

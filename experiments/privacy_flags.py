@@ -25,6 +25,15 @@ AGGREGATOR = flags.DEFINE_string(
     'The mechanism: ' + '; '.join(
         f'{name}: {registry.get(name).summary}' for name in registry.names()
     ) + '.')
+PRIVACY_UNIT = flags.DEFINE_string(
+    'privacy_unit', 'user',
+    f'One of {run_config.PRIVACY_UNITS}: what (epsilon, delta) protects. '
+    'user: a client\'s whole data (the aggregator clips and noises client '
+    'updates). example: one example of one client: every client runs DP-SGD '
+    f'on its own examples with the parameters of --aggregator='
+    f'{run_config.EXAMPLE_MECHANISM} (--noise_multiplier, --clip, '
+    '--clipping, per example; Poisson batches of expected size --batch_size) '
+    'and the server averages; epsilon is the largest client\'s.')
 NUM_CLIENTS = flags.DEFINE_integer(
     'num_clients', None,
     'Training clients in the population (N). digits, cifar10: clients the data '
@@ -74,7 +83,7 @@ MECHANISM_FLAGS = {info.name: _define(info) for info in registry.parameters()}
 # What every privacy run takes, whatever the binary (flag name -> holder).
 RUN_FLAGS = {
     holder.name: holder for holder in (
-        AGGREGATOR, NUM_CLIENTS, CLIENTS_PER_ROUND, SAMPLING, ROUNDS, DELTA,
+        AGGREGATOR, PRIVACY_UNIT, NUM_CLIENTS, CLIENTS_PER_ROUND, SAMPLING, ROUNDS, DELTA,
         ACCOUNTANT, TARGET_EPSILON, CALIBRATE,
     )
 }

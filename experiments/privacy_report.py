@@ -9,6 +9,16 @@ experiments/privacy_flags.py) and prints epsilon at --delta by RDP and PLD
 after --rounds rounds, every --table_every rounds if set. With
 --target_epsilon it also says how many rounds the budget allows, or, with
 --calibrate=noise, which noise multiplier meets it.
+
+With --privacy_unit=example it reports one client's example-level epsilon:
+
+  python -m experiments.privacy_report --privacy_unit=example \
+      --examples_per_client=7500 --batch_size=256 --local_epochs=1 \
+      --rounds=5 --noise_multiplier=1.0
+
+a client of --examples_per_client examples taking part in every round, each
+round --local_epochs epochs of DP-SGD steps with Poisson batches of expected
+size --batch_size (dp_fedavg/example_privacy.py).
 """
 
 
@@ -16,6 +26,7 @@ from absl import app
 from absl import flags
 
 from dp_fedavg import run_config
+from dp_fedavg import sampling as sampling_lib
 from dp_fedavg import sampling
 from dp_fedavg import tasks
 from experiments import privacy_flags
@@ -25,6 +36,10 @@ from experiments import training_flags
 _TABLE_EVERY = flags.DEFINE_integer(
     'table_every', 0, 'Also print epsilon every this many rounds (0: only at '
     '--rounds).')
+_EXAMPLES_PER_CLIENT = flags.DEFINE_integer(
+    'examples_per_client', None,
+    '--privacy_unit=example: the examples of the client reported (it takes '
+    'part in every round).')
 
 
 def _format(epsilons: dict[str, float], name: str) -> str:
@@ -42,22 +57,49 @@ def main(argv):
       f'--table_every={_TABLE_EVERY.value} is out of range: must be an '
       'integer >= 0.'
   )
+  examples = _EXAMPLES_PER_CLIENT.value
+  if error is None and config.example_level:
+    if examples is None or examples < 1:
+      error = (
+          f'--examples_per_client={examples} is out of range: '
+          '--privacy_unit=example reports a client of that many examples, '
+          'an integer >= 1.'
+      )
+    # One client, in every round.
+    config = config.replace(sampling=sampling_lib.SamplingScheme.FULL.value,
+                            num_clients=1, clients_per_round=1)
+    num_clients = 1
+  elif error is None and examples is not None:
+    error = '--examples_per_client applies to --privacy_unit=example only.'
   if error:
     privacy_flags.exit_with_usage_error(error)
   try:
-    plan = runner.PrivacyPlan.build(config, num_clients)
+    plan = runner.PrivacyPlan.build(
+        config, num_clients,
+        examples_per_client=[examples] if config.example_level else None,
+    )
   except ValueError as e:
     privacy_flags.exit_with_usage_error(str(e))
   ledger, rounds = plan.ledger, config.rounds
-  q = ledger.clients_per_round / ledger.num_clients
-  print(
-      f'{config.aggregator}, noise multiplier {plan.noise:.6g}'
-      + (' (calibrated)' if config.calibrate == 'noise' else '')
-      + f'; {ledger.scheme.value} sampling of {ledger.clients_per_round}'
-      f' of {ledger.num_clients} clients (q={q:.4g}); delta='
-      f'{ledger.delta:g}; {ledger.adjacency.name} adjacency '
-      f'({ledger.composition.replace("_", " ")})'
-  )
+  calibrated = ' (calibrated)' if config.calibrate == 'noise' else ''
+  if config.example_level:
+    dp_config = plan.config.example_dp
+    print(
+        f'example-level DP-SGD, noise multiplier {plan.noise:.6g}{calibrated}'
+        f'; one client of {examples} examples in every round: '
+        f'{dp_config.steps_per_round(examples)} steps per round, sampling '
+        f'rate q={dp_config.sampling_rate(examples):.4g}; delta='
+        f'{ledger.delta:g}; {ledger.adjacency.name} adjacency'
+    )
+  else:
+    q = ledger.clients_per_round / ledger.num_clients
+    print(
+        f'{config.aggregator}, noise multiplier {plan.noise:.6g}{calibrated}'
+        f'; {ledger.scheme.value} sampling of {ledger.clients_per_round}'
+        f' of {ledger.num_clients} clients (q={q:.4g}); delta='
+        f'{ledger.delta:g}; {ledger.adjacency.name} adjacency '
+        f'({ledger.composition.replace("_", " ")})'
+    )
   print(f'per-round event: {ledger.describe()}')
   print(f'{"rounds":>8}{"epsilon_rdp":>12}{"epsilon_pld":>12}')
   budget = config.target_epsilon

@@ -11,9 +11,10 @@ import contextlib
 import dataclasses
 import math
 import tempfile
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
 from aggregators import attacks
@@ -21,6 +22,8 @@ from aggregators import registry
 from dp_fedavg import accounting
 from dp_fedavg import byzantine as byzantine_lib
 from dp_fedavg import checkpoints
+from dp_fedavg import dp_sgd
+from dp_fedavg import example_privacy
 from dp_fedavg import execution
 from dp_fedavg import loop
 from dp_fedavg import outputs
@@ -59,7 +62,7 @@ class PrivacyPlan:
   params: Any
   noise: float
   aggregator: Any
-  ledger: accounting.PrivacyLedger
+  ledger: Union[accounting.PrivacyLedger, example_privacy.ExampleLedger]
 
   @classmethod
   def build(
@@ -67,8 +70,12 @@ class PrivacyPlan:
       config: run_config.RunConfig,
       num_clients: int,
       model_dimension: Optional[int] = None,
+      examples_per_client: Optional[Sequence[int]] = None,
   ) -> 'PrivacyPlan':
     """The plan for a population of `num_clients`.
+
+    `examples_per_client` (one count per client) is needed by
+    `--privacy_unit=example`, whose ledger is per client.
 
     Raises:
       ValueError: a mechanism the sampling cannot account, too few bits for
@@ -80,6 +87,8 @@ class PrivacyPlan:
         num_clients if scheme is sampling.SamplingScheme.FULL
         else config.clients_per_round
     )
+    if config.example_level:
+      return cls._example_level(config, scheme, expected, examples_per_client)
     setting = registry.Setting(
         expected_clients_per_round=expected,
         model_dimension=model_dimension,
@@ -118,6 +127,34 @@ class PrivacyPlan:
     )
 
 
+  @classmethod
+  def _example_level(cls, config, scheme, expected, examples_per_client):
+    """The plan of DP-SGD inside every client, with its per-client ledger;
+    the server takes the plain mean (no aggregator)."""
+    examples = np.asarray(examples_per_client, np.int64)
+    dp_config = config.example_dp
+    if config.calibrate == 'noise':
+      planned = example_privacy.planned_rounds(
+          scheme, len(examples), expected, config.rounds, config.seed)
+      noise = example_privacy.calibrate_noise(
+          dp_config, examples, planned, config.delta, config.accountant_kind,
+          config.target_epsilon,
+      )
+      config = config.replace(noise_multiplier=noise)
+      dp_config = config.example_dp
+      logging.info(
+          'calibrated noise multiplier %.6g: the smallest keeping every '
+          'client within epsilon=%g at delta=%g after its planned rounds (at '
+          'most %d)', noise, config.target_epsilon, config.delta,
+          int(planned.max()),
+      )
+    ledger = example_privacy.ExampleLedger(
+        dp_config, examples, scheme, expected, config.delta,
+        config.accountant_kind,
+    )
+    return cls(config, config.params, dp_config.noise_multiplier, None, ledger)
+
+
 def plan_or_exit(
     config: run_config.RunConfig, task: tasks.FederatedTask,
     exit_with_usage_error: Callable[[str], None],
@@ -125,7 +162,8 @@ def plan_or_exit(
   """`PrivacyPlan.build` for `task`, exiting with one line on a ValueError."""
   try:
     return PrivacyPlan.build(
-        config, len(task.train_data.client_ids), task.update_dimension
+        config, len(task.train_data.client_ids), task.update_dimension,
+        task.examples_per_client if config.example_level else None,
     )
   except ValueError as e:
     exit_with_usage_error(str(e))
@@ -178,6 +216,13 @@ class Runner:
   ):
     """The learning process of the plan's engine and its client data function."""
     config = plan.config
+    if config.example_level and config.engine == 'standard':
+      task = self.task
+      return dp_sgd.build_process(
+          task, config.example_dp, config.client_lr, config.server_lr,
+          config.server_momentum,
+      ), lambda cohort, shuffle_seed, byzantine_count: dp_sgd.client_datasets(
+          task, cohort, shuffle_seed)
     if config.engine == 'standard':
       return process.build_process(
           self.task.model_fn, plan.aggregator, config.client_lr,
@@ -187,6 +232,7 @@ class Runner:
         self.task, plan.aggregator, config.client_lr, config.server_lr,
         config.server_momentum, local_epochs=config.local_epochs,
         batch_size=config.batch_size,
+        example_dp=config.example_dp if config.example_level else None,
     )
     if self._user_files is None:
       directory = config.user_data_dir
@@ -210,7 +256,7 @@ class Runner:
     return learning_process, (
         lambda cohort, shuffle_seed, byzantine_count: vectorized.pack_cohort(
             files, cohort, users_per_client, shuffle_seed, byzantine_count,
-            flip_labels,
+            flip_labels, with_user_indices=config.example_level,
         )
     )
 
@@ -264,15 +310,30 @@ class Runner:
         'privacy_composition': ledger.composition,
         'adjacency': ledger.adjacency.value,
     })
-    logging.info(
-        'task %s, %d clients, %s aggregator (noise multiplier %g), %s sampling '
-        'of %d per round; epsilon at delta=%g under %s adjacency (%s), '
-        'accountant %s',
-        task.name, ledger.num_clients, config.aggregator, plan.noise,
-        ledger.scheme.value, ledger.clients_per_round, ledger.delta,
-        ledger.adjacency.name, ledger.composition.replace('_', ' '),
-        ledger.kind.value,
-    )
+    if config.example_level:
+      dp_config = config.example_dp
+      logging.info(
+          'task %s, %d clients, example-level DP-SGD on every client (noise '
+          'multiplier %g, clip %g, %s clipping, expected batch %d; per-example '
+          'gradients by the %s route), plain mean on the server, %s sampling '
+          'of %d per round; epsilon of the most exposed client at delta=%g '
+          'under %s adjacency, accountant %s',
+          task.name, ledger.num_clients, plan.noise, dp_config.clip,
+          dp_config.clipping, dp_config.batch_size,
+          dp_sgd.choose_route(task.keras_model_fn, dp_config.clipping).value,
+          ledger.scheme.value, ledger.clients_per_round, ledger.delta,
+          ledger.adjacency.name, ledger.kind.value,
+      )
+    else:
+      logging.info(
+          'task %s, %d clients, %s aggregator (noise multiplier %g), %s '
+          'sampling of %d per round; epsilon at delta=%g under %s adjacency '
+          '(%s), accountant %s',
+          task.name, ledger.num_clients, config.aggregator, plan.noise,
+          ledger.scheme.value, ledger.clients_per_round, ledger.delta,
+          ledger.adjacency.name, ledger.composition.replace('_', ' '),
+          ledger.kind.value,
+      )
     # Model initialization draws from the global seed.
     tf.keras.utils.set_random_seed(seed)
     byzantine = self._byzantine(config)
@@ -336,6 +397,10 @@ class Runner:
     )
     model_weights = learning_process.get_model_weights(outcome.state)
     model_path = run_outputs.save_model(task, model_weights)
+    if config.example_level:
+      table = run_outputs.write_table(
+          'client_epsilons.csv', ledger.client_rows(task.train_data.client_ids))
+      logging.info('each client\'s epsilon: %s', table)
     epsilon, accountant_name = ledger.epsilon_and_accountant()
     logging.info(
         'done after %d of %d rounds (%s): epsilon %.4g at delta %g (%s); final '

@@ -5,7 +5,6 @@ A study builds its runs' configurations from the one its binary built
 (`RunConfig.replace`); it never changes flag values.
 """
 
-import csv
 import datetime
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any, Optional
 from absl import flags
 from absl import logging
 
+from dp_fedavg import outputs
 from experiments import training_flags
 
 FLAGS_FILE = 'flags.json'
@@ -46,12 +46,7 @@ def write_results(
 ) -> str:
   """Writes `rows` (one per run in results.csv) to the CSV file `name`;
   returns its path."""
-  path = os.path.join(output_dir, name)
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  return path
+  return outputs.write_csv(os.path.join(output_dir, name), rows)
 
 
 class Progress:

@@ -139,7 +139,9 @@ def main(argv):
           f'accuracy {summary.eval_accuracy}'
       )
     if _BASELINE.value:
-      no_dp = dict(aggregator='none', target_epsilon=None, calibrate='none')
+      # Plain FedAvg, whatever the privacy unit.
+      no_dp = dict(aggregator='none', privacy_unit='user',
+                   target_epsilon=None, calibrate='none')
       summary = study.run(
           runner.plan_or_exit(
               config.replace(**no_dp), task, privacy_flags.exit_with_usage_error

@@ -5,6 +5,7 @@ builds the frozen `RunConfig` that the binary's `main` passes down; nothing
 below the binaries reads flags.
 """
 
+import dataclasses
 import math
 import sys
 from typing import Any, Optional
@@ -31,6 +32,12 @@ PARTITION = flags.DEFINE_string(
     f'digits, cifar10: how examples are split over clients: {tasks.PARTITIONS}.')
 DIRICHLET_ALPHA = flags.DEFINE_float(
     'dirichlet_alpha', 0.5, 'Label-skew concentration for --partition=dirichlet.')
+SILOS = flags.DEFINE_integer(
+    'silos', None,
+    'Pool the training examples and split them IID into this many clients '
+    '(silos, the cross-silo setting of --privacy_unit=example): femnist pools '
+    'its writers; digits and cifar10 split as --num_clients=K '
+    '--partition=iid; not shakespeare. Unset: the task\'s own clients.')
 LOCAL_EPOCHS = flags.DEFINE_integer(
     'local_epochs', 2, 'Passes over its data each client makes per round.')
 BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Client batch size.')
@@ -63,7 +70,7 @@ SEED = flags.DEFINE_integer(
     'seed', 0, 'Seed of data split, sampling, shuffling, model init and noise.')
 
 _TRAINING_FLAGS = (
-    TASK, DATA_DIR, DATA_SOURCE, PARTITION, DIRICHLET_ALPHA, LOCAL_EPOCHS,
+    TASK, DATA_DIR, DATA_SOURCE, PARTITION, DIRICHLET_ALPHA, SILOS, LOCAL_EPOCHS,
     BATCH_SIZE, CLIENT_LR, SERVER_LR, SERVER_MOMENTUM, EVAL_EVERY, WORKERS,
     ENGINE, USERS_PER_WORKER_CLIENT, USER_DATA_DIR, SEED,
 ) + robust_flags.FLAGS
@@ -75,6 +82,7 @@ RANGE_CHECKS = (
     (PARTITION, lambda v: v in tasks.PARTITIONS,
      f'one of {", ".join(tasks.PARTITIONS)}'),
     (DIRICHLET_ALPHA, lambda v: v > 0, '> 0'),
+    (SILOS, lambda v: v is None or v >= 1, 'an integer >= 1'),
     (LOCAL_EPOCHS, lambda v: v >= 1, 'an integer >= 1'),
     (BATCH_SIZE, lambda v: v >= 1, 'an integer >= 1'),
     (CLIENT_LR, lambda v: 0 < v < math.inf, 'a finite number > 0'),
@@ -122,6 +130,18 @@ def start_or_exit(argv: list[str], error: Optional[str],
   return build_task_or_exit(config)
 
 
+def _silos_error(config: run_config.RunConfig) -> Optional[str]:
+  if config.task == 'shakespeare':
+    return ('--silos pools examples into IID clients; shakespeare\'s '
+            'examples are pieces of its roles\' lines: use its roles.')
+  if config.task not in tasks.NATURAL_TASKS and (
+      config.num_clients not in (None, config.silos)
+      or config.partition != 'iid'):
+    return (f'--silos={config.silos} splits --task={config.task} IID into '
+            f'{config.silos} clients; drop --num_clients and --partition.')
+  return None
+
+
 def build_task_or_exit(config: run_config.RunConfig) -> tasks.FederatedTask:
   """The task of `config`; a missing file or bad option exits with one line."""
   options = tasks.TaskOptions(
@@ -131,7 +151,15 @@ def build_task_or_exit(config: run_config.RunConfig) -> tasks.FederatedTask:
       seed=config.seed,
       data_dir=config.data_dir,
       data_source=config.data_source,
+      silos=config.silos,
   )
+  if config.silos is not None:
+    error = _silos_error(config)
+    if error:
+      privacy_flags.exit_with_usage_error(error)
+    if config.task not in tasks.NATURAL_TASKS:
+      options = dataclasses.replace(
+          options, num_clients=config.silos, silos=None)
   try:
     task = tasks.build_task(config.task, options)
   except (ValueError, tasks.DataNotFoundError) as e:

@@ -32,7 +32,8 @@ class TaskOptions:
     or how many of the natural clients to use (femnist, shakespeare; default
     all). partition / dirichlet_alpha: the split (digits, cifar10). data_dir /
     data_source: where the data is (femnist, shakespeare, cifar10). seed: of
-    every split.
+    every split. silos: femnist: pool the writers' training examples into
+    this many IID clients.
   """
 
   num_clients: Optional[int] = None
@@ -41,6 +42,7 @@ class TaskOptions:
   seed: int = 0
   data_dir: Optional[str] = None
   data_source: str = 'local'
+  silos: Optional[int] = None
 
 
 def _split_num_clients(options: TaskOptions) -> int:
@@ -59,7 +61,7 @@ _BUILDERS: dict[str, Callable[[TaskOptions], base.FederatedTask]] = {
     ),
     'femnist': lambda o: femnist.build_task(
         data_dir=o.data_dir, num_clients=o.num_clients, seed=o.seed,
-        data_source=o.data_source,
+        data_source=o.data_source, silos=o.silos,
     ),
     'shakespeare': lambda o: shakespeare.build_task(
         data_dir=o.data_dir, num_clients=o.num_clients,

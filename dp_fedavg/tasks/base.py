@@ -4,6 +4,7 @@ import dataclasses
 import functools
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -116,6 +117,19 @@ class FederatedTask:
     return sum(
         int(tf.size(weight)) for weight in self.keras_model_fn().trainable_weights
     )
+
+  @functools.cached_property
+  def examples_per_client(self) -> np.ndarray:
+    """How many training examples each client holds, in `client_ids` order
+    (example-level DP accounts every client on its own)."""
+    counts = []
+    for client_id in self.train_data.client_ids:
+      dataset = self.train_data.create_tf_dataset_for_client(client_id)
+      count = int(dataset.cardinality())
+      if count < 0:  # Unknown or infinite: count the elements.
+        count = int(dataset.reduce(np.int64(0), lambda total, _: total + 1))
+      counts.append(count)
+    return np.asarray(counts, np.int64)
 
   def model_fn(self) -> tff.learning.models.VariableModel:
     return tff.learning.models.from_keras_model(

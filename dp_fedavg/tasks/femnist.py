@@ -6,7 +6,9 @@ at another copy. Each writer's examples are split into train and test
 (`test_fraction`, seeded): the writer is one training client and its test
 examples one evaluation client, so evaluation measures the writers' own
 distributions. A writer with fewer than 1 / test_fraction examples keeps them
-all for training.
+all for training. With `silos`, every writer's training examples are pooled
+and split IID into that many clients (silos: the cross-silo setting of
+example-level DP), evaluation still on each writer's held-out examples.
 
 With `data_source='tff'`, TFF's federated EMNIST (3,400 writers, its own
 train/test split) is loaded through `tff.simulation.datasets.emnist` into
@@ -75,6 +77,7 @@ def build_task(
     test_fraction: float = 0.2,
     seed: int = 0,
     data_source: str = 'local',
+    silos: Optional[int] = None,
 ) -> base.FederatedTask:
   """Builds the FEMNIST task.
 
@@ -85,6 +88,8 @@ def build_task(
     test_fraction: share of each writer's examples held out, in [0, 1).
     seed: seed of the train/test split.
     data_source: 'local' (the npz) or 'tff'.
+    silos: pool the writers' training examples into this many IID clients
+      (local source); None: one client per writer.
 
   Raises:
     DataNotFoundError: the npz is not where `data_dir` says.
@@ -93,6 +98,9 @@ def build_task(
   client_data.check_source_and_count(data_source, num_clients)
   if not 0 <= test_fraction < 1:
     raise ValueError(f'test_fraction must be in [0, 1), got {test_fraction}.')
+  if silos is not None and data_source == 'tff':
+    raise ValueError('silos pools the local sample\'s writers; not with '
+                     'data_source=tff.')
   if data_source == 'tff':
     train, test = _from_tff(data_dir, num_clients)
     return base.classification_task('femnist', _keras_model_fn, train, test)
@@ -120,10 +128,16 @@ def build_task(
   )
   writer_ids = [str(w) for w in np.unique(writers)]
   tested = [i for i, positions in enumerate(test) if len(positions)]
+  train_ids = writer_ids
+  if silos is not None:
+    pooled = np.concatenate(train)
+    train = [pooled[share] for share in client_data.split_examples(
+        labels[pooled], silos, 'iid', 1.0, np.random.default_rng(seed))]
+    train_ids = [f'silo{i}' for i in range(silos)]
   return base.classification_task(
       'femnist',
       _keras_model_fn,
-      client_data.sliced_client_data(writer_ids, (images, labels), train),
+      client_data.sliced_client_data(train_ids, (images, labels), train),
       client_data.sliced_client_data(
           [writer_ids[i] for i in tested], (images, labels),
           [test[i] for i in tested],

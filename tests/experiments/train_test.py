@@ -58,6 +58,8 @@ class FlagValidationTest(parameterized.TestCase):
       ('zero_epochs', dict(local_epochs=0), '--local_epochs'),
       ('zero_client_lr', dict(client_lr=0.0), '--client_lr'),
       ('bad_alpha', dict(dirichlet_alpha=0.0), '--dirichlet_alpha'),
+      ('unknown_privacy_unit', dict(privacy_unit='record'), '--privacy_unit'),
+      ('example_zero_clip', dict(privacy_unit='example', clip=0.0), '--clip'),
       ('unknown_accountant', dict(accountant='gdp'), '--accountant=gdp'),
       ('negative_target', dict(target_epsilon=-1.0), '--target_epsilon'),
       ('unknown_calibration', dict(calibrate='clip'), '--calibrate=clip'),
@@ -132,6 +134,13 @@ class FlagValidationTest(parameterized.TestCase):
        'needs --attack'),
       ('robust_laplace', dict(aggregator='laplace', robust_rule='median'),
        'robust rules and attacks run with'),
+      ('example_level_laplace', dict(privacy_unit='example', aggregator='laplace'),
+       '--aggregator=laplace is user-level only'),
+      ('example_level_client_noise',
+       dict(privacy_unit='example', noise_placement='client'),
+       '--noise_placement applies to user-level DP only'),
+      ('example_level_robust', dict(privacy_unit='example', robust_rule='median'),
+       'robust rules and simulated attacks are built for user-level DP only'),
   )
   def test_inconsistent_flags_are_named(self, overrides, flag_text):
     with flagsaver.flagsaver(
@@ -268,6 +277,41 @@ class TrainBinaryTest(absltest.TestCase):
     self.assertEqual(rows[-1]['accountant'], 'rdp')  # Uniform: RDP only.
     self.assertGreater(noise_multiplier, 1.0)
 
+
+  def test_example_level_run_reports_every_clients_epsilon(self):
+    output_dir = self.create_tempdir().full_path
+    result = _run_train(
+        f'--output_dir={output_dir}', '--privacy_unit=example', '--silos=3',
+        '--rounds=2', '--eval_every=2', '--sampling=poisson',
+        '--clients_per_round=2', '--batch_size=64', '--local_epochs=1',
+        '--clipping=per_layer_adaptive', '--target_epsilon=4',
+        '--calibrate=noise', '--accountant=rdp', '--engine=vectorized',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('example-level DP-SGD on every client', result.stderr)
+    with open(os.path.join(output_dir, 'config.json')) as f:
+      config = json.load(f)
+    self.assertEqual(config['adjacency'], 'add_or_remove_one_example')
+    noise = config['noise_multiplier_used']
+    with open(os.path.join(output_dir, 'client_epsilons.csv')) as f:
+      clients = list(csv.DictReader(f))
+    with open(os.path.join(output_dir, 'metrics.csv')) as f:
+      rows = list(csv.DictReader(f))
+    self.assertLen(clients, 3)
+    for client in clients:
+      steps = int(client['steps'])
+      n = int(client['examples'])
+      self.assertEqual(steps, int(client['rounds']) * math.ceil(n / 64))
+      want = dp_accounting.rdp.RdpAccountant().compose(
+          dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+              min(1.0, 64 / n), dp_accounting.GaussianDpEvent(noise)), steps),
+      ).get_epsilon(1e-5)
+      self.assertAlmostEqual(float(client['epsilon']), want, places=8)
+    largest = max(float(client['epsilon']) for client in clients)
+    self.assertEqual(float(rows[-1]['epsilon']), largest)
+    # Calibrated for every client taking part in both rounds (the plan, with
+    # Poisson sampling, assumes the rounds the sampler draws).
+    self.assertLessEqual(largest, 4.0)
 
   def test_missing_data_exits_2_naming_the_path_tried(self):
     missing = os.path.join(self.create_tempdir().full_path, 'nowhere')

@@ -14,7 +14,6 @@ markers below), leaving `make bench`'s sections as they are.
 
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import tensorflow as tf
 
 from aggregators import registry
 from aggregators import robust
+from benchmarks import report
 from benchmarks import synthetic
 from dp_fedavg import byzantine
 from dp_fedavg import execution
@@ -132,19 +132,6 @@ def _report(results: dict[int, dict[str, list[float]]], command: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _replace_section(path: str, section: str) -> None:
-  text = open(path).read() if os.path.exists(path) else ''
-  if BEGIN in text and END in text:
-    before, rest = text.split(BEGIN, 1)
-    after = rest.split(END, 1)[1].lstrip('\n')
-    text = before + section + after
-  else:
-    text = text.rstrip('\n') + '\n\n' + section
-  with open(path + '.partial', 'w') as f:
-    f.write(text)
-  os.replace(path + '.partial', path)
-
-
 def main(argv):
   del argv
   command = 'python -m benchmarks.robust ' + ' '.join(sys.argv[1:])
@@ -158,7 +145,7 @@ def main(argv):
               file=sys.stderr, flush=True)
   with open(_JSON.value, 'w') as f:
     json.dump({str(n): r for n, r in results.items()}, f, indent=1)
-  _replace_section(_OUTPUT.value, _report(results, command))
+  report.replace_section(_OUTPUT.value, BEGIN, END, _report(results, command))
 
 
 if __name__ == '__main__':

@@ -95,6 +95,9 @@ def study_error(config: run_config.RunConfig) -> str | None:
 
 def main(argv):
   config = training_flags.config_from_flags()
+  if flags.FLAGS['num_clients'].present and not flags.FLAGS['silos'].present:
+    # Clients chosen with --num_clients replace the default 2 silos.
+    config = config.replace(silos=None)
   task = training_flags.start_or_exit(argv, study_error(config), config)
   output_dir = _OUTPUT_DIR.value
   study_values = studies.write_flags(output_dir, sys.modules[__name__])

@@ -26,13 +26,24 @@ def _full_participation_epsilon(noise_multiplier, rounds, delta=1e-5):
   return accountant.get_epsilon(delta)
 
 
+def _tightest_client_epsilon(noise_multiplier, rate, steps, delta=1e-5):
+  event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+  return min(
+      dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta),
+      dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+      .compose(event).get_epsilon(delta),
+  )
+
+
 class CompareClippingTest(absltest.TestCase):
 
-  def test_runs_every_strategy_at_every_noise_level(self):
+  def test_user_level_runs_every_strategy_at_every_noise_level(self):
     output_dir = self.create_tempdir().full_path
     result = binaries.run(
         'compare_clipping', f'--output_dir={output_dir}', *_TINY,
-        '--noise_multipliers=2,0.5', '--clippings=flat,per_layer_adaptive',
+        '--privacy_unit=user', '--noise_multipliers=2,0.5',
+        '--clippings=flat,per_layer_adaptive',
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('run 4/4 done', result.stderr)
@@ -59,6 +70,25 @@ class CompareClippingTest(absltest.TestCase):
       run_config = json.load(f)
     self.assertEqual(run_config['clipping'], 'per_layer_adaptive')
     self.assertEqual(run_config['noise_multiplier'], 0.5)
+
+  def test_default_protocol_is_example_level_on_two_silos(self):
+    # The founding study's protocol (example-level DP-SGD in 2 silos), on
+    # digits: 1,438 training examples, 719 a silo; batch 256, 3 steps a round.
+    output_dir = self.create_tempdir().full_path
+    result = binaries.run(
+        'compare_clipping', f'--output_dir={output_dir}', '--task=digits',
+        '--rounds=2', '--eval_every=2', '--noise_multipliers=1',
+        '--clippings=per_layer_uniform',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('example-level DP-SGD on every client', result.stderr)
+    [row] = _rows(os.path.join(output_dir, 'results.csv'))
+    self.assertAlmostEqual(
+        float(row['epsilon']),
+        _tightest_client_epsilon(1.0, 256 / 719, 2 * 3), places=6)
+    clients = _rows(os.path.join(
+        output_dir, 'runs', 'per_layer_uniform_z1', 'client_epsilons.csv'))
+    self.assertEqual([c['examples'] for c in clients], ['719', '719'])
 
   def test_unknown_strategy_exits_2(self):
     result = binaries.run('compare_clipping', '--clippings=flat,per_unit')
@@ -89,6 +119,19 @@ class SweepEpsilonTest(absltest.TestCase):
         os.path.join(output_dir, 'runs', 'no_dp', 'metrics.csv')))
     self.assertTrue(os.path.getsize(
         os.path.join(output_dir, 'accuracy_vs_epsilon.png')))
+
+  def test_example_level_points_meet_their_targets(self):
+    output_dir = self.create_tempdir().full_path
+    result = binaries.run(
+        'sweep_epsilon', f'--output_dir={output_dir}', *_TINY,
+        '--privacy_unit=example', '--target_epsilons=3',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    [row] = _rows(os.path.join(output_dir, 'results.csv'))
+    self.assertBetween(float(row['epsilon']), 0.99 * 3, 3.0)
+    # The baseline is plain FedAvg.
+    with open(os.path.join(output_dir, 'runs', 'no_dp', 'config.json')) as f:
+      self.assertEqual(json.load(f)['privacy_unit'], 'user')
 
   def test_needs_exactly_one_list(self):
     result = binaries.run('sweep_epsilon', '--target_epsilons=1', '--noise_multipliers=1')

@@ -11,7 +11,7 @@ not a client's whole data. Each client (a silo) trains locally with DP-SGD
   (one tensor of the model), ||g_j|| <= S_j with S_j = S w_j and ||w|| = 1
   (`aggregators.clipping`: uniform w_j = 1/sqrt(m), or adaptive w_j
   proportional to layer j's largest magnitude in the previous step's noised
-  gradient sum; a step's first round uses uniform shares);
+  gradient sum; a round's first step uses uniform shares);
 * the clipped gradients are summed, N(0, (z S)^2) is added to every
   coordinate, and the result is divided by the expected batch size q_i n_i;
 * the weights take an SGD step with the client learning rate.

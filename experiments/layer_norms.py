@@ -46,6 +46,11 @@ def study_error(config: run_config.RunConfig) -> str | None:
   error = training_flags.flag_error(config)
   if error:
     return error
+  if config.example_level:
+    return (
+        'layer_norms measures the per-layer norms of whole client updates, '
+        'what user-level clipping bounds; run it with --privacy_unit=user.'
+    )
   if config.engine != 'standard':
     return (
         'layer_norms measures each user\'s update from its own dataset; run '

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from aggregators import distributed_dp
 from dp_fedavg import accounting
+from dp_fedavg import run_config
 from dp_fedavg import sampling
 from dp_fedavg.tasks import digits
 from experiments import train
@@ -147,6 +148,16 @@ class FlagValidationTest(parameterized.TestCase):
         output_dir=self.create_tempdir().full_path, **overrides
     ):
       self.assertIn(flag_text, _flag_error())
+
+  def test_silos_pool_only_what_can_be_pooled(self):
+    def error(**values):
+      return training_flags._silos_error(  # pylint: disable=protected-access
+          run_config.with_defaults(silos=2, **values))
+    self.assertIsNone(error(task='digits'))
+    self.assertIsNone(error(task='femnist', num_clients=50))
+    self.assertIn('drop --num_clients', error(task='digits', num_clients=6))
+    self.assertIn('drop --num_clients', error(task='cifar10', partition='dirichlet'))
+    self.assertIn('shakespeare', error(task='shakespeare'))
 
   def test_parameter_of_another_mechanism_names_the_ones_that_take_it(self):
     with flagsaver.flagsaver(

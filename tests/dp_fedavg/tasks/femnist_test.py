@@ -79,6 +79,16 @@ class SharedFemnistTest(absltest.TestCase):
     self.assertBetween(int(y), 0, 61)
     self.assertEqual(self.task.keras_model_fn()(x[None]).shape, (1, 62))
 
+  def test_silos_pool_every_writers_training_examples(self):
+    task = femnist.build_task(seed=0, silos=2)
+    self.assertEqual(task.train_data.client_ids, ['silo0', 'silo1'])
+    sizes = task.examples_per_client
+    self.assertEqual(
+        int(sizes.sum()), int(self.task.examples_per_client.sum()))
+    self.assertLessEqual(abs(int(sizes[0]) - int(sizes[1])), 1)
+    # Evaluation is still each writer's held-out characters.
+    self.assertEqual(task.eval_data.client_ids, self.task.eval_data.client_ids)
+
   def test_first_writers_subset(self):
     task = femnist.build_task(num_clients=5)
     self.assertEqual(task.train_data.client_ids, ['0', '1', '2', '3', '4'])

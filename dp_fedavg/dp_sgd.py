@@ -40,11 +40,15 @@ Per-example gradients, by the first route that fits the model:
   sum gives the clipped sum.
 * `copies`: models that `dp_fedavg.per_user_model` runs with a copy of the
   weights per user (Dense stacks, the FEMNIST CNN): every example is a "user"
-  with its own copy, so one backward pass gives every per-example gradient.
-  tensorflow-privacy 0.9 registers no Conv2D or GroupNormalization, so its
-  fast clipping does not fit the CNN, and per-layer clipping needs each
-  tensor's norm, which its norms (one per layer, kernel and bias together)
-  do not give.
+  with its own copy of the convolution and normalization weights, so one
+  backward pass gives every per-example gradient. Dense layers are shared
+  instead: an example's kernel gradient is the outer product of the layer's
+  inputs and the gradient at its outputs, so its norm is the product of
+  theirs and the clipped sum one matmul, never forming the per-example
+  kernels (Goodfellow 2015; the "ghost" idea). tensorflow-privacy 0.9
+  registers no Conv2D or GroupNormalization, so its fast clipping does not
+  fit the CNN, and per-layer clipping needs each tensor's norm, which its
+  norms (one per layer, kernel and bias together) do not give.
 * `jacobian`: any other model (the Shakespeare GRU): TF's vectorized Jacobian
   of the per-example losses, as tensorflow-privacy's vectorized DP
   optimizers compute per-example gradients.
@@ -142,6 +146,54 @@ def choose_route(
   return Route.JACOBIAN
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stacked:
+  """Every example's gradient of one tensor: [batch, *shape]."""
+
+  gradients: tf.Tensor
+
+  def _rows(self):
+    return tf.reshape(self.gradients, [tf.shape(self.gradients)[0], -1])
+
+  def finite(self):
+    return tf.reduce_all(tf.math.is_finite(self._rows()), axis=1)
+
+  def norms(self):
+    return tf.math.reduce_euclidean_norm(self._rows(), axis=1)
+
+  def weighted_sum(self, weights):
+    """sum_b weights[b] g_b; a zero weight drops a non-finite g_b."""
+    rows = tf.where((weights > 0)[:, tf.newaxis], self._rows(), 0.0)
+    return tf.reshape(tf.tensordot(weights, rows, 1),
+                      tf.shape(self.gradients)[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _OuterProducts:
+  """Every example's gradient of a Dense kernel, never formed: example b's
+  is the outer product of its inputs [batch, in] and the gradient at the
+  layer's outputs [batch, out], whose norm is the product of theirs."""
+
+  inputs: tf.Tensor
+  output_gradients: tf.Tensor
+
+  def finite(self):
+    return tf.logical_and(
+        tf.reduce_all(tf.math.is_finite(self.inputs), axis=1),
+        tf.reduce_all(tf.math.is_finite(self.output_gradients), axis=1))
+
+  def norms(self):
+    return (tf.math.reduce_euclidean_norm(self.inputs, axis=1)
+            * tf.math.reduce_euclidean_norm(self.output_gradients, axis=1))
+
+  def weighted_sum(self, weights):
+    """sum_b weights[b] inputs[b] (x) output_gradients[b]."""
+    keep = (weights > 0)[:, tf.newaxis]
+    inputs = tf.where(keep, self.inputs, 0.0) * weights[:, tf.newaxis]
+    return tf.matmul(inputs, tf.where(keep, self.output_gradients, 0.0),
+                     transpose_a=True)
+
+
 class LocalDpSgd:
   """A client's local DP-SGD, built inside the TF graph that runs it.
 
@@ -161,27 +213,67 @@ class LocalDpSgd:
     self.route = route or choose_route(task.keras_model_fn, config.clipping)
     if self.route is Route.GHOST and self._clipping is not clipping_lib.Clipping.FLAT:
       raise ValueError('the ghost route clips flat only.')
-    self._forward = (per_user_model.build_forward(task.keras_model_fn)
-                     if self.route is Route.COPIES else None)
+    self._tape = None
+    self._dense_outputs = []
+    if self.route is Route.COPIES:
+      # Before this object's model: build_forward makes a model in a graph of
+      # its own, which would invalidate an eager Keras model made before it.
+      self._forward = per_user_model.build_forward(
+          task.keras_model_fn, dense_hook=self._watch_dense)
     self.model = task.keras_model_fn()
     self._losses = per_example_loss_fn(task)
+    if self.route is Route.COPIES:
+      # The trainable tensors of Dense layers, as (kernel, bias) positions.
+      self._dense_positions = []
+      position = 0
+      for layer in self.model.layers:
+        if isinstance(layer, tf.keras.layers.Dense):
+          self._dense_positions.append((position, position + 1))
+        position += len(layer.trainable_weights)
+
+  def _watch_dense(self, inputs, outputs):
+    """per_user_model's Dense hook: records a Dense layer's inputs and its
+    pre-activation outputs, watched by the current tape."""
+    self._tape.watch(outputs)
+    self._dense_outputs.append((inputs, outputs))
+    return outputs
 
   def _per_example_gradients(self, features, labels):
-    """([batch, *shape] per trainable tensor, [batch] losses)."""
+    """(per trainable tensor, every example's gradient: a [batch, *shape]
+    tensor or, for Dense kernels of the copies route, `_OuterProducts`;
+    [batch] losses)."""
     variables = self.model.trainable_variables
     if self.route is Route.COPIES:
       count = tf.shape(labels)[0]
-      copies = [
-          tf.tile(v[tf.newaxis], tf.concat([[count], tf.ones_like(tf.shape(v))], 0))
-          for v in variables
+      in_dense = {p for pair in self._dense_positions for p in pair}
+      # A copy per example of every tensor but the Dense layers', which
+      # all examples share: a Dense layer's per-example gradients are outer
+      # products of its inputs and output gradients, never formed.
+      weights = [
+          v if j in in_dense else tf.tile(
+              v[tf.newaxis], tf.concat([[count], tf.ones_like(tf.shape(v))], 0))
+          for j, v in enumerate(variables)
       ]
+      copies = [w for j, w in enumerate(weights) if j not in in_dense]
+      self._dense_outputs = []
       with tf.GradientTape() as tape:
+        self._tape = tape
         tape.watch(copies)
         # Each example is a user of one example: logits [batch, 1, ...].
-        logits = self._forward(copies, features[:, tf.newaxis])
+        logits = self._forward(weights, features[:, tf.newaxis])
         losses = self._losses(labels, logits[:, 0])
         total = tf.reduce_sum(losses)
-      return tape.gradient(total, copies), losses
+      self._tape = None
+      outputs = [z for _, z in self._dense_outputs]
+      gradients = tape.gradient(total, copies + outputs)
+      copy_gradients = iter(gradients[:len(copies)])
+      per_example = [None if j in in_dense else next(copy_gradients)
+                     for j in range(len(variables))]
+      for (kernel, bias), (inputs, _), output_gradients in zip(
+          self._dense_positions, self._dense_outputs, gradients[len(copies):]):
+        per_example[kernel] = _OuterProducts(inputs[:, 0], output_gradients[:, 0])
+        per_example[bias] = output_gradients[:, 0]
+      return per_example, losses
     with tf.GradientTape() as tape:
       losses = self._losses(labels, self.model(features, training=True))
     gradients = tape.jacobian(
@@ -212,18 +304,13 @@ class LocalDpSgd:
       )
       return sums, losses, tf.logical_or(norms > clip, ~finite)
     gradients, losses = self._per_example_gradients(features, labels)
-    flat = [tf.reshape(g, [tf.shape(g)[0], -1]) for g in gradients]
-    finite = tf.reduce_all(
-        tf.stack([tf.reduce_all(tf.math.is_finite(g), axis=1) for g in flat], 1),
-        axis=1,
-    )
-    norms = tf.stack([tf.math.reduce_euclidean_norm(g, axis=1) for g in flat], 1)
+    gradients = [g if isinstance(g, _OuterProducts) else _Stacked(g)
+                 for g in gradients]
+    finite = tf.reduce_all(tf.stack([g.finite() for g in gradients], 1), axis=1)
+    norms = tf.stack([g.norms() for g in gradients], 1)
     scales, within = clipping_lib.clip_scales(norms, clip, shares, self._clipping)
-    sums = [
-        tf.tensordot(scales[:, j], tf.where(
-            tf.reshape(finite, [-1] + [1] * (len(g.shape) - 1)), g, 0.0), 1)
-        for j, g in enumerate(gradients)
-    ]
+    scales = tf.where(finite[:, tf.newaxis], scales, 0.0)
+    sums = [g.weighted_sum(scales[:, j]) for j, g in enumerate(gradients)]
     return sums, losses, tf.logical_or(~within, ~finite)
 
   def train(self, initial, examples, seed):

@@ -149,6 +149,23 @@ def _dense(layer: tf.keras.layers.Dense):
   return apply, 2
 
 
+def _shared_dense(layer: tf.keras.layers.Dense, on_outputs):
+  """A Dense layer whose kernel [in, out] and bias [out] every user shares;
+  `on_outputs(inputs, outputs)` sees its pre-activation outputs."""
+
+  def apply(weights, h):
+    kernel, bias = weights
+    return layer.activation(
+        on_outputs(h, tf.einsum('ubi,io->ubo', h, kernel) + bias))
+
+  return apply, 2
+
+
+# (inputs [users, batch, in], pre-activation outputs [users, batch, out]) ->
+# the outputs to go on with (e.g. watched by a tape).
+DenseHook = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
 # Layer kind -> (builder, whether it takes the convolutional layout).
 _LAYERS = {
     tf.keras.layers.Conv2D: (_conv2d, True),
@@ -160,10 +177,15 @@ _LAYERS = {
 
 
 def build_forward(
-    keras_model_fn: Callable[[], tf.keras.Model]
+    keras_model_fn: Callable[[], tf.keras.Model],
+    dense_hook: Optional[DenseHook] = None,
 ) -> Optional[Forward]:
   """The model's forward pass with per-user weights; None unless the model is
-  a Sequential stack of the layer kinds above, in configurations they cover."""
+  a Sequential stack of the layer kinds above, in configurations they cover.
+
+  With `dense_hook`, Dense layers take one kernel and bias for all users
+  (unstacked) and pass their pre-activation outputs through the hook
+  (per-example gradients read them: `dp_fedavg.dp_sgd`)."""
   # A fresh graph, so this model's variables do not outlive the call.
   with tf.Graph().as_default():
     model = keras_model_fn()
@@ -185,6 +207,8 @@ def build_forward(
       built = builder(layer)
       if built is None or takes_convolutional != convolutional:
         return None
+      if dense_hook is not None and isinstance(layer, tf.keras.layers.Dense):
+        built = _shared_dense(layer, dense_hook)
       if len(layer.trainable_weights) != built[1] or layer.non_trainable_weights:
         return None
       steps.append(built)

@@ -17,7 +17,8 @@ each client's.
 
 Each client's epsilon is the smaller of the RDP and PLD bounds (both are
 upper bounds; `AccountantKind` restricts to one). Clients with the same
-(n_i, R_i) share a value. RDP is cheap and evaluated for every client; PLD
+(n_i, R_i) share a value, and one step's PLD is built once per sampling rate
+and self-composed. RDP is cheap and evaluated for every client; PLD
 is evaluated in decreasing order of the RDP bound and stops at the first
 client whose RDP bound is no larger than the largest epsilon found, because
 a client's epsilon is at most its RDP bound: the largest is exact without a
@@ -35,6 +36,7 @@ import math
 from typing import Optional, Sequence
 
 import dp_accounting
+from dp_accounting.pld import privacy_loss_distribution
 import numpy as np
 
 from dp_fedavg import accounting
@@ -99,6 +101,7 @@ class ExampleLedger:
     self._participations = np.zeros(self.num_clients, np.int64)
     self._rounds = 0
     self._cache: dict[tuple[int, int, str], float] = {}
+    self._step_plds = {}
 
   @property
   def rounds(self) -> int:
@@ -134,6 +137,9 @@ class ExampleLedger:
         value = 0.0
       elif self.config.noise_multiplier == 0:
         value = math.inf
+      elif kind is AccountantKind.PLD:
+        value = float(self._step_pld(self.sampling_rate(client))
+                      .self_compose(steps).get_epsilon_for_delta(self.delta))
       else:
         accountant = _new_accountant(kind)
         accountant.compose(client_event(
@@ -141,6 +147,19 @@ class ExampleLedger:
         value = float(accountant.get_epsilon(self.delta))
       self._cache[key] = value
     return self._cache[key]
+
+  def _step_pld(self, rate: float):
+    """One step's PLD, as dp-accounting's PLDAccountant builds it for
+    `client_event`. The accountant builds it anew for every composition, and
+    building it dominates (4 s at z = 0.22 against 1 s to self-compose 150
+    steps), while a client's steps grow every round: kept per rate."""
+    if rate not in self._step_plds:
+      self._step_plds[rate] = privacy_loss_distribution.from_gaussian_mechanism(
+          standard_deviation=float(self.config.noise_multiplier),
+          value_discretization_interval=accounting._PLD_DISCRETIZATION,  # pylint: disable=protected-access
+          sampling_prob=float(rate),
+      )
+    return self._step_plds[rate]
 
   def _client_epsilons(self, client: int, rounds: int) -> dict[str, float]:
     return {k.value: self._epsilon(client, rounds, k) for k in _kinds(self.kind)}

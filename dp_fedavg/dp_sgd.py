@@ -449,35 +449,8 @@ def build_client_work(
 
     return train(weights, data)
 
-  return client_work_process(train_client, weights_type, data_type)
-
-
-def client_work_process(train_client, weights_type, data_type):
-  """A ClientWorkProcess of `train_client` ((weights, data) -> (ClientResult,
-  metric sums)) whose train metrics are `finalize_metrics` of the sums."""
-
-  @tff.tensorflow.computation(train_client.type_signature.result[1])
-  def finalize(sums):
-    return finalize_metrics(sums)
-
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_value((), tff.SERVER)
-
-  @tff.federated_computation(
-      init_fn.type_signature.result,
-      tff.FederatedType(weights_type, tff.CLIENTS),
-      tff.FederatedType(data_type, tff.CLIENTS),
-  )
-  def next_fn(state, weights, data):
-    trained = tff.federated_map(train_client, (weights, data))
-    metrics = tff.federated_map(finalize, tff.federated_sum(trained[1]))
-    return tff.templates.MeasuredProcessOutput(
-        state=state, result=trained[0],
-        measurements=tff.federated_zip(collections.OrderedDict(train=metrics)),
-    )
-
-  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+  return process_lib.client_work_process(
+      train_client, weights_type, data_type, finalize_metrics)
 
 
 def build_process(

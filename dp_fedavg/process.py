@@ -8,6 +8,7 @@ would make one client's influence depend on its data size, which breaks the
 per-client sensitivity bound of user-level DP.
 """
 
+import collections
 import contextlib
 from typing import Callable, Iterator, Optional
 
@@ -94,6 +95,40 @@ def build_process(
         ),
         model_aggregator=aggregator or tff.aggregators.UnweightedMeanFactory(),
     )
+
+
+def client_work_process(
+    train_client: tff.Computation, weights_type, data_type,
+    finalize_metrics: Callable,
+) -> tff.learning.templates.ClientWorkProcess:
+  """A stateless ClientWorkProcess of an engine's client computation.
+
+  `train_client` maps (weights, data) to (ClientResult, metric sums); the
+  round's train metrics are `finalize_metrics` of the sums over clients.
+  """
+
+  @tff.tensorflow.computation(train_client.type_signature.result[1])
+  def finalize(sums):
+    return finalize_metrics(sums)
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_value((), tff.SERVER)
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(weights_type, tff.CLIENTS),
+      tff.FederatedType(data_type, tff.CLIENTS),
+  )
+  def next_fn(state, weights, data):
+    trained = tff.federated_map(train_client, (weights, data))
+    metrics = tff.federated_map(finalize, tff.federated_sum(trained[1]))
+    return tff.templates.MeasuredProcessOutput(
+        state=state, result=trained[0],
+        measurements=tff.federated_zip(collections.OrderedDict(train=metrics)),
+    )
+
+  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
 
 
 def compose_process(

@@ -480,32 +480,15 @@ def build_client_work(
 
     return train_one_by_one(weights, data)
 
-  @tff.tensorflow.computation(train_group.type_signature.result[1])
-  def finalize(sums):
+  def finalize_metrics(sums):
     return collections.OrderedDict(
         loss=sums['loss_sum'] / tf.maximum(sums['num_examples'], 1.0),
         num_examples=tf.cast(sums['num_examples'], tf.int64),
         num_users=sums['num_users'],
     )
 
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_value((), tff.SERVER)
-
-  @tff.federated_computation(
-      init_fn.type_signature.result,
-      tff.FederatedType(weights_type, tff.CLIENTS),
-      tff.FederatedType(data_type, tff.CLIENTS),
-  )
-  def next_fn(state, weights, data):
-    trained = tff.federated_map(train_group, (weights, data))
-    metrics = tff.federated_map(finalize, tff.federated_sum(trained[1]))
-    return tff.templates.MeasuredProcessOutput(
-        state=state, result=trained[0],
-        measurements=tff.federated_zip(collections.OrderedDict(train=metrics)),
-    )
-
-  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+  return process_lib.client_work_process(
+      train_group, weights_type, data_type, finalize_metrics)
 
 
 def _dp_sgd_client_work(task, weights_type, specs, config, learning_rate):
@@ -552,7 +535,8 @@ def _dp_sgd_client_work(task, weights_type, specs, config, learning_rate):
 
     return train(weights, data)
 
-  return dp_sgd.client_work_process(train_group, weights_type, data_type)
+  return process_lib.client_work_process(
+      train_group, weights_type, data_type, dp_sgd.finalize_metrics)
 
 
 def build_process(

@@ -164,8 +164,8 @@ class ExampleLedger:
   def _client_epsilons(self, client: int, rounds: int) -> dict[str, float]:
     return {k.value: self._epsilon(client, rounds, k) for k in _kinds(self.kind)}
 
-  def _worst(self, participations: np.ndarray) -> tuple[dict[str, float], int]:
-    """The epsilons of the client whose tightest epsilon is largest, and it."""
+  def _worst(self, participations: np.ndarray) -> dict[str, float]:
+    """The epsilons of the client whose tightest epsilon is largest."""
     kinds = _kinds(self.kind)
     first = kinds[0]
     # One representative per distinct (examples, rounds).
@@ -176,7 +176,7 @@ class ExampleLedger:
         keys.values(),
         key=lambda c: -self._epsilon(c, int(participations[c]), first),
     )
-    worst, worst_epsilons, worst_value = clients[0], None, -1.0
+    worst_epsilons, worst_value = None, -1.0
     for client in clients:
       rounds = int(participations[client])
       if self._epsilon(client, rounds, first) <= worst_value:
@@ -184,15 +184,15 @@ class ExampleLedger:
       epsilons = self._client_epsilons(client, rounds)
       value = min(epsilons.values())
       if value > worst_value:
-        worst, worst_epsilons, worst_value = client, epsilons, value
-    return worst_epsilons, worst
+        worst_epsilons, worst_value = epsilons, value
+    return worst_epsilons
 
   def record_round(self, aggregator_state, cohort) -> None:
     del aggregator_state  # The clients' DP-SGD does not depend on it.
     self.record_planned_round(cohort)
 
   def record_planned_round(self, cohort) -> None:
-    np.add.at(self._participations, np.asarray(cohort, np.int64), 1)
+    self._participations = self._with([cohort])
     self._rounds += 1
 
   def _with(self, cohorts) -> np.ndarray:
@@ -203,7 +203,7 @@ class ExampleLedger:
 
   def epsilon_if_round(self, aggregator_state, cohort) -> float:
     del aggregator_state
-    return min(self._worst(self._with([cohort]))[0].values())
+    return min(self._worst(self._with([cohort])).values())
 
   def rounds_within_budget(
       self, target_epsilon: float, max_rounds: int, planned_cohorts=()
@@ -211,13 +211,13 @@ class ExampleLedger:
     """How many of `planned_cohorts` keep every client within the target."""
     return accounting._largest_within(  # pylint: disable=protected-access
         lambda count: min(self._worst(
-            self._with(planned_cohorts[:count]))[0].values()),
+            self._with(planned_cohorts[:count])).values()),
         target_epsilon, max_rounds,
     )
 
   def epsilons(self) -> dict[str, float]:
     """The largest client's epsilon by each accountant."""
-    return self._worst(self._participations)[0]
+    return self._worst(self._participations)
 
   def epsilon_and_accountant(self) -> tuple[float, str]:
     return accounting._tightest(self.epsilons())  # pylint: disable=protected-access

@@ -26,7 +26,6 @@ from absl import app
 from absl import flags
 
 from dp_fedavg import run_config
-from dp_fedavg import sampling as sampling_lib
 from dp_fedavg import sampling
 from dp_fedavg import tasks
 from experiments import privacy_flags
@@ -66,7 +65,7 @@ def main(argv):
           'an integer >= 1.'
       )
     # One client, in every round.
-    config = config.replace(sampling=sampling_lib.SamplingScheme.FULL.value,
+    config = config.replace(sampling=sampling.SamplingScheme.FULL.value,
                             num_clients=1, clients_per_round=1)
     num_clients = 1
   elif error is None and examples is not None:

@@ -180,18 +180,74 @@ def local_execution(
     The running `LocalWorker`; it is stopped when the block exits.
   """
   worker = LocalWorker(max_concurrent_computation_calls)
-  context = _context_for(worker, simulate_secure_aggregation)
+  try:
+    with _installed(_context_for(worker, simulate_secure_aggregation)):
+      yield worker
+  finally:
+    worker.stop()
+
+
+class _WorkerOnFirstUse(tff.framework.SyncContext):
+  """Starts a local worker the first time a TFF computation runs.
+
+  The in-process engine (`dp_fedavg.inprocess`) runs no TFF computation, so
+  a run on it never starts a worker; any other engine gets one on demand.
+  """
+
+  def __init__(self, simulate_secure_aggregation: bool):
+    self._simulate_secure_aggregation = simulate_secure_aggregation
+    self._context = None
+    self.worker = None
+
+  def invoke(self, comp, arg):
+    if self._context is None:
+      self.worker = LocalWorker()
+      self._context = _context_for(self.worker, self._simulate_secure_aggregation)
+    return self._context.invoke(comp, arg)
+
+  def stop(self) -> None:
+    if self.worker is not None:
+      self.worker.stop()
+
+
+@contextlib.contextmanager
+def _installed(context) -> Iterator[None]:
+  """`context` is TFF's default for the block; the previous one after it."""
   context_stack = tff.framework.get_context_stack()
   context_stack.set_default_context(context)
   _active_contexts.append(context)
   try:
-    yield worker
+    yield
   finally:
     _active_contexts.remove(context)
     context_stack.set_default_context(
         _active_contexts[-1] if _active_contexts else _OutsideLocalExecution()
     )
-    worker.stop()
+
+
+@contextlib.contextmanager
+def on_demand_execution(
+    simulate_secure_aggregation: bool = False,
+) -> Iterator[_WorkerOnFirstUse]:
+  """Like `local_execution`, but the worker starts only when a TFF
+  computation first runs (never, for a run on the in-process engine).
+
+  Yields the context; its `worker` is None until one was started.
+  """
+  context = _WorkerOnFirstUse(simulate_secure_aggregation)
+  try:
+    with _installed(context):
+      yield context
+  finally:
+    context.stop()
+
+
+@contextlib.contextmanager
+def without_tff_runtime() -> Iterator[None]:
+  """Any TFF computation run in the block raises: what runs in it runs in
+  Python TensorFlow alone (the in-process engine's promise)."""
+  with _installed(_OutsideLocalExecution()):
+    yield
 
 
 class WorkerUnavailableError(RuntimeError):
@@ -272,13 +328,5 @@ def remote_execution(
       transform_args=tensorflow_computation.transform_args,
       transform_result=tensorflow_computation.transform_result,
   )
-  context_stack = tff.framework.get_context_stack()
-  context_stack.set_default_context(context)
-  _active_contexts.append(context)
-  try:
+  with _installed(context):
     yield
-  finally:
-    _active_contexts.remove(context)
-    context_stack.set_default_context(
-        _active_contexts[-1] if _active_contexts else _OutsideLocalExecution()
-    )

@@ -22,6 +22,9 @@ PRIVACY_UNITS = ('user', 'example')
 # The mechanism whose parameters example-level DP-SGD takes: its noise
 # multiplier, clip and clipping, applied to every example's gradient.
 EXAMPLE_MECHANISM = 'gaussian_fixed'
+# Where rounds run (`choose_engine`): auto picks the fastest that supports
+# the run.
+ENGINES = ('auto', 'inprocess', 'vectorized', 'standard')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,7 @@ class RunConfig:
   server_lr: float = 1.0
   server_momentum: float = 0.9
   eval_every: int = 1
-  engine: str = 'standard'
+  engine: str = 'auto'
   users_per_worker_client: Optional[int] = None
   user_data_dir: Optional[str] = None
   workers: tuple[str, ...] = ()
@@ -159,6 +162,69 @@ class RunConfig:
     values['workers'] = list(self.workers)
     values.update(self.mechanism_values)
     return values
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineChoice:
+  """Where a run's rounds execute, and why.
+
+  `engine` is 'inprocess' (the process's TF graphs in this process,
+  `dp_fedavg.inprocess`), 'vectorized' or 'standard' (TFF's worker);
+  `stacked_users` says whether the process is the vectorized one (users
+  grouped per TFF client, the aggregator built for stacked users) or the
+  standard one (a TFF client per user).
+  """
+
+  engine: str
+  stacked_users: bool
+  reason: str
+
+  @property
+  def in_process(self) -> bool:
+    return self.engine == 'inprocess'
+
+
+def _stacking_refusal(config: RunConfig) -> Optional[str]:
+  """Why the mechanism cannot aggregate stacked users; None if it can."""
+  if config.example_level:
+    return None
+  setting = registry.Setting(
+      expected_clients_per_round=max(1, config.clients_per_round),
+      noise_seed=config.seed,
+      robustness=config.robustness(max(1, config.clients_per_round)),
+  )
+  return config.mechanism.engine_refusal(config.params, setting)
+
+
+def choose_engine(config: RunConfig) -> EngineChoice:
+  """The engine `config.engine` names; for 'auto', the fastest that runs it.
+
+  auto: in process with users grouped per TFF client, unless the mechanism
+  refuses stacked users (secure sums: then the standard engine, whose worker
+  runs one client per user faster than this process's graphs do) or
+  `--workers` sends the rounds to TFF workers (then the vectorized engine).
+  """
+  if config.engine in ('standard', 'vectorized'):
+    return EngineChoice(config.engine, config.engine == 'vectorized',
+                        f'--engine={config.engine}')
+  refusal = _stacking_refusal(config)
+  if config.engine == 'inprocess':
+    if refusal:
+      return EngineChoice(
+          'inprocess', False,
+          f'--engine=inprocess, one TFF client per user: {refusal}')
+    return EngineChoice('inprocess', True, '--engine=inprocess')
+  if refusal:
+    return EngineChoice(
+        'standard', False,
+        f'--engine=auto: the standard engine, since {refusal[0].lower()}'
+        f'{refusal[1:]}')
+  if config.workers:
+    return EngineChoice(
+        'vectorized', True,
+        '--engine=auto: the vectorized engine, since --workers runs the rounds '
+        'on TFF workers')
+  return EngineChoice('inprocess', True, '--engine=auto: the fastest')
 
 
 def with_defaults(**values: Any) -> RunConfig:
@@ -308,12 +374,17 @@ def mechanism_error(
   except (ValueError, TypeError) as e:
     return f'--aggregator={config.aggregator}: {e}'
   if config.engine == 'vectorized':
-    refusal = mechanism.engine_refusal(config.params, setting)
+    refusal = _stacking_refusal(config)
     if refusal:
       return (
           f'--aggregator={config.aggregator} does not run on '
           f'--engine=vectorized: {refusal} Use --engine=standard.'
       )
+  if config.engine == 'inprocess' and config.workers:
+    return (
+        '--engine=inprocess runs the rounds in this process; --workers needs '
+        '--engine=standard, vectorized or auto.'
+    )
   if config.workers and mechanism.secure_sums:
     return (
         f'--aggregator={config.aggregator} needs the secure-sum simulation, '

@@ -51,10 +51,10 @@ def study_error(config: run_config.RunConfig) -> str | None:
         'layer_norms measures the per-layer norms of whole client updates, '
         'what user-level clipping bounds; run it with --privacy_unit=user.'
     )
-  if config.engine != 'standard':
+  if run_config.choose_engine(_per_user(config)).stacked_users:
     return (
         'layer_norms measures each user\'s update from its own dataset; run '
-        'it with --engine=standard.'
+        'it with --engine=standard or auto.'
     )
   norms = os.path.join(_OUTPUT_DIR.value, NORMS_FILE)
   if os.path.exists(norms) and not _OVERWRITE.value:
@@ -65,8 +65,14 @@ def study_error(config: run_config.RunConfig) -> str | None:
   return None
 
 
+def _per_user(config: run_config.RunConfig) -> run_config.RunConfig:
+  """The probe reads each user's own dataset: auto picks the standard
+  engine."""
+  return config.replace(engine='standard') if config.engine == 'auto' else config
+
+
 def main(argv):
-  config = training_flags.config_from_flags()
+  config = _per_user(training_flags.config_from_flags())
   task = training_flags.start_or_exit(argv, study_error(config), config)
   plan = runner.plan_or_exit(config, task, privacy_flags.exit_with_usage_error)
   output_dir = _OUTPUT_DIR.value

@@ -25,6 +25,7 @@ from dp_fedavg import checkpoints
 from dp_fedavg import dp_sgd
 from dp_fedavg import example_privacy
 from dp_fedavg import execution
+from dp_fedavg import inprocess
 from dp_fedavg import loop
 from dp_fedavg import outputs
 from dp_fedavg import process
@@ -93,7 +94,7 @@ class PrivacyPlan:
         expected_clients_per_round=expected,
         model_dimension=model_dimension,
         noise_seed=config.seed,
-        stacked_users=config.engine == 'vectorized',
+        stacked_users=run_config.choose_engine(config).stacked_users,
         robustness=config.robustness(expected),
     )
     run = (scheme, num_clients, config.clients_per_round, config.delta,
@@ -171,7 +172,8 @@ def plan_or_exit(
 
 @contextlib.contextmanager
 def execution_context(config: run_config.RunConfig) -> Iterator[None]:
-  """Where TFF runs for `config`: remote workers or one local worker.
+  """Where TFF runs for `config`: remote workers, or one local worker started
+  when a TFF computation first runs (never on the in-process engine).
 
   Says which in the log. Raises `execution.WorkerUnavailableError` when a
   remote worker cannot be reached.
@@ -192,7 +194,7 @@ def execution_context(config: run_config.RunConfig) -> Iterator[None]:
         'that simulates it (TFF\'s test compilation: secure sums become checked '
         'plain sums)', config.aggregator,
     )
-  with execution.local_execution(simulate_secure_aggregation=secure):
+  with execution.on_demand_execution(simulate_secure_aggregation=secure):
     yield
 
 
@@ -204,30 +206,65 @@ class Runner:
 
   def __init__(self, task: tasks.FederatedTask):
     self.task = task
-    self.evaluator = process.FederatedEvaluator(
-        task.model_fn, task.eval_client_datasets()
-    )
+    # Built on first use, one per kind: in process or through TFF's worker.
+    self._evaluators = {}
     self._user_files = None
     self._user_data_tmp = None
 
+  def evaluator(self, in_process: bool) -> Callable[..., dict[str, float]]:
+    """Held-out loss and accuracy of model weights, on the engine's side."""
+    if in_process not in self._evaluators:
+      evaluator_type = (inprocess.InProcessEvaluator if in_process
+                        else process.FederatedEvaluator)
+      self._evaluators[in_process] = evaluator_type(
+          self.task.model_fn, self.task.eval_client_datasets())
+    return self._evaluators[in_process]
+
   def _engine(
-      self, plan: PrivacyPlan,
+      self, plan: PrivacyPlan, choice: run_config.EngineChoice,
       byzantine: Optional[byzantine_lib.ByzantineClients],
   ):
-    """The learning process of the plan's engine and its client data function."""
-    config = plan.config
-    if config.example_level and config.engine == 'standard':
-      task = self.task
-      return dp_sgd.build_process(
+    """The learning process of the chosen engine, its client data function,
+    and whether it runs in process.
+
+    Under --engine=auto, a process the in-process engine cannot run runs on
+    TFF's worker instead, with the reason in the log.
+
+    Raises:
+      inprocess.UnsupportedProcessError: --engine=inprocess cannot run the
+        process (the reason is in the message).
+    """
+    config, task = plan.config, self.task
+    if choice.stacked_users:
+      learning_process, client_data_fn = self._stacked_users_engine(
+          plan, byzantine)
+    elif config.example_level:
+      learning_process = dp_sgd.build_process(
           task, config.example_dp, config.client_lr, config.server_lr,
           config.server_momentum,
-      ), lambda cohort, shuffle_seed, byzantine_count: dp_sgd.client_datasets(
-          task, cohort, shuffle_seed)
-    if config.engine == 'standard':
-      return process.build_process(
-          self.task.model_fn, plan.aggregator, config.client_lr,
+      )
+      client_data_fn = (
+          lambda cohort, shuffle_seed, byzantine_count: dp_sgd.client_datasets(
+              task, cohort, shuffle_seed))
+    else:
+      learning_process, client_data_fn = process.build_process(
+          task.model_fn, plan.aggregator, config.client_lr,
           config.server_lr, config.server_momentum,
       ), None
+    if not choice.in_process:
+      return learning_process, client_data_fn, False
+    try:
+      return (inprocess.InProcessLearningProcess(learning_process),
+              client_data_fn, True)
+    except inprocess.UnsupportedProcessError as e:
+      if config.engine != 'auto':
+        raise
+      logging.warning('engine: running on TFF\'s worker instead: %s', e)
+      return learning_process, client_data_fn, False
+
+  def _stacked_users_engine(self, plan, byzantine):
+    """The vectorized process and its groups of users (`pack_cohort`)."""
+    config = plan.config
     learning_process = vectorized.build_process(
         self.task, plan.aggregator, config.client_lr, config.server_lr,
         config.server_momentum, local_epochs=config.local_epochs,
@@ -246,7 +283,7 @@ class Runner:
         or vectorized.default_users_per_client(plan.ledger.clients_per_round)
     )
     logging.info(
-        'vectorized engine: %d users per TFF client; user data in %s',
+        '%d users per TFF client (the vectorized process); user data in %s',
         users_per_client, self._user_files.directory,
     )
     files = self._user_files
@@ -363,7 +400,10 @@ class Runner:
           'clients per round or less noise (aggregators/centered_clipping.py)',
           drift,
       )
-    learning_process, client_data_fn = self._engine(plan, byzantine)
+    choice = run_config.choose_engine(config)
+    logging.info('engine %s (%s)', choice.engine, choice.reason)
+    learning_process, client_data_fn, in_process = self._engine(
+        plan, choice, byzantine)
     results = []
 
     def release(result: loop.RoundResult) -> None:
@@ -378,7 +418,7 @@ class Runner:
             ledger.scheme, ledger.num_clients, ledger.clients_per_round, seed,
         ),
         ledger,
-        self.evaluator,
+        self.evaluator(in_process),
         rounds=config.rounds,
         local_epochs=config.local_epochs,
         batch_size=config.batch_size,

@@ -52,19 +52,23 @@ WORKERS = flags.DEFINE_list(
     'host:port of TFF workers (`python -m dp_fedavg.worker --port=PORT`) to '
     'run the rounds on, clients split among them; empty: one local worker.')
 ENGINE = flags.DEFINE_enum(
-    'engine', 'standard', ['standard', 'vectorized'],
-    'standard: one TFF client per user. vectorized: many users per TFF client, '
-    'their data read inside the worker, Dense models trained all users at '
-    'once (not with mechanisms that sum securely). Same training, same '
-    'privacy.')
+    'engine', 'auto', list(run_config.ENGINES),
+    'Where the rounds run; same training, same privacy. inprocess: the '
+    'process\'s TF graphs in this process (no TFF worker; on a GPU when '
+    'TensorFlow sees one), users grouped per TFF client as in vectorized when '
+    'the mechanism allows. vectorized: many users per TFF client on TFF\'s '
+    'worker (not with mechanisms that sum securely). standard: one TFF client '
+    'per user on TFF\'s worker. auto: inprocess; standard for mechanisms that '
+    'sum securely; vectorized with --workers. The log names the engine and '
+    'why.')
 USERS_PER_WORKER_CLIENT = flags.DEFINE_integer(
     'users_per_worker_client', None,
-    '--engine=vectorized: users packed into one TFF client; default '
+    'Users grouped into one TFF client (vectorized process); default '
     'ceil(expected users per round / CPU cores).')
 USER_DATA_DIR = flags.DEFINE_string(
     'user_data_dir', None,
-    '--engine=vectorized: where each sampled user\'s examples are written for '
-    'the worker to read; default a temporary directory. With --workers on '
+    'The vectorized process (see --engine): where each sampled user\'s '
+    'examples are written for its graphs to read; default a temporary directory. With --workers on '
     'other hosts, a directory every host sees at the same path.')
 SEED = flags.DEFINE_integer(
     'seed', 0, 'Seed of data split, sampling, shuffling, model init and noise.')

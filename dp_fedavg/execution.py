@@ -20,6 +20,7 @@ import tempfile
 import time
 from typing import Iterator
 
+from absl import logging
 import grpc
 import portpicker
 import tensorflow_federated as tff
@@ -202,6 +203,8 @@ class _WorkerOnFirstUse(tff.framework.SyncContext):
   def invoke(self, comp, arg):
     if self._context is None:
       self.worker = LocalWorker()
+      logging.info('started a TFF worker (pid %d, port %d) on first use',
+                   self.worker.pid, self.worker.port)
       self._context = _context_for(self.worker, self._simulate_secure_aggregation)
     return self._context.invoke(comp, arg)
 

@@ -34,12 +34,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 # The MapReduce compiler's entry points are exported, the pieces below are
-# not: the binding of a TF computation's graph, its serialized graph, and
-# TFF's insecure bodies of the secure intrinsics.
+# not: the binding of a TF computation's graph, its serialized graph, the
+# remapping of its parameters, and TFF's insecure bodies of the secure
+# intrinsics.
 from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.backends.test import compiler as test_compiler
 from tensorflow_federated.python.core.impl.types import type_conversions
 from tensorflow_federated.python.core.impl.utils import tensorflow_utils
+from tensorflow_federated.python.tensorflow_libs import graph_utils
 from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 
@@ -77,25 +79,6 @@ def _pack(type_spec, flat: Iterator) -> Any:
         for name, element_type in structure.iter_elements(type_spec)
     ])
   return next(flat)
-
-
-def _graph_with_init_first(graph_def, init_op: str):
-  """`graph_def` whose every node runs after `init_op` (TFF runs a
-  computation's initializer before its outputs), except the nodes the
-  initializer itself depends on."""
-  nodes = {node.name: node for node in graph_def.node}
-  ancestors, pending = set(), [init_op]
-  while pending:
-    name = pending.pop()
-    if name in ancestors:
-      continue
-    ancestors.add(name)
-    pending.extend(
-        inp.lstrip('^').split(':')[0] for inp in nodes[name].input)
-  for node in graph_def.node:
-    if node.name not in ancestors:
-      node.input.append('^' + init_op)
-  return graph_def
 
 
 def _rename_functions(graph_def, suffix: str):
@@ -165,8 +148,6 @@ class TfComputation:
       for node in function.node_def:
         node.device = ''
     graph_def = _rename_functions(graph_def, uuid.uuid4().hex[:12])
-    if tf_proto.initialize_op:
-      graph_def = _graph_with_init_first(graph_def, tf_proto.initialize_op)
     parameter = self.type_signature.parameter
     input_names = (
         tensorflow_utils.extract_tensor_names_from_binding(tf_proto.parameter)
@@ -176,13 +157,23 @@ class TfComputation:
         tf_proto.result)
     token = tf_proto.session_token_tensor_name
 
+    init_op = tf_proto.initialize_op
+    imported_init = []
+
     def import_graph(*inputs):
       input_map = dict(zip(input_names, inputs))
       if token:
         input_map[token] = tf.constant('in-process')
-      return tf.graph_util.import_graph_def(
-          graph_def, input_map=input_map, return_elements=output_names,
-          name='')
+      # Control dependencies on a parameter follow it, as in TFF's own
+      # import of a computation.
+      input_map = graph_utils.add_control_dep_mappings(input_map)
+      imported = tf.graph_util.import_graph_def(
+          graph_def, input_map=input_map,
+          return_elements=output_names + ([init_op] if init_op else []),
+          name='imported')
+      if init_op:
+        imported_init.append(imported.pop())
+      return imported
 
     input_specs = [
         tf.TensorSpec(None, tf.variant) if isinstance(t, tff.SequenceType)
@@ -190,6 +181,15 @@ class TfComputation:
         for t in _leaf_types(parameter)
     ] if parameter is not None else []
     self._function = tf.compat.v1.wrap_function(import_graph, input_specs)
+    # TFF initializes a computation's variables before every call. Its
+    # variables are shared resources (TFF gives them shared names), so an
+    # initializer call followed by the outputs' call is that; making every
+    # node depend on the initializer instead breaks the frames of lowered
+    # while loops.
+    self._initialize = (
+        self._function.prune(self._function.inputs[:len(input_specs)],
+                             imported_init[0])
+        if init_op else None)
 
   def __call__(self, *args):
     parameter = self.type_signature.parameter
@@ -198,6 +198,11 @@ class TfComputation:
     else:
       value = args[0] if len(args) == 1 else list(args)
       flat = _flatten(value, parameter)
+    if self._initialize is not None:
+      # A pruned function declares no parameters, though it takes the feeds.
+      self._initialize._call_flat(  # pylint: disable=protected-access
+          [tf.convert_to_tensor(t) for t in flat],
+          self._initialize.captured_inputs)
     outputs = self._function(*flat)
     if not isinstance(outputs, (list, tuple)):
       outputs = [outputs]

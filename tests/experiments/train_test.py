@@ -124,6 +124,9 @@ class FlagValidationTest(parameterized.TestCase):
       ('secure_sum_on_workers',
        dict(aggregator='secure_gaussian', workers=['localhost:5000']),
        '--workers'),
+      ('inprocess_on_workers',
+       dict(engine='inprocess', workers=['localhost:5000']),
+       '--workers needs --engine=standard, vectorized or auto'),
       ('vectorized_distributed_dp',
        dict(aggregator='distributed_dp', engine='vectorized'),
        '--engine=standard'),
@@ -405,35 +408,58 @@ class SecureAggregatorBinaryTest(parameterized.TestCase):
     self.assertIn('--sampling=uniform', result.stderr.strip().splitlines()[-1])
 
 
-class VectorizedEngineBinaryTest(parameterized.TestCase):
+class EngineBinaryTest(parameterized.TestCase):
 
   def test_same_losses_and_epsilon_as_the_standard_engine(self):
-    """Same noise stream, same batches: rows agree up to float32 rounding."""
+    """Same noise stream, same batches: rows agree up to float32 rounding;
+    the in-process engine runs the vectorized process's own graphs."""
     run_flags = (
         '--rounds=3', '--eval_every=3', '--num_clients=40',
         '--clients_per_round=8', '--aggregator=gaussian_adaptive', '--seed=2',
     )
     rows = {}
-    for engine in ('standard', 'vectorized'):
+    for engine in ('standard', 'vectorized', 'inprocess'):
       output_dir = self.create_tempdir().full_path
       result = _run_train(
           f'--output_dir={output_dir}', f'--engine={engine}',
           '--users_per_worker_client=3', *run_flags,
       )
       self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      self.assertIn(f'engine {engine} (--engine={engine})', result.stderr)
+      self.assertEqual('started a TFF worker' in result.stderr,
+                       engine != 'inprocess', engine)
       with open(os.path.join(output_dir, 'metrics.csv')) as f:
         rows[engine] = list(csv.DictReader(f))
-    self.assertIn('vectorized engine: 3 users per TFF client', result.stderr)
-    self.assertLen(rows['vectorized'], 3)
-    for standard, fast in zip(rows['standard'], rows['vectorized']):
-      self.assertEqual(fast['epsilon'], standard['epsilon'])
-      self.assertEqual(fast['aggregator_clipped_count'],
-                       standard['aggregator_clipped_count'])
-      self.assertAlmostEqual(float(fast['train_loss']),
-                             float(standard['train_loss']), delta=1e-4)
-    self.assertAlmostEqual(float(rows['vectorized'][-1]['eval_accuracy']),
-                           float(rows['standard'][-1]['eval_accuracy']),
-                           delta=0.01)
+    self.assertIn('3 users per TFF client (the vectorized process)',
+                  result.stderr)
+    self.assertLen(rows['inprocess'], 3)
+    for standard, vectorized, in_process in zip(
+        rows['standard'], rows['vectorized'], rows['inprocess']):
+      for fast in (vectorized, in_process):
+        self.assertEqual(fast['epsilon'], standard['epsilon'])
+        self.assertEqual(fast['aggregator_clipped_count'],
+                         standard['aggregator_clipped_count'])
+        self.assertAlmostEqual(float(fast['train_loss']),
+                               float(standard['train_loss']), delta=1e-4)
+      self.assertAlmostEqual(float(in_process['train_loss']),
+                             float(vectorized['train_loss']), delta=1e-6)
+    for fast in ('vectorized', 'inprocess'):
+      self.assertAlmostEqual(float(rows[fast][-1]['eval_accuracy']),
+                             float(rows['standard'][-1]['eval_accuracy']),
+                             delta=0.01)
+
+  @parameterized.named_parameters(
+      ('default', (), 'engine inprocess (--engine=auto: the fastest)'),
+      ('secure_sums', ('--aggregator=secure_gaussian',),
+       'engine standard (--engine=auto: the standard engine, since a secure '
+       'sum cannot aggregate stacked users'),
+  )
+  def test_auto_names_the_engine_and_why(self, args, logged):
+    result = _run_train(
+        '--rounds=1', '--num_clients=20', '--clients_per_round=5', *args,
+        f'--output_dir={self.create_tempdir().full_path}')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn(logged, result.stderr)
 
   @parameterized.named_parameters(
       ('secure_aggregator', 'train', ('--aggregator=secure_gaussian',)),

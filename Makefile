@@ -1,6 +1,7 @@
 # make demo: a DP-FedAvg run on the embedded digits task.
 # make test: the whole test suite.
 # make bench: round time, memory and compute floor -> BENCHMARKS.md.
+# make gpu-check: the in-process engine on a GPU (placement, GPU vs CPU).
 # Both create .venv (python3.11) and install the locked versions first.
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +11,7 @@ UV_VERSION := 0.13.9
 INSTALLED := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 
-.PHONY: install demo test bench lock clean
+.PHONY: install demo test bench gpu-check lock clean
 
 install: $(INSTALLED)
 
@@ -45,3 +46,9 @@ lock: | $(UV)
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
+
+# The in-process engine on a GPU: CUDA libraries for TensorFlow 2.14, then
+# placement and a FEMNIST round, GPU against CPU (benchmarks/gpu_check.py).
+gpu-check: $(INSTALLED)
+	$(UV) pip install --python $(PY) 'tensorflow[and-cuda]==2.14.1'
+	$(PY) -m benchmarks.gpu_check

@@ -38,6 +38,7 @@ from aggregators import gaussian
 from aggregators import laplace
 from aggregators import registry
 from aggregators import secure_encoding
+from benchmarks import inprocess
 from benchmarks import synthetic
 from dp_fedavg import accounting
 from dp_fedavg import execution
@@ -88,20 +89,6 @@ def _aggregators(n: int, stacked_users: bool = False) -> dict[str, object]:
       'ours distributed_dp': distributed_dp.DistributedDpFactory(
           _NOISE, _CLIP, n, bits=20, rotation_seed=0),
   }
-
-
-def _matmul_gflops() -> float:
-  a = tf.random.normal([1024, 1024])
-  b = tf.random.normal([1024, 1024])
-  tf.matmul(a, b).numpy()
-  runs = []
-  for _ in range(5):
-    start = time.perf_counter()
-    for _ in range(10):
-      c = tf.matmul(a, b)
-    c.numpy()
-    runs.append(10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9)
-  return statistics.median(runs)
 
 
 def _examples_per_round(task, client_ids) -> int:
@@ -434,7 +421,7 @@ def main(argv):
       f'--{name}={flags.FLAGS[name].value}' for name in ('output', 'json', 'repeats')
   ) + (' --quick' if _QUICK.value else '')
   rng = np.random.default_rng(0)
-  gflops = _matmul_gflops()
+  gflops = synthetic.matmul_gflops()
   print(f'matmul: {gflops:.0f} GFLOP/s', file=sys.stderr)
   results = []
   sizes = (10,) if _QUICK.value else (10, 50, 200)
@@ -466,6 +453,10 @@ def main(argv):
   with open(_JSON.value, 'w') as f:
     json.dump(dict(machine=machine, matmul_gflops=gflops, rounds=results,
                    overhead_removal=overhead, loop_phases=phases, memory=memory, command=command), f, indent=1)
+  inprocess.run(
+      _OUTPUT.value, os.path.join(os.path.dirname(_JSON.value) or '.',
+                                  'inprocess_results.json'),
+      _REPEATS.value, gflops, command)
   print(f'report: {_OUTPUT.value}\nraw: {_JSON.value}')
 
 

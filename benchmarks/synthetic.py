@@ -7,6 +7,8 @@ the performance issues were measured on (50 clients x 64 examples, batch 16).
 """
 
 import math
+import statistics
+import time
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -87,3 +89,18 @@ def training_flops_per_example(model: tf.keras.Model) -> float:
           + cell.recurrent_kernel.shape[0] * cell.recurrent_kernel.shape[1]
       )
   return 3 * forward
+
+
+def matmul_gflops() -> float:
+  """Float32 matmul throughput (1024x1024), median of 5, in GFLOP/s."""
+  a = tf.random.normal([1024, 1024])
+  b = tf.random.normal([1024, 1024])
+  tf.matmul(a, b).numpy()
+  runs = []
+  for _ in range(5):
+    start = time.perf_counter()
+    for _ in range(10):
+      c = tf.matmul(a, b)
+    c.numpy()
+    runs.append(10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9)
+  return statistics.median(runs)

@@ -138,8 +138,9 @@ class ExampleLedger:
       elif self.config.noise_multiplier == 0:
         value = math.inf
       elif kind is AccountantKind.PLD:
-        value = float(self._step_pld(self.sampling_rate(client))
-                      .self_compose(steps).get_epsilon_for_delta(self.delta))
+        value = float(accounting.pld_epsilon(
+            self._step_pld(self.sampling_rate(client)).self_compose(steps),
+            self.delta))
       else:
         accountant = _new_accountant(kind)
         accountant.compose(client_event(

@@ -1,3 +1,5 @@
+import math
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import dp_accounting
@@ -367,6 +369,34 @@ class PrivacyAccountantTest(parameterized.TestCase):
     kwargs.update(overrides)
     with self.assertRaisesRegex(ValueError, message):
       accounting.PrivacyAccountant(**kwargs)
+
+
+class PldEpsilonTest(parameterized.TestCase):
+  """The vectorized epsilon(delta) scan is dp-accounting's, to float ulps."""
+
+  @parameterized.product(
+      sampling_rate=(0.01, 1.0), noise_multiplier=(0.5, 3.0), rounds=(1, 10))
+  def test_same_epsilon_as_dp_accounting(self, sampling_rate, noise_multiplier,
+                                         rounds):
+    event = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sampling_rate < 1:
+      event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
+    accountant = dp_accounting.pld.PLDAccountant()
+    accountant.compose(event, rounds)
+    pld = accountant._pld  # pylint: disable=protected-access
+    for delta in (1e-9, 1e-5, 0.5):
+      expected = pld.get_epsilon_for_delta(delta)
+      self.assertAlmostEqual(
+          accounting.pld_epsilon(pld, delta), expected,
+          delta=1e-12 * max(1.0, expected), msg=f'delta={delta}')
+
+  def test_infinite_and_zero_epsilon(self):
+    accountant = dp_accounting.pld.PLDAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(0.1))
+    pld = accountant._pld  # pylint: disable=protected-access
+    self.assertEqual(accounting.pld_epsilon(pld, 1 - 1e-12),
+                     pld.get_epsilon_for_delta(1 - 1e-12))
+    self.assertEqual(accounting.pld_epsilon(pld, 0.0), math.inf)
 
 
 if __name__ == '__main__':

@@ -39,6 +39,7 @@ from aggregators import laplace
 from aggregators import registry
 from aggregators import secure_encoding
 from benchmarks import inprocess
+from benchmarks import peers
 from benchmarks import synthetic
 from dp_fedavg import accounting
 from dp_fedavg import execution
@@ -457,6 +458,14 @@ def main(argv):
       _OUTPUT.value, os.path.join(os.path.dirname(_JSON.value) or '.',
                                   'inprocess_results.json'),
       _REPEATS.value, gflops, command)
+  try:
+    peers.run(_OUTPUT.value,
+              os.path.join(os.path.dirname(_JSON.value) or '.',
+                           'peers_results.json'),
+              _REPEATS.value, peers.PEERS_VENV, command)
+  except subprocess.CalledProcessError as e:
+    # No index to install torch and pfl from: the rest of the report stands.
+    print(f'skipping the peers: {e}', file=sys.stderr)
   print(f'report: {_OUTPUT.value}\nraw: {_JSON.value}')
 
 

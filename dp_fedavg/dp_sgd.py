@@ -141,7 +141,9 @@ def choose_route(
       if gradient_clipping_utils.all_trainable_layers_are_registered(
           model, layer_registry.make_default_layer_registry()):
         return Route.GHOST
-  if per_user_model.build_forward(keras_model_fn) is not None:
+  # The copies route shares Dense layers between examples (the hook).
+  if per_user_model.build_forward(
+      keras_model_fn, dense_hook=lambda inputs, outputs: outputs) is not None:
     return Route.COPIES
   return Route.JACOBIAN
 

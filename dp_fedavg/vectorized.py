@@ -23,10 +23,11 @@ user's kernel is the shared one plus a low-rank term built from its own
 inputs and gradients (`_train_dense_users`), so a step is one GEMM for all
 users plus small per-user corrections. Models of the layer kinds that
 `per_user_model` covers (the FEMNIST CNN: convolutions, group normalization,
-pooling) train all users at once on a copy of the weights per user. Other
-models (the Shakespeare GRU) train the client's users one after another
-inside the worker's graph, with TFF's own forward pass; they still save the
-per-client overhead, not the per-user arithmetic.
+pooling; the Shakespeare GRU: an embedding, a GRU, a Dense layer on every
+position) train all users at once on a copy of the weights per user. Other
+models train the client's users one after another inside the worker's
+graph, with TFF's own forward pass; they still save the per-client overhead,
+not the per-user arithmetic.
 """
 
 import collections
@@ -230,10 +231,15 @@ def _read_group(paths, specs, local_epochs, batch_size, shuffle_seed):
 
 def _step_losses(logits, labels, mask):
   """(the sum over users of each one's mean batch loss, the sum of all
-  examples' losses), for [users, batch] labels and mask."""
+  examples' losses), for [users, batch] (or [users, batch, time]) labels and
+  a [users, batch] mask."""
   losses = tf.keras.losses.sparse_categorical_crossentropy(
       labels, logits, from_logits=True
   )
+  if losses.shape.rank > 2:
+    # An example's loss over a sequence is the mean over its positions: Keras
+    # averages a batch's [batch, time] losses over all of them.
+    losses = tf.reduce_mean(losses, axis=list(range(2, losses.shape.rank)))
   # Each user's loss is the mean over its batch, as Keras computes it; users
   # are independent, so the sum gives each its own gradient.
   user_losses = (tf.reduce_sum(losses * mask, axis=1)
@@ -245,23 +251,35 @@ def _train_users_with_copies(forward, trainable, features, labels, mask,
                              steps, learning_rate):
   """Local SGD of every user at once, on a copy of the weights per user.
 
-  `forward` is a `per_user_model.Forward`. Returns (each user's delta,
-  stacked, per variable; loss sum).
+  `forward` is a `per_user_model.Forward`. A step trains only the users that
+  still have a batch: a group's users can differ by tens of batches (the
+  Shakespeare speakers), and computing the others' masked batches would cost
+  most of the round. Returns (each user's delta, stacked, per variable; loss
+  sum).
   """
   users = tf.shape(mask)[0]
   weights = [
       tf.tile(w[tf.newaxis], tf.concat([[users], tf.ones_like(tf.shape(w))], 0))
       for w in trainable
   ]
+  user_steps = tf.reduce_sum(
+      tf.cast(tf.reduce_any(mask > 0, axis=2), tf.int32), axis=1)
   loss_sum = tf.constant(0.0)
   for step in tf.range(steps):
+    active = tf.where(user_steps > step)[:, 0]
+    active_weights = [tf.gather(w, active) for w in weights]
     with tf.GradientTape() as tape:
-      tape.watch(weights)
+      tape.watch(active_weights)
       total, step_loss_sum = _step_losses(
-          forward(weights, features[:, step]), labels[:, step], mask[:, step]
+          forward(active_weights, tf.gather(features[:, step], active)),
+          tf.gather(labels[:, step], active),
+          tf.gather(mask[:, step], active),
       )
-    gradients = tape.gradient(total, weights)
-    weights = [w - learning_rate * g for w, g in zip(weights, gradients)]
+    gradients = tape.gradient(total, active_weights)
+    weights = [
+        tf.tensor_scatter_nd_sub(w, active[:, tf.newaxis], learning_rate * g)
+        for w, g in zip(weights, gradients)
+    ]
     loss_sum += step_loss_sum
   return [w[tf.newaxis] - final for w, final in zip(trainable, weights)], loss_sum
 

@@ -117,7 +117,7 @@ def _from_tff(cache_dir: Optional[str], num_clients: Optional[int]):
   return train.preprocess(to_examples), test.preprocess(to_examples)
 
 
-def _keras_model_fn() -> tf.keras.Model:
+def keras_model_fn() -> tf.keras.Model:
   # Sized for CPU: one GRU layer instead of the baseline's two 256-unit LSTMs.
   return tf.keras.Sequential([
       tf.keras.layers.InputLayer(input_shape=(SEQUENCE_LENGTH,), dtype=tf.int32),
@@ -169,7 +169,7 @@ def build_task(
     test = _client_data([ids[i] for i in tested], [test_pieces[i] for i in tested])
   return base.FederatedTask(
       name='shakespeare',
-      keras_model_fn=_keras_model_fn,
+      keras_model_fn=keras_model_fn,
       loss_fn=lambda: tf.keras.losses.SparseCategoricalCrossentropy(
           from_logits=True
       ),

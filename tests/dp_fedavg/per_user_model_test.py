@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from dp_fedavg import per_user_model
 from dp_fedavg.tasks import models
+from dp_fedavg.tasks import shakespeare
 
 
 def _strided_same_conv():
@@ -38,8 +39,21 @@ def _valid_conv():
   ])
 
 
+def _token_gru(return_sequences):
+  return lambda: tf.keras.Sequential([
+      tf.keras.layers.InputLayer(input_shape=(7,), dtype=tf.int32),
+      tf.keras.layers.Embedding(11, 4),
+      tf.keras.layers.GRU(6, return_sequences=return_sequences),
+      tf.keras.layers.Dense(5, activation='relu'),
+      tf.keras.layers.Dense(11),
+  ])
+
+
 _COVERED = (
     ('femnist_cnn', lambda: models.group_norm_cnn((28, 28, 1), 62)),
+    ('shakespeare_gru', shakespeare.keras_model_fn),
+    ('gru_on_every_position', _token_gru(return_sequences=True)),
+    ('gru_last_state', _token_gru(return_sequences=False)),
     ('strided_same_conv', _strided_same_conv),
     ('valid_conv', _valid_conv),
     ('mlp', _mlp),
@@ -56,9 +70,12 @@ def _users(keras_model_fn, users=3, batch=5):
         w + rng.normal(scale=0.1, size=w.shape).astype(np.float32)
         for w in model.get_weights()
     ])
-  features = rng.normal(
-      size=(users, batch, *keras_models[0].input_shape[1:])
-  ).astype(np.float32)
+  shape = (users, batch, *keras_models[0].input_shape[1:])
+  if keras_models[0].inputs[0].dtype.is_integer:
+    vocabulary = keras_models[0].layers[0].input_dim
+    features = rng.integers(0, vocabulary, size=shape).astype(np.int32)
+  else:
+    features = rng.normal(size=shape).astype(np.float32)
   return keras_models, tf.constant(features)
 
 
@@ -115,13 +132,31 @@ class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
         loss = tf.reduce_sum(tf.square(model(features[user])))
       expected = tape.gradient(loss, model.trainable_weights)
       for stacked, want in zip(gradients, expected):
-        self.assertAllClose(stacked[user], want, atol=1e-4, rtol=1e-4)
+        # An embedding's gradient comes as IndexedSlices.
+        self.assertAllClose(stacked[user], tf.convert_to_tensor(want),
+                            atol=1e-4, rtol=1e-4)
 
   @parameterized.named_parameters(
-      ('recurrent', lambda: tf.keras.Sequential([
+      ('gru_reset_before', lambda: tf.keras.Sequential([
           tf.keras.layers.InputLayer(input_shape=(6,), dtype=tf.int32),
           tf.keras.layers.Embedding(5, 4),
+          tf.keras.layers.GRU(3, reset_after=False),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('lstm', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(6,), dtype=tf.int32),
+          tf.keras.layers.Embedding(5, 4),
+          tf.keras.layers.LSTM(3),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('masked_embedding', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(6,), dtype=tf.int32),
+          tf.keras.layers.Embedding(5, 4, mask_zero=True),
           tf.keras.layers.GRU(3),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('tokens_without_embedding', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(6,), dtype=tf.int32),
           tf.keras.layers.Dense(2),
       ])),
       ('dilated_conv', lambda: tf.keras.Sequential([

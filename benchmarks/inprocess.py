@@ -50,11 +50,11 @@ from dp_fedavg import tasks
 from dp_fedavg import vectorized
 
 # Not --output/--json/--repeats: benchmarks.run imports this module and
-# defines those.
-_REPORT = flags.DEFINE_string('report', 'BENCHMARKS.md', 'Markdown report.')
+# defines those. benchmarks.peers shares --report and --timed_rounds.
+REPORT_FLAG = flags.DEFINE_string('report', 'BENCHMARKS.md', 'Markdown report.')
 _RAW = flags.DEFINE_string(
     'raw', 'benchmarks/inprocess_results.json', 'Raw numbers (JSON).')
-_TIMED_ROUNDS = flags.DEFINE_integer('timed_rounds', 5,
+TIMED_ROUNDS_FLAG = flags.DEFINE_integer('timed_rounds', 5,
                                      'Timed rounds per system.')
 
 BEGIN = '<!-- begin inprocess -->'
@@ -300,9 +300,9 @@ def run(output: str, json_path: str, repeats: int, gflops: float,
 
 def main(argv):
   del argv
-  command = (f'python -m benchmarks.inprocess --report={_REPORT.value} '
-             f'--raw={_RAW.value} --timed_rounds={_TIMED_ROUNDS.value}')
-  run(_REPORT.value, _RAW.value, _TIMED_ROUNDS.value,
+  command = (f'python -m benchmarks.inprocess --report={REPORT_FLAG.value} '
+             f'--raw={_RAW.value} --timed_rounds={TIMED_ROUNDS_FLAG.value}')
+  run(REPORT_FLAG.value, _RAW.value, TIMED_ROUNDS_FLAG.value,
       synthetic.matmul_gflops(), command)
 
 

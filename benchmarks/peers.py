@@ -30,16 +30,15 @@ from absl import flags
 import numpy as np
 
 from aggregators import gaussian
+from benchmarks import inprocess as inprocess_benchmark
 from benchmarks import report
 from benchmarks import synthetic
 from dp_fedavg import inprocess
 from dp_fedavg import vectorized
 
-_REPORT = flags.DEFINE_string('report', 'BENCHMARKS.md', 'Markdown report.')
-_RAW = flags.DEFINE_string('raw', 'benchmarks/peers_results.json',
+# --report and --timed_rounds are benchmarks.inprocess's.
+_RAW = flags.DEFINE_string('peers_raw', 'benchmarks/peers_results.json',
                            'Raw numbers (JSON).')
-_TIMED_ROUNDS = flags.DEFINE_integer('timed_rounds', 5,
-                                     'Timed rounds per system.')
 PEERS_VENV = 'benchmarks/.peers-venv'
 _PEERS_VENV = flags.DEFINE_string(
     'peers_venv', PEERS_VENV,
@@ -165,10 +164,11 @@ def run(output: str, json_path: str, repeats: int, peers_venv: str,
 
 def main(argv):
   del argv
-  command = (f'python -m benchmarks.peers --report={_REPORT.value} '
-             f'--raw={_RAW.value} --timed_rounds={_TIMED_ROUNDS.value}')
-  run(_REPORT.value, _RAW.value, _TIMED_ROUNDS.value, _PEERS_VENV.value,
-      command)
+  report_path = inprocess_benchmark.REPORT_FLAG.value
+  timed_rounds = inprocess_benchmark.TIMED_ROUNDS_FLAG.value
+  command = (f'python -m benchmarks.peers --report={report_path} '
+             f'--peers_raw={_RAW.value} --timed_rounds={timed_rounds}')
+  run(report_path, _RAW.value, timed_rounds, _PEERS_VENV.value, command)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,8 @@ def replace_section(path: str, begin: str, end: str, section: str) -> None:
   if begin in text and end in text:
     before, rest = text.split(begin, 1)
     after = rest.split(end, 1)[1].lstrip('\n')
-    text = before + section + after
+    # One blank line between this section and the next.
+    text = before + section.rstrip('\n') + '\n' + ('\n' + after if after else '')
   else:
     text = text.rstrip('\n') + '\n\n' + section
   with open(path + '.partial', 'w') as f:

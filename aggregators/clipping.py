@@ -16,6 +16,7 @@ overall and the sum's L2 sensitivity (add/remove one client) is S. The noise
 added for the flat bound S therefore gives the same guarantee in all three.
 """
 
+import collections
 import enum
 
 import tensorflow as tf
@@ -75,3 +76,16 @@ def adaptive_shares(released: list[tf.Tensor], previous: tf.Tensor) -> tf.Tensor
   total = tf.norm(scales)
   usable = tf.logical_and(total > 0, tf.math.is_finite(total))
   return tf.where(usable, scales / tf.where(usable, total, 1.0), previous)
+
+
+def flat_clip_with_counts(norms: tf.Tensor, is_finite: tf.Tensor,
+                          clip: tf.Tensor):
+  """`skeleton.ClientStep`'s clip rule for one flat bound S: the factors and
+  the counts of users scaled (`clipped`) and replaced by zeros
+  (`nonfinite`)."""
+  scales, unclipped = clip_scales(norms, clip, None, Clipping.FLAT)
+  return scales, collections.OrderedDict(
+      clipped=tf.cast(
+          tf.logical_and(is_finite, tf.logical_not(unclipped)), tf.int32),
+      nonfinite=tf.cast(tf.logical_not(is_finite), tf.int32),
+  )

@@ -498,10 +498,6 @@ def local_dp_event_from_state(state) -> dp_accounting.DpEvent:
 
 
 # The registry's entries: gaussian_fixed, gaussian_adaptive, secure_gaussian.
-_NOISE_MULTIPLIER_HELP = (
-    'z: the noise stddev on the sum in units of the clip (the total z, split '
-    'with the unclipped count when the clip adapts).'
-)
 _CLIPPING_HELP = (
     f'One of {CLIPPINGS} (per layer: each tensor of the update gets its share '
     'of the total bound).'
@@ -512,10 +508,8 @@ _CLIPPING_HELP = (
 class GaussianFixedParams:
   """gaussian_fixed: the Gaussian mechanism with a fixed clip."""
 
-  noise_multiplier: float = registry.parameter(1.0, _NOISE_MULTIPLIER_HELP)
-  clip: float = registry.parameter(
-      1.0, 'L2 norm bound S of one client\'s whole update (a fixed clip); '
-      'with --privacy_unit=example, of one example\'s gradient.')
+  noise_multiplier: float = registry.parameter(1.0, registry.NOISE_MULTIPLIER_HELP)
+  clip: float = registry.parameter(1.0, registry.CLIP_HELP)
   clipping: str = registry.parameter('flat', _CLIPPING_HELP)
   noise_placement: str = registry.parameter(
       'server',
@@ -544,7 +538,7 @@ def _adaptive_field(name: str):
 class GaussianAdaptiveParams:
   """gaussian_adaptive: the clip follows a quantile of the update norms."""
 
-  noise_multiplier: float = registry.parameter(1.0, _NOISE_MULTIPLIER_HELP)
+  noise_multiplier: float = registry.parameter(1.0, registry.NOISE_MULTIPLIER_HELP)
   initial_clip: float = _adaptive_field('initial_clip')
   target_quantile: float = _adaptive_field('target_quantile')
   clip_learning_rate: float = _adaptive_field('clip_learning_rate')
@@ -556,7 +550,7 @@ class GaussianAdaptiveParams:
 class SecureGaussianParams:
   """secure_gaussian: server noise on a secure sum, fixed or adaptive clip."""
 
-  noise_multiplier: float = registry.parameter(1.0, _NOISE_MULTIPLIER_HELP)
+  noise_multiplier: float = registry.parameter(1.0, registry.NOISE_MULTIPLIER_HELP)
   clip: float = registry.parameter(1.0, 'L2 norm bound S (a fixed clip).')
   clipping: str = registry.parameter('flat', _CLIPPING_HELP)
   adaptive_clip: bool = registry.parameter(

@@ -38,8 +38,22 @@ from dp_fedavg import accounting
 # them all.
 _BUILT_IN_MODULES = (
     'aggregators.gaussian', 'aggregators.laplace', 'aggregators.distributed_dp',
+    'aggregators.dp_ftrl', 'aggregators.banded_mf',
 )
 _MECHANISMS: dict[str, 'Mechanism'] = {}
+
+
+# Helps of parameters several mechanisms share (one flag each).
+NOISE_MULTIPLIER_HELP = (
+    'z: the noise stddev in units of the clip: on the sum (gaussian_*: the '
+    'total z, split with the unclipped count when the clip adapts), on each '
+    'tree node (dp_ftrl_tree) or on each round\'s draw before the '
+    'strategy\'s inverse (banded_mf).'
+)
+CLIP_HELP = (
+    'L2 norm bound S of one client\'s whole update (a fixed clip); with '
+    '--privacy_unit=example, of one example\'s gradient.'
+)
 
 
 def parameter(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
@@ -60,6 +74,10 @@ class Setting:
       engine).
     robustness: the robust rule and simulated attack
       (`aggregators.robust.Robustness`); None for the plain aggregation.
+    rounds: the run's planned rounds; needed by mechanisms whose noise is
+      planned for the whole run (matrix factorization).
+    population: the number of clients; needed by mechanisms that act once
+      per pass over the population (a tree restarted every epoch).
   """
 
   expected_clients_per_round: float
@@ -67,6 +85,8 @@ class Setting:
   noise_seed: Optional[int] = None
   stacked_users: bool = False
   robustness: Optional[robust.Robustness] = None
+  rounds: Optional[int] = None
+  population: Optional[int] = None
 
   @property
   def robust(self) -> bool:

@@ -33,6 +33,9 @@ composed with dp-accounting (`PrivacyAccountant`):
   replace-one-client adjacency. Only RDP accounts this sampling.
 * Full participation (every client every round): the event itself, under
   add/remove adjacency.
+* Cyclic participation (`sampling.SamplingScheme.CYCLIC`): accounted only by
+  run-level ledgers, from the realised schedule; independent-round
+  mechanisms are refused under it.
 * Local DP (`local_dp=True`, client-side noise): the aggregator's event
   already describes one client's own message under replacement of its update.
   The server knows who took part, so sampling amplifies nothing: the events
@@ -342,6 +345,14 @@ class PrivacyAccountant:
       )
     if self.local_dp:
       return event
+    if self.scheme is sampling.SamplingScheme.CYCLIC:
+      raise ValueError(
+          'cyclic participation is accounted from the realised schedule by '
+          'the correlated-noise mechanisms (dp_ftrl_tree, banded_mf; '
+          'banded_mf with --mf_bands=1 is DP-SGD without amplification); '
+          'independent-round mechanisms are accounted with --sampling='
+          'poisson, uniform or full.'
+      )
     if self.scheme is sampling.SamplingScheme.POISSON:
       return dp_accounting.PoissonSampledDpEvent(
           self.clients_per_round / self.num_clients, event

@@ -192,6 +192,8 @@ def _stacking_refusal(config: RunConfig) -> Optional[str]:
       expected_clients_per_round=max(1, config.clients_per_round),
       noise_seed=config.seed,
       robustness=config.robustness(max(1, config.clients_per_round)),
+      rounds=max(1, config.rounds),
+      population=config.num_clients,
   )
   return config.mechanism.engine_refusal(config.params, setting)
 
@@ -366,6 +368,8 @@ def mechanism_error(
       expected_clients_per_round=max(1, config.clients_per_round),
       noise_seed=config.seed,
       robustness=robustness,
+      rounds=max(1, config.rounds),
+      population=config.num_clients,
   )
   try:
     mechanism.check(config.params, setting)

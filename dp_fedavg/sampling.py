@@ -19,6 +19,10 @@ class SamplingScheme(enum.Enum):
   POISSON = 'poisson'
   # Every client, every round (clients_per_round is ignored).
   FULL = 'full'
+  # Groups of clients_per_round take turns in a fixed (seeded) order, as
+  # devices eligible once per period do: no sampling to amplify privacy, but
+  # each client's participations are `period` rounds apart.
+  CYCLIC = 'cyclic'
 
 
 class ClientSampler:
@@ -28,6 +32,13 @@ class ClientSampler:
   reproducible given its seed, and a run resumed at round r draws the cohorts
   the uninterrupted run would have. The streams are never shown to the
   aggregator.
+
+  Cyclic: one seeded permutation of the population is cut into
+  `period = num_clients // clients_per_round` groups of clients_per_round;
+  round r takes group (r - 1) mod period, so a client takes part in rounds
+  `period` apart, at most ceil(rounds / period) times. The last
+  `num_clients mod clients_per_round` clients of the permutation never take
+  part (`left_out`), which keeps every cohort exactly clients_per_round.
   """
 
   def __init__(
@@ -50,6 +61,20 @@ class ClientSampler:
     self.num_clients = num_clients
     self.clients_per_round = clients_per_round
     self.seed = seed
+    if self.scheme is SamplingScheme.CYCLIC:
+      order = np.random.default_rng([seed, 0]).permutation(num_clients)
+      self._groups = order[:self.period * clients_per_round].reshape(
+          self.period, clients_per_round)
+
+  @property
+  def period(self) -> int:
+    """Cyclic: the rounds between two turns of one group."""
+    return self.num_clients // self.clients_per_round
+
+  @property
+  def left_out(self) -> int:
+    """Cyclic: the clients in no group."""
+    return self.num_clients - self.period * self.clients_per_round
 
   @property
   def sampling_probability(self) -> float:
@@ -57,9 +82,12 @@ class ClientSampler:
     return self.clients_per_round / self.num_clients
 
   def sample(self, round_num: int) -> np.ndarray:
-    """Round `round_num`'s cohort, sorted client indices (may be empty if Poisson)."""
+    """Round `round_num`'s cohort (rounds count from 1), sorted client
+    indices (may be empty if Poisson)."""
     if self.scheme is SamplingScheme.FULL:
       return np.arange(self.num_clients)
+    if self.scheme is SamplingScheme.CYCLIC:
+      return np.sort(self._groups[(round_num - 1) % self.period])
     rng = np.random.default_rng([self.seed, round_num])
     if self.scheme is SamplingScheme.UNIFORM:
       cohort = rng.choice(

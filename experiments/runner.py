@@ -96,19 +96,27 @@ class PrivacyPlan:
         noise_seed=config.seed,
         stacked_users=run_config.choose_engine(config).stacked_users,
         robustness=config.robustness(expected),
+        rounds=config.rounds,
+        population=num_clients,
     )
     run = (scheme, num_clients, config.clients_per_round, config.delta,
            config.accountant_kind)
     params = config.params
     # Also checks that the sampling and the accountant support it.
     ledger = accounting.PrivacyLedger(mechanism.build_ledger(params, setting), *run)
+    planned_cohorts = ()
+    if isinstance(ledger.ledger, accounting.RunLevel):
+      sampler = sampling.ClientSampler(scheme, num_clients, expected, config.seed)
+      planned_cohorts = [
+          sampler.sample(r) for r in range(1, config.rounds + 1)
+      ]
+      # The cohorts are seeded: a schedule the mechanism refuses (matrix
+      # factorization's participations closer than its bands) is refused
+      # before training, not at the round that breaks it.
+      ledger.ledger.event_of_participation(
+          accounting.Participation(tuple(
+              tuple(int(c) for c in cohort) for cohort in planned_cohorts)))
     if config.calibrate == 'noise':
-      planned_cohorts = ()
-      if isinstance(ledger.ledger, accounting.RunLevel):
-        sampler = sampling.ClientSampler(scheme, num_clients, expected, config.seed)
-        planned_cohorts = [
-            sampler.sample(r) for r in range(1, config.rounds + 1)
-        ]
       noise = accounting.calibrate_noise(
           lambda z: mechanism.build_ledger(mechanism.with_noise(params, z), setting),
           *run, config.target_epsilon, config.rounds, planned_cohorts,

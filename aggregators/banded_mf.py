@@ -1,0 +1,386 @@
+"""Banded matrix factorization: noise correlated across rounds by a strategy C.
+
+Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta & Xu 2023,
+"(Amplified) Banded Matrix Factorization: A unified approach to private
+training"; the successor of DP-FTRL's tree in production.
+
+Mechanism. Each client's update is clipped to L2 norm S (flat); an update
+holding a NaN or an Inf is replaced by zeros and counted. Round t's sum of
+clipped updates is x_t. The strategy C is a T x T lower-triangular matrix
+with B bands (C[t, s] = 0 unless 0 <= t - s < B) and a non-zero diagonal.
+Round t releases x_t + w_t, divided by the expected cohort n (a constant),
+where w = C^-1 z, z_t ~ N(0, (z S)^2) per coordinate. The model then holds
+the prefix sums A x + A C^-1 z (A: the lower-triangular ones), which is
+the matrix mechanism for the factorization A = (A C^-1) C. Because C is
+banded, w streams: w_t = (z_t - sum_{i=1}^{B-1} C[t, t-i] w_{t-i}) / C[t, t],
+so the state keeps the last B - 1 noise tensors (B - 1 model-sized
+buffers).
+
+Privacy, under zero-out adjacency. The releases x + C^-1 z determine and are
+determined by C x + z (C is invertible), so the run is the Gaussian
+mechanism C x + z. A client that takes part in rounds at least b >= B apart
+touches disjoint rows of C, so its sensitivity^2 is at most the largest sum
+of squared column norms over its allowed patterns
+(`dp_fedavg.correlated_noise.banded_sensitivity_squared`; after t rounds,
+those of C[:t, :t]). The ledger is run-level, from the realised
+participation (k participations, min gap b), and refuses b < B.
+
+Strategies:
+* `sqrt_toeplitz` (default): the banded square root of the prefix-sum
+  matrix, C[t, s] = c_{t-s} for t - s < B with c_0 = 1,
+  c_i = c_{i-1} (2i - 1) / (2i) (the series of (1 - x)^-1/2), then every
+  column scaled to unit norm, so that sensitivity^2 = k for any k
+  participations at least B apart. With B = 1 it is the identity: DP-SGD
+  without amplification.
+* a `.npy` file holding a user's T x T strategy, checked to be
+  lower-triangular, B-banded, finite, with a non-zero diagonal; accounted
+  with its own column norms.
+
+`expected_error` reports a strategy's mean squared prefix-sum error beside
+DP-SGD's (C = I) at the same privacy.
+
+Parameters: noise multiplier z (stddev of z_t in units of S), clip S, n,
+strategy C (T rounds, B bands), noise seed.
+"""
+
+import collections
+import dataclasses
+import os
+from typing import Optional
+
+import dp_accounting
+import numpy as np
+from scipy import linalg
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from aggregators import checks
+from aggregators import clipping
+from aggregators import noise_seeds
+from aggregators import registry
+from aggregators import skeleton
+from dp_fedavg import accounting
+from dp_fedavg import correlated_noise
+
+SQRT_TOEPLITZ = 'sqrt_toeplitz'
+
+
+def sqrt_toeplitz_strategy(rounds: int, bands: int) -> np.ndarray:
+  """The column-normalised banded square root of the prefix-sum matrix."""
+  if not 1 <= bands <= rounds:
+    raise ValueError(f'bands must be in [1, rounds={rounds}], got {bands}.')
+  coefficients = np.ones(bands)
+  for i in range(1, bands):
+    coefficients[i] = coefficients[i - 1] * (2 * i - 1) / (2 * i)
+  lags = np.subtract.outer(np.arange(rounds), np.arange(rounds))
+  strategy = np.where((lags >= 0) & (lags < bands),
+                      coefficients[np.clip(lags, 0, bands - 1)], 0.0)
+  return strategy / np.linalg.norm(strategy, axis=0)
+
+
+def check_strategy(strategy, rounds: int, bands: int) -> np.ndarray:
+  """`strategy` as float64 if it is a valid T x T, B-banded strategy.
+
+  Raises:
+    ValueError: naming what is wrong.
+  """
+  strategy = np.asarray(strategy, np.float64)
+  if strategy.shape != (rounds, rounds):
+    raise ValueError(
+        f'the strategy must be {rounds} x {rounds} (the rounds), got shape '
+        f'{strategy.shape}.')
+  if not np.all(np.isfinite(strategy)):
+    raise ValueError('the strategy holds a NaN or an Inf.')
+  lags = np.subtract.outer(np.arange(rounds), np.arange(rounds))
+  if np.any(strategy[lags < 0] != 0):
+    raise ValueError('the strategy must be lower-triangular.')
+  if np.any(strategy[lags >= bands] != 0):
+    raise ValueError(f'the strategy has entries beyond {bands} bands.')
+  if np.any(np.diag(strategy) == 0):
+    raise ValueError('the strategy\'s diagonal must be non-zero (invertible).')
+  return strategy
+
+
+def band_coefficients(strategy: np.ndarray, bands: int) -> np.ndarray:
+  """[T, B]: entry [t, i] is C[t, t - i] (0 before the first round)."""
+  rounds = strategy.shape[0]
+  band = np.zeros((rounds, bands))
+  for i in range(bands):
+    band[i:, i] = np.diagonal(strategy, offset=-i)
+  return band
+
+
+def expected_error(strategy: np.ndarray, sensitivity_squared: float) -> float:
+  """Mean over rounds of the squared prefix-sum error per coordinate, in
+  units of (S sigma_eff)^2, where sigma_eff = z / sens fixes the privacy:
+  sens^2 ||A C^-1||_F^2 / T. DP-SGD (C = I) with k participations:
+  k (T + 1) / 2."""
+  rounds = strategy.shape[0]
+  prefix = np.tril(np.ones((rounds, rounds)))
+  # A C^-1, from C^T (A C^-1)^T = A^T.
+  decoder = linalg.solve_triangular(strategy.T, prefix.T, lower=False).T
+  return float(sensitivity_squared * np.sum(decoder**2) / rounds)
+
+
+class BandedMatrixFactorizationFactory(
+    tff.aggregators.UnweightedAggregationFactory):
+  """Clips each client update; adds the rows of C^-1 z; see the module
+  docstring.
+
+  State: `clip` (float32), `noise_multiplier` (float64), `noise_seed`
+  (int64[2], advanced every round), `round` (int32, rounds so far) and
+  `previous_noise` (per tensor [B - 1, ...]: w_{t-1}, ..., w_{t-B+1}).
+
+  Measurements: `clip`; `round_noise_stddev`, the stddev of w_t on each
+  coordinate of this round's sum (z S sqrt((C^-1 C^-T)[t, t])); `clipped_count`;
+  `nonfinite_count`.
+  """
+
+  def __init__(
+      self,
+      noise_multiplier: float,
+      clip: float,
+      expected_clients_per_round: float,
+      strategy: np.ndarray,
+      bands: int,
+      noise_seed: Optional[int] = None,
+      stacked_users: bool = False,
+  ):
+    """Initializes the factory.
+
+    Args:
+      noise_multiplier: z >= 0, the stddev of z_t in units of S.
+      clip: the L2 bound S of one client's update, > 0.
+      expected_clients_per_round: the constant denominator of the mean, > 0.
+      strategy: C, T x T lower-triangular with `bands` bands; the process
+        runs at most T rounds.
+      bands: B >= 1.
+      noise_seed: seed of the noise stream; None draws one.
+      stacked_users: each client's value is a stack of users' updates (the
+        vectorized engine); each user is clipped on its own.
+
+    Raises:
+      TypeError: if an argument is not of its type.
+      checks.ArgumentError: if an argument is outside its range.
+      ValueError: if the strategy is not a valid B-banded one.
+    """
+    self._noise_multiplier = checks.check_number(
+        noise_multiplier, 'noise_multiplier', 0, strict=False)
+    self._clip = checks.check_number(clip, 'clip', 0, strict=True)
+    self._expected_clients_per_round = checks.check_number(
+        expected_clients_per_round, 'expected_clients_per_round', 0,
+        strict=True)
+    rounds = np.shape(strategy)[0] if np.ndim(strategy) == 2 else 0
+    self._bands = checks.check_integer(bands, 'bands', 1, max(1, rounds))
+    self._strategy = check_strategy(strategy, rounds, self._bands)
+    self._noise_seed = checks.check_seed(noise_seed)
+    self._stacked_users = checks.check_bool(stacked_users, 'stacked_users')
+
+  def create(
+      self, value_type: tff.types.StructWithPythonType | tff.TensorType
+  ) -> tff.templates.AggregationProcess:
+    if self._stacked_users:
+      value_type = skeleton.unstacked_type(
+          value_type, 'BandedMatrixFactorizationFactory')
+    value_specs = skeleton.float_value_specs(
+        value_type, 'BandedMatrixFactorizationFactory')
+    num_tensors = len(tf.nest.flatten(value_specs))
+    bands = self._bands
+    rounds = self._strategy.shape[0]
+    band = band_coefficients(self._strategy, bands).astype(np.float32)
+    inverse = linalg.solve_triangular(
+        self._strategy, np.eye(rounds), lower=True)
+    # Per round, the stddev of w_t in units of z S.
+    noise_scale = np.sqrt(np.sum(inverse**2, axis=1)).astype(np.float32)
+    denominator = self._expected_clients_per_round
+
+    @tff.tensorflow.computation
+    def initial_state():
+      return collections.OrderedDict(
+          clip=tf.constant(self._clip, tf.float32),
+          noise_multiplier=tf.constant(self._noise_multiplier, tf.float64),
+          noise_seed=noise_seeds.initial_seed(self._noise_seed),
+          round=tf.constant(0, tf.int32),
+          previous_noise=tf.nest.map_structure(
+              lambda spec: tf.zeros([bands - 1, *spec.shape], spec.dtype),
+              value_specs),
+      )
+
+    state_type = initial_state.type_signature.result
+
+    @tff.tensorflow.computation(state_type)
+    def get_clip(state):
+      return state['clip']
+
+    clip_update = skeleton.client_update_computation(
+        clipping.flat_clip_with_counts, 2, value_type,
+        tff.TensorType(np.float32), self._stacked_users,
+    )
+    counts_type = clip_update.type_signature.result[1]
+
+    @tff.tensorflow.computation(value_type, counts_type, state_type)
+    def add_correlated_noise(value_sum, counts, state):
+      round_index = state['round']
+      with tf.control_dependencies([tf.debugging.assert_less(
+          round_index, rounds,
+          message=f'the strategy covers {rounds} rounds')]):
+        row = tf.gather(tf.constant(band), round_index)
+      seeds = tf.random.experimental.stateless_split(
+          state['noise_seed'], num=num_tensors + 1)
+      stddev = state['clip'] * tf.cast(state['noise_multiplier'], tf.float32)
+
+      def noise_of(spec, seed, previous):
+        draw = tf.random.stateless_normal(
+            spec.shape, seed=seed, stddev=stddev, dtype=spec.dtype)
+        earlier = tf.tensordot(row[1:], previous, axes=1)
+        return (draw - earlier) / row[0]
+
+      flat_previous = tf.nest.flatten(state['previous_noise'])
+      noise = [
+          noise_of(spec, seeds[j], flat_previous[j])
+          for j, spec in enumerate(tf.nest.flatten(value_specs))
+      ]
+      result = [
+          (x + w) / denominator
+          for x, w in zip(tf.nest.flatten(value_sum), noise)
+      ]
+      new_previous = [
+          tf.concat([w[tf.newaxis], previous[:bands - 2]], axis=0)
+          if bands > 1 else previous
+          for w, previous in zip(noise, flat_previous)
+      ]
+      new_state = collections.OrderedDict(
+          clip=state['clip'],
+          noise_multiplier=state['noise_multiplier'],
+          noise_seed=seeds[num_tensors],
+          round=round_index + 1,
+          previous_noise=tf.nest.pack_sequence_as(value_specs, new_previous),
+      )
+      measurements = collections.OrderedDict(
+          clip=state['clip'],
+          round_noise_stddev=stddev * tf.gather(
+              tf.constant(noise_scale), round_index),
+          clipped_count=counts['clipped'],
+          nonfinite_count=counts['nonfinite'],
+      )
+      return (tf.nest.pack_sequence_as(value_specs, result), new_state,
+              measurements)
+
+    return skeleton.clip_aggregate_finish_process(
+        initial_state, get_clip, clip_update, add_correlated_noise,
+        skeleton.PlainSum(),
+    )
+
+
+class BandedLedger:
+  """The run-level event of a strategy: the realised schedule's
+  sensitivity from the column norms of C[:t, :t] (module docstring)."""
+
+  def __init__(self, strategy: np.ndarray, bands: int):
+    self._bands = bands
+    # Row-cumulative squares: entry [t - 1, j] is ||C[:t, j]||^2.
+    self._cumulative = np.cumsum(np.square(strategy), axis=0)
+
+  def event(self, noise_multiplier: float, cohorts) -> dp_accounting.DpEvent:
+    rounds = len(cohorts)
+    if rounds > self._cumulative.shape[0]:
+      raise ValueError(
+          f'{rounds} rounds, but the strategy covers '
+          f'{self._cumulative.shape[0]}.')
+    try:
+      return correlated_noise.banded_event(
+          noise_multiplier, self._cumulative[rounds - 1, :rounds],
+          self._bands, correlated_noise.realised_schedule(cohorts))
+    except ValueError as e:
+      raise ValueError(
+          f'{e} Use --sampling=cyclic with num_clients // clients_per_round '
+          '>= --mf_bands, or fewer --mf_bands.') from e
+
+
+@dataclasses.dataclass(frozen=True)
+class BandedMfParams:
+  """banded_mf: noise C^-1 z correlated across rounds by a banded C."""
+
+  noise_multiplier: float = registry.parameter(
+      1.0, registry.NOISE_MULTIPLIER_HELP)
+  clip: float = registry.parameter(1.0, registry.CLIP_HELP)
+  mf_bands: int = registry.parameter(
+      0, 'B, the bands of the strategy (noise buffers kept: B - 1); 0 picks '
+      'min(rounds, num_clients // clients_per_round), the most that '
+      '--sampling=cyclic allows. 1 is DP-SGD without amplification.')
+  mf_strategy: str = registry.parameter(
+      SQRT_TOEPLITZ, f'{SQRT_TOEPLITZ} (the column-normalised banded square '
+      'root of the prefix-sum matrix) or the path of a .npy file holding a '
+      'rounds x rounds lower-triangular, mf_bands-banded strategy.')
+
+
+def bands_of(params: BandedMfParams, setting: registry.Setting) -> int:
+  """B: `mf_bands`, or for 0 the most a cyclic schedule allows."""
+  rounds = _rounds_of(setting)
+  if params.mf_bands:
+    checks.check_integer(params.mf_bands, 'mf_bands', 1, rounds)
+    return params.mf_bands
+  if setting.population is None:
+    return rounds
+  period = int(setting.population // setting.expected_clients_per_round)
+  return max(1, min(rounds, period))
+
+
+def _rounds_of(setting: registry.Setting) -> int:
+  if setting.rounds is None:
+    raise ValueError('banded_mf plans its noise for the run\'s rounds; the '
+                     'Setting has none.')
+  return setting.rounds
+
+
+def strategy_of(params: BandedMfParams, setting: registry.Setting) -> np.ndarray:
+  """C for the run (checked)."""
+  rounds, bands = _rounds_of(setting), bands_of(params, setting)
+  if params.mf_strategy == SQRT_TOEPLITZ:
+    return sqrt_toeplitz_strategy(rounds, bands)
+  path = params.mf_strategy
+  if not path.endswith('.npy'):
+    raise checks.ArgumentError(
+        'mf_strategy', path, f'{SQRT_TOEPLITZ} or the path of a .npy file')
+  if not os.path.isfile(path):
+    raise checks.ArgumentError('mf_strategy', path, 'an existing .npy file')
+  try:
+    strategy = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise ValueError(f'{path} is not a readable .npy array: {e}') from e
+  try:
+    return check_strategy(strategy, rounds, bands)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e
+
+
+def _build(params: BandedMfParams, setting: registry.Setting):
+  return BandedMatrixFactorizationFactory(
+      noise_multiplier=params.noise_multiplier,
+      clip=params.clip,
+      expected_clients_per_round=setting.expected_clients_per_round,
+      strategy=strategy_of(params, setting),
+      bands=bands_of(params, setting),
+      noise_seed=setting.noise_seed,
+      stacked_users=setting.stacked_users,
+  )
+
+
+def _ledger(params: BandedMfParams, setting: registry.Setting):
+  ledger = BandedLedger(strategy_of(params, setting), bands_of(params, setting))
+  return accounting.RunLevel(
+      lambda participation: ledger.event(
+          params.noise_multiplier, participation.cohorts))
+
+
+registry.register(registry.Mechanism(
+    name='banded_mf',
+    summary='banded matrix factorization: noise correlated across rounds by '
+    'a B-banded strategy (participations >= B rounds apart; zero-out '
+    'adjacency)',
+    params_type=BandedMfParams,
+    build_factory=_build,
+    build_ledger=_ledger,
+    noise=registry.NoiseParameter('noise_multiplier'),
+    argument_names=lambda params: {'bands': 'mf_bands'},
+))

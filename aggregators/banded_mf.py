@@ -65,13 +65,20 @@ from dp_fedavg import correlated_noise
 SQRT_TOEPLITZ = 'sqrt_toeplitz'
 
 
+def sqrt_toeplitz_coefficients(bands: int) -> np.ndarray:
+  """c_0..c_{B-1} of the Toeplitz square root of the prefix-sum matrix:
+  c_0 = 1, c_i = c_{i-1} (2i - 1) / (2i)."""
+  coefficients = np.ones(bands)
+  for i in range(1, bands):
+    coefficients[i] = coefficients[i - 1] * (2 * i - 1) / (2 * i)
+  return coefficients
+
+
 def sqrt_toeplitz_strategy(rounds: int, bands: int) -> np.ndarray:
   """The column-normalised banded square root of the prefix-sum matrix."""
   if not 1 <= bands <= rounds:
     raise ValueError(f'bands must be in [1, rounds={rounds}], got {bands}.')
-  coefficients = np.ones(bands)
-  for i in range(1, bands):
-    coefficients[i] = coefficients[i - 1] * (2 * i - 1) / (2 * i)
+  coefficients = sqrt_toeplitz_coefficients(bands)
   lags = np.subtract.outer(np.arange(rounds), np.arange(rounds))
   strategy = np.where((lags >= 0) & (lags < bands),
                       coefficients[np.clip(lags, 0, bands - 1)], 0.0)

@@ -27,12 +27,12 @@ class RegistryTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(
         set(registry.names()),
         {'none', 'gaussian_fixed', 'gaussian_adaptive', 'secure_gaussian',
-         'laplace', 'distributed_dp'},
+         'laplace', 'distributed_dp', 'dp_ftrl_tree', 'banded_mf'},
     )
 
   def test_unknown_name_is_an_argument_error_naming_the_choices(self):
     with self.assertRaisesRegex(checks.ArgumentError,
-                                'aggregator must be one of none, distributed_dp, gaussian_adaptive'):
+                                'aggregator must be one of none, banded_mf, distributed_dp, dp_ftrl_tree'):
       registry.get('skellam')
 
   def test_a_name_registers_once(self):
@@ -56,7 +56,8 @@ class RegistryTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLen(infos, len(registry.parameters()))
     self.assertEqual(
         infos['clip'].mechanisms,
-        ('distributed_dp', 'gaussian_fixed', 'secure_gaussian'),
+        ('banded_mf', 'distributed_dp', 'dp_ftrl_tree', 'gaussian_fixed',
+         'secure_gaussian'),
     )
     self.assertEqual(infos['epsilon_per_round'].mechanisms, ('laplace',))
     self.assertEqual(infos['ddp_beta'].default, math.exp(-0.5))

@@ -2,6 +2,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from dp_fedavg import correlated_noise
 from dp_fedavg import sampling
 
 
@@ -62,6 +63,29 @@ class ClientSamplerTest(parameterized.TestCase):
   def test_invalid_arguments_raise(self, num_clients, cohort, message):
     with self.assertRaisesRegex(ValueError, message):
       sampling.ClientSampler('uniform', num_clients, cohort, seed=0)
+
+  def test_cyclic_groups_take_turns(self):
+    # 23 clients in groups of 5: 4 groups, 3 clients left out.
+    sampler = sampling.ClientSampler('cyclic', 23, 5, seed=6)
+    self.assertEqual((sampler.period, sampler.left_out), (4, 3))
+    cohorts = [sampler.sample(r) for r in range(1, 11)]
+    for cohort in cohorts:
+      self.assertLen(cohort, 5)
+      self.assertTrue(np.all(np.diff(cohort) > 0))
+    self.assertLen(set(np.concatenate(cohorts[:4]).tolist()), 20)
+    for r in range(4, 10):
+      np.testing.assert_array_equal(cohorts[r], cohorts[r - 4])
+    np.testing.assert_array_equal(
+        sampling.ClientSampler('cyclic', 23, 5, seed=6).sample(7), cohorts[6])
+    self.assertFalse(np.array_equal(
+        sampling.ClientSampler('cyclic', 23, 5, seed=7).sample(1), cohorts[0]))
+
+  def test_cyclic_realised_schedule(self):
+    """k = ceil(T / period) participations, period rounds apart."""
+    sampler = sampling.ClientSampler('cyclic', 30, 10, seed=0)
+    cohorts = [sampler.sample(r) for r in range(1, 8)]
+    self.assertEqual(correlated_noise.realised_schedule(cohorts),
+                     correlated_noise.Schedule(7, 3, 3))
 
   def test_unknown_scheme_raises(self):
     with self.assertRaisesRegex(ValueError, 'shuffle'):

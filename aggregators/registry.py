@@ -125,6 +125,9 @@ class Mechanism:
       parameters to one argument).
     robust: whether `build_factory` composes `Setting.robustness` (robust
       rules, attacks); `factory` refuses it for the others.
+    utility_notes: (params, Setting, planned `accounting.Participation`) ->
+      lines on the noise's expected error that the privacy report and the
+      training log print (matrix factorization against DP-SGD).
   """
 
   name: str
@@ -137,6 +140,8 @@ class Mechanism:
   secure_sums: bool = False
   argument_names: Callable[[Any], Mapping[str, str]] = lambda params: {}
   robust: bool = False
+  utility_notes: Callable[[Any, Setting, accounting.Participation],
+                          list[str]] = lambda params, setting, planned: []
 
   @property
   def parameter_names(self) -> tuple[str, ...]:

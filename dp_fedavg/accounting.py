@@ -213,9 +213,19 @@ def _for_replace_one(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
 
 
 def _effective_gaussian(event: dp_accounting.DpEvent) -> Optional[float]:
-  """z_eff if `event` is Gaussians composed on one input, else None."""
+  """z_eff if `event` is Gaussians composed on one input, else None.
+
+  A single-epoch tree (no record twice in it) is the Gaussian mechanism on
+  the tree's nodes with sensitivity^2 its depth, ceil(log2(steps + 1)) for
+  the largest of its step counts: z / sqrt(depth), as dp-accounting's RDP
+  of the event states.
+  """
   if isinstance(event, dp_accounting.GaussianDpEvent):
     return event.noise_multiplier
+  if isinstance(event, dp_accounting.SingleEpochTreeAggregationDpEvent):
+    counts = event.step_counts
+    steps = max(counts) if isinstance(counts, (list, tuple)) else counts
+    return event.noise_multiplier / math.sqrt(math.ceil(math.log2(steps + 1)))
   if isinstance(event, dp_accounting.SelfComposedDpEvent):
     inner = _effective_gaussian(event.event)
     return None if inner is None else inner / math.sqrt(event.count)
@@ -955,10 +965,19 @@ class PrivacyLedger:
           accountant = _new_accountant(
               kind, _NEIGHBOR_RELATIONS[self.ledger.adjacency]
           )
-          accountant.compose(event)
+          accountant.compose(_run_level_event_for(kind, event))
           result[kind.value] = float(accountant.get_epsilon(self.delta))
       self._run_epsilons[key] = result
     return self._run_epsilons[key]
+
+
+def _run_level_event_for(kind: AccountantKind,
+                         event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+  """`event` as `kind`'s accountant takes it: for PLD, the one Gaussian it
+  is, if it is one (PLD takes no tree events)."""
+  if kind is AccountantKind.PLD and _effective_gaussian(event) is not None:
+    return dp_accounting.GaussianDpEvent(_effective_gaussian(event))
+  return event
 
 
 def calibrate_noise(
@@ -999,8 +1018,9 @@ def calibrate_noise(
   results = [
       _calibrate(
           lambda k=accountant_kind: _new_accountant(k, relation),
-          lambda z: as_python_floats(
-              ledger_for_noise(float(z)).event_of_participation(participation)),
+          lambda z, k=accountant_kind: _run_level_event_for(
+              k, as_python_floats(ledger_for_noise(float(z))
+                                  .event_of_participation(participation))),
           target_epsilon, delta, rounds, accountant_kind, guess=1.0,
       )
       for accountant_kind in run._run_level_kinds(  # pylint: disable=protected-access

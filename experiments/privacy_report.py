@@ -91,11 +91,15 @@ def main(argv):
         f'{ledger.delta:g}; {ledger.adjacency.name} adjacency'
     )
   else:
-    q = ledger.clients_per_round / ledger.num_clients
+    if ledger.scheme is sampling.SamplingScheme.CYCLIC:
+      participation = (
+          f'each every {ledger.num_clients // ledger.clients_per_round} rounds')
+    else:
+      participation = f'q={ledger.clients_per_round / ledger.num_clients:.4g}'
     print(
         f'{config.aggregator}, noise multiplier {plan.noise:.6g}{calibrated}'
         f'; {ledger.scheme.value} sampling of {ledger.clients_per_round}'
-        f' of {ledger.num_clients} clients (q={q:.4g}); delta='
+        f' of {ledger.num_clients} clients ({participation}); delta='
         f'{ledger.delta:g}; {ledger.adjacency.name} adjacency '
         f'({ledger.composition.replace("_", " ")})'
     )
@@ -116,6 +120,8 @@ def main(argv):
     ):
       epsilons = ledger.epsilons()
       print(f'{round_num:8d}{_format(epsilons, "rdp")}{_format(epsilons, "pld")}')
+  for line in plan.utility_notes(cohorts):
+    print(line)
   if budget is not None:
     epsilon, name = ledger.epsilon_and_accountant()
     if rounds_within_budget == rounds:

@@ -64,6 +64,16 @@ class PrivacyPlan:
   noise: float
   aggregator: Any
   ledger: Union[accounting.PrivacyLedger, example_privacy.ExampleLedger]
+  # What the factory was built for (None at the example level).
+  setting: Optional[registry.Setting] = None
+
+  def utility_notes(self, cohorts) -> list[str]:
+    """The mechanism's lines on its expected error for these cohorts."""
+    if self.setting is None or not len(cohorts):
+      return []
+    return self.config.mechanism.utility_notes(
+        self.params, self.setting, accounting.Participation(tuple(
+            tuple(int(c) for c in cohort) for cohort in cohorts)))
 
   @classmethod
   def build(
@@ -132,7 +142,7 @@ class PrivacyPlan:
       )
     return cls(
         config, params, mechanism.noise_of(params),
-        mechanism.factory(params, setting), ledger,
+        mechanism.factory(params, setting), ledger, setting,
     )
 
 
@@ -379,6 +389,18 @@ class Runner:
           ledger.adjacency.name, ledger.composition.replace('_', ' '),
           ledger.kind.value,
       )
+      sampler = sampling.ClientSampler(
+          ledger.scheme, ledger.num_clients, ledger.clients_per_round, seed)
+      if ledger.scheme is sampling.SamplingScheme.CYCLIC:
+        logging.info(
+            'cyclic participation: %d groups of %d take turns, each client '
+            'every %d rounds, at most %d times in %d rounds; %d clients in no '
+            'group', sampler.period, sampler.clients_per_round,
+            sampler.period, math.ceil(config.rounds / sampler.period),
+            config.rounds, sampler.left_out)
+      for line in plan.utility_notes(
+          [sampler.sample(r) for r in range(1, config.rounds + 1)]):
+        logging.info('%s', line)
     # Model initialization draws from the global seed.
     tf.keras.utils.set_random_seed(seed)
     byzantine = self._byzantine(config)

@@ -176,6 +176,21 @@ class TreeLedgerTest(parameterized.TestCase):
     self.assertEqual(
         repr(event), repr(correlated_noise.gaussian_event(2.0, 2 * per_tree)))
 
+  def test_restarted_trees_pld_is_the_gaussian_of_summed_depths(self):
+    """The ledger reports PLD beside RDP for restarts: the Gaussian of
+    z / sqrt(sum of depths), never above the RDP bound."""
+    ledger = accounting.PrivacyLedger(
+        accounting.RunLevel(lambda p: dp_ftrl.run_event(3.0, 4, p.cohorts)),
+        'cyclic', 40, 10, 1e-5)
+    for r in range(10):
+      ledger.record_round(None, range(10 * (r % 4), 10 * (r % 4) + 10))
+    depths = 3 + 3 + 2  # trees of 4, 4 and 2 rounds
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(dp_accounting.GaussianDpEvent(3.0 / np.sqrt(depths)))
+    epsilons = ledger.epsilons()
+    self.assertAlmostEqual(epsilons['pld'], pld.get_epsilon(1e-5), places=6)
+    self.assertLessEqual(epsilons['pld'], epsilons['rdp'])
+
   def test_registry_entry(self):
     mechanism = registry.get('dp_ftrl_tree')
     setting = registry.Setting(expected_clients_per_round=5, population=20,

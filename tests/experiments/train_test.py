@@ -14,6 +14,7 @@ import dp_accounting
 import numpy as np
 import portpicker
 import tensorflow as tf
+from tensorflow_privacy.privacy.analysis import tree_aggregation_accountant
 
 from aggregators import distributed_dp
 from dp_fedavg import accounting
@@ -406,6 +407,74 @@ class SecureAggregatorBinaryTest(parameterized.TestCase):
     )
     self.assertEqual(result.returncode, 2)
     self.assertIn('--sampling=uniform', result.stderr.strip().splitlines()[-1])
+
+
+def _read_rows(output_dir: str) -> list[dict[str, str]]:
+  with open(os.path.join(output_dir, 'metrics.csv')) as f:
+    return list(csv.DictReader(f))
+
+
+def _tightest_gaussian_epsilon(z_eff: float, rdp_event, delta: float) -> float:
+  """min(RDP of `rdp_event` under zero-out adjacency, PLD of one Gaussian of
+  z_eff): the run-level ledger's report."""
+  rdp = dp_accounting.rdp.RdpAccountant(
+      neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+  rdp.compose(rdp_event)
+  pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+  pld.compose(dp_accounting.GaussianDpEvent(z_eff))
+  return min(rdp.get_epsilon(delta), pld.get_epsilon(delta))
+
+
+class CorrelatedNoiseBinaryTest(absltest.TestCase):
+  """Cyclic participation: 40 clients in groups of 10, each every 4 rounds;
+  5 rounds, so the first group takes part twice."""
+
+  _FLAGS = ('--rounds=5', '--eval_every=5', '--num_clients=40',
+            '--clients_per_round=10', '--sampling=cyclic', '--seed=3',
+            '--noise_multiplier=2.0')
+
+  def test_restarted_tree_on_both_engines_with_tensorflow_privacys_epsilon(
+      self):
+    rows = {}
+    for engine in ('standard', 'inprocess'):
+      output_dir = self.create_tempdir().full_path
+      result = _run_train(
+          f'--output_dir={output_dir}', f'--engine={engine}',
+          '--aggregator=dp_ftrl_tree', '--tree_restart=epoch', *self._FLAGS)
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      self.assertIn('cyclic participation: 4 groups of 10', result.stderr)
+      rows[engine] = _read_rows(output_dir)
+    for standard, in_process in zip(rows['standard'], rows['inprocess']):
+      self.assertEqual(in_process['epsilon'], standard['epsilon'])
+      self.assertEqual(standard['adjacency'], 'zero_out')
+      self.assertAlmostEqual(float(in_process['train_loss']),
+                             float(standard['train_loss']), delta=1e-4)
+    # Trees of 4 and 1 rounds, no client twice in one: depths 3 + 1.
+    orders = dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+    rdp = tree_aggregation_accountant.compute_rdp_tree_restart(
+        2.0, [4, 1], orders)
+    rdp_epsilon = dp_accounting.rdp.compute_epsilon(orders, rdp, 1e-5)[0]
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(dp_accounting.GaussianDpEvent(2.0 / math.sqrt(4)))
+    self.assertAlmostEqual(
+        float(rows['standard'][-1]['epsilon']),
+        min(rdp_epsilon, pld.get_epsilon(1e-5)), places=6)
+
+  def test_banded_mf_epsilon_from_the_column_norms(self):
+    output_dir = self.create_tempdir().full_path
+    result = _run_train(f'--output_dir={output_dir}',
+                        '--aggregator=banded_mf', *self._FLAGS)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('with DP-SGD (C = I', result.stderr)
+    # B = 4 bands (the period); all 5 planned rounds ran, so every column
+    # has its unit norm, and the first group took part twice, 4 rounds
+    # apart: sensitivity^2 2.
+    sensitivity = 2.0
+    z_eff = 2.0 / math.sqrt(sensitivity)
+    self.assertAlmostEqual(
+        float(_read_rows(output_dir)[-1]['epsilon']),
+        _tightest_gaussian_epsilon(
+            z_eff, dp_accounting.GaussianDpEvent(z_eff), 1e-5), places=6)
 
 
 class EngineBinaryTest(parameterized.TestCase):

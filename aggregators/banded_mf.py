@@ -32,6 +32,9 @@ Strategies:
   column scaled to unit norm, so that sensitivity^2 = k for any k
   participations at least B apart. With B = 1 it is the identity: DP-SGD
   without amplification.
+* `optimized`: the B-banded, column-normalised C of least expected
+  prefix-sum error (`optimized_strategy`; cached per (T, B)). With unit
+  columns the sensitivity is k for every such C, so only the error differs.
 * a `.npy` file holding a user's T x T strategy, checked to be
   lower-triangular, B-banded, finite, with a non-zero diagonal; accounted
   with its own column norms.
@@ -51,6 +54,7 @@ from typing import Optional
 import dp_accounting
 import numpy as np
 from scipy import linalg
+from scipy import optimize
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -63,6 +67,7 @@ from dp_fedavg import accounting
 from dp_fedavg import correlated_noise
 
 SQRT_TOEPLITZ = 'sqrt_toeplitz'
+OPTIMIZED = 'optimized'
 
 
 def sqrt_toeplitz_coefficients(bands: int) -> np.ndarray:
@@ -83,6 +88,73 @@ def sqrt_toeplitz_strategy(rounds: int, bands: int) -> np.ndarray:
   strategy = np.where((lags >= 0) & (lags < bands),
                       coefficients[np.clip(lags, 0, bands - 1)], 0.0)
   return strategy / np.linalg.norm(strategy, axis=0)
+
+
+def _prefix_error(band_values: tf.Tensor, rounds: int,
+                               bands: int) -> tf.Tensor:
+  """||A C^-1||_F^2 of the column-normalised C whose bands are
+  `band_values` ([T, B], entry [t, i] = C[t, t - i]; entries before the first
+  round are ignored)."""
+  strategy = tf.zeros([rounds, rounds], tf.float64)
+  for i in range(bands):
+    strategy += tf.linalg.diag(band_values[i:, i], k=-i)
+  strategy /= tf.norm(strategy, axis=0, keepdims=True)
+  inverse = tf.linalg.triangular_solve(
+      strategy, tf.eye(rounds, dtype=tf.float64), lower=True)
+  return tf.reduce_sum(tf.square(tf.cumsum(inverse, axis=0)))
+
+
+def optimized_strategy(rounds: int, bands: int,
+                       max_iterations: int = 2000) -> np.ndarray:
+  """The B-banded, column-normalised C of least expected prefix-sum error.
+
+  With unit columns and participations at least B rounds apart, every
+  strategy has sensitivity^2 k (`dp_fedavg.correlated_noise`), so the
+  expected error sens^2 ||A C^-1||_F^2 / T is least where ||A C^-1||_F^2 is:
+  minimised here over the band entries by L-BFGS (scipy, TF gradients) from
+  the square root's. The objective equals tr(A X^-1 A^T) over the banded
+  Gram matrices X = C^T C with unit diagonal, convex in X, as in
+  Choquette-Choo et al. 2023 and pfl-research's banded MF (which optimise
+  over X); a local optimum in C is that optimum.
+  """
+  start = band_coefficients(sqrt_toeplitz_strategy(rounds, bands), bands)
+
+  @tf.function(input_signature=[tf.TensorSpec([rounds * bands], tf.float64)])
+  def value_and_gradient(flat):
+    with tf.GradientTape() as tape:
+      tape.watch(flat)
+      error = _prefix_error(
+          tf.reshape(flat, [rounds, bands]), rounds, bands)
+    return error, tape.gradient(error, flat)
+
+  def objective(flat):
+    error, gradient = value_and_gradient(tf.constant(flat))
+    return float(error), gradient.numpy()
+
+  result = optimize.minimize(
+      objective, start.ravel(), jac=True, method='L-BFGS-B',
+      options=dict(maxiter=max_iterations, gtol=1e-9, ftol=1e-13))
+  band = result.x.reshape(rounds, bands)
+  strategy = sum(np.diag(band[i:, i], -i) for i in range(bands))
+  return strategy / np.linalg.norm(strategy, axis=0)
+
+
+def cached_optimized_strategy(rounds: int, bands: int) -> np.ndarray:
+  """`optimized_strategy`, computed once per (rounds, bands) and kept in
+  $DP_FEDAVG_CACHE (default ~/.cache/dp_fedavg)/banded_mf/."""
+  directory = os.path.join(
+      os.environ.get('DP_FEDAVG_CACHE',
+                     os.path.join(os.path.expanduser('~'), '.cache',
+                                  'dp_fedavg')), 'banded_mf')
+  path = os.path.join(directory, f'optimized_T{rounds}_B{bands}.npy')
+  if os.path.exists(path):
+    return check_strategy(np.load(path, allow_pickle=False), rounds, bands)
+  strategy = optimized_strategy(rounds, bands)
+  os.makedirs(directory, exist_ok=True)
+  partial = f'{path}.{os.getpid()}.partial.npy'
+  np.save(partial, strategy)
+  os.replace(partial, path)
+  return strategy
 
 
 def check_strategy(strategy, rounds: int, bands: int) -> np.ndarray:
@@ -318,8 +390,11 @@ class BandedMfParams:
       '--sampling=cyclic allows. 1 is DP-SGD without amplification.')
   mf_strategy: str = registry.parameter(
       SQRT_TOEPLITZ, f'{SQRT_TOEPLITZ} (the column-normalised banded square '
-      'root of the prefix-sum matrix) or the path of a .npy file holding a '
-      'rounds x rounds lower-triangular, mf_bands-banded strategy.')
+      f'root of the prefix-sum matrix), {OPTIMIZED} (the column-normalised '
+      'banded strategy of least expected prefix-sum error, computed once per '
+      '(rounds, mf_bands) and cached in $DP_FEDAVG_CACHE, default '
+      '~/.cache/dp_fedavg) or the path of a .npy file holding a rounds x '
+      'rounds lower-triangular, mf_bands-banded strategy.')
 
 
 def bands_of(params: BandedMfParams, setting: registry.Setting) -> int:
@@ -346,10 +421,13 @@ def strategy_of(params: BandedMfParams, setting: registry.Setting) -> np.ndarray
   rounds, bands = _rounds_of(setting), bands_of(params, setting)
   if params.mf_strategy == SQRT_TOEPLITZ:
     return sqrt_toeplitz_strategy(rounds, bands)
+  if params.mf_strategy == OPTIMIZED:
+    return cached_optimized_strategy(rounds, bands)
   path = params.mf_strategy
   if not path.endswith('.npy'):
     raise checks.ArgumentError(
-        'mf_strategy', path, f'{SQRT_TOEPLITZ} or the path of a .npy file')
+        'mf_strategy', path,
+        f'{SQRT_TOEPLITZ}, {OPTIMIZED} or the path of a .npy file')
   if not os.path.isfile(path):
     raise checks.ArgumentError('mf_strategy', path, 'an existing .npy file')
   try:

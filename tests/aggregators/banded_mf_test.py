@@ -2,9 +2,12 @@
 
 import collections
 import math
+import os
+from unittest import mock
 
 from absl.testing import parameterized
 import numpy as np
+from scipy import optimize
 from scipy import special
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -20,7 +23,7 @@ _STRUCT = tff.types.to_type(
 _WIDTH = 20000
 
 
-class StrategyTest(parameterized.TestCase):
+class SquareRootStrategyTest(parameterized.TestCase):
 
   def test_coefficients_are_the_central_binomials(self):
     """c_i = C(2i, i) / 4^i, the series of (1 - x)^-1/2."""
@@ -67,6 +70,61 @@ class StrategyTest(parameterized.TestCase):
     for bands in (2, 8, 64):
       self.assertLess(banded_mf.expected_error(
           banded_mf.sqrt_toeplitz_strategy(rounds, bands), k), identity)
+
+
+def _least_error_over_gram_matrices(rounds: int, bands: int) -> float:
+  """min tr(A X^-1 A^T) over banded X with unit diagonal (X = C^T C): the
+  same optimum as the optimized strategy, by another route (Nelder-Mead over
+  X's bands, infinite outside the positive-definite cone)."""
+  prefix = np.tril(np.ones((rounds, rounds)))
+  sizes = [rounds - lag for lag in range(1, bands)]
+
+  def error(values):
+    gram = np.eye(rounds)
+    start = 0
+    for lag, size in enumerate(sizes, start=1):
+      band = np.diag(values[start:start + size], -lag)
+      gram += band + band.T
+      start += size
+    if np.min(np.linalg.eigvalsh(gram)) <= 1e-9:
+      return np.inf
+    return float(np.trace(prefix @ np.linalg.solve(gram, prefix.T)))
+
+  result = optimize.minimize(
+      error, np.zeros(sum(sizes)), method='Nelder-Mead',
+      options=dict(maxiter=200000, maxfev=200000, xatol=1e-10, fatol=1e-12))
+  return result.fun
+
+
+class StrategyTest(parameterized.TestCase):
+
+  def test_optimized_strategy_reaches_the_gram_optimum(self):
+    rounds, bands = 6, 3
+    strategy = banded_mf.optimized_strategy(rounds, bands)
+    banded_mf.check_strategy(strategy, rounds, bands)
+    np.testing.assert_allclose(np.linalg.norm(strategy, axis=0), 1.0)
+    self.assertAlmostEqual(
+        banded_mf.expected_error(strategy, 1) * rounds,
+        _least_error_over_gram_matrices(rounds, bands), places=5)
+
+  def test_optimized_strategy_beats_the_square_root(self):
+    rounds, bands = 40, 6
+    self.assertLess(
+        banded_mf.expected_error(
+            banded_mf.optimized_strategy(rounds, bands), 1),
+        banded_mf.expected_error(
+            banded_mf.sqrt_toeplitz_strategy(rounds, bands), 1))
+
+  def test_optimized_strategy_is_cached(self):
+    cache = self.create_tempdir().full_path
+    with mock.patch.dict(os.environ, {'DP_FEDAVG_CACHE': cache}):
+      first = banded_mf.cached_optimized_strategy(10, 3)
+      path = os.path.join(cache, 'banded_mf', 'optimized_T10_B3.npy')
+      np.testing.assert_array_equal(np.load(path), first)
+      with mock.patch.object(banded_mf, 'optimized_strategy') as optimize_:
+        np.testing.assert_array_equal(
+            banded_mf.cached_optimized_strategy(10, 3), first)
+      optimize_.assert_not_called()
 
 
 def _released_noise(strategy, seed=0) -> np.ndarray:
@@ -225,7 +283,7 @@ class BandedLedgerTest(parameterized.TestCase):
       banded_mf.strategy_of(params, self._setting())
 
   @parameterized.named_parameters(
-      ('not_npy', 'strategy.txt', 'sqrt_toeplitz or the path of a .npy'),
+      ('not_npy', 'strategy.txt', 'sqrt_toeplitz, optimized or the path of'),
       ('missing', '/nonexistent/strategy.npy', 'an existing .npy file'),
   )
   def test_bad_strategy_flag(self, value, message):

@@ -39,6 +39,16 @@ Strategies:
   lower-triangular, B-banded, finite, with a non-zero diagonal; accounted
   with its own column norms.
 
+Amplified banded MF (`--sampling=cyclic_poisson`, Choquette-Choo et al. 2023,
+Theorem 4): the population is cut into b >= B groups that take turns, and
+in its group's turn each client takes part with probability q. A client's
+turns are b >= B rounds apart, so its rows of C x are disjoint across turns,
+and each turn is a Poisson-sampled Gaussian mechanism on its own rows with
+noise z / max_j ||C[:, j]||: after t rounds, ceil(t / b) of them composed
+(`PoissonSampledDpEvent`, dp-accounting's RDP and PLD under add/remove
+adjacency; the zeroed-out client is the absent one). jax_privacy's
+`amplified_bandmf_event` states the same.
+
 `expected_error` reports a strategy's mean squared prefix-sum error beside
 DP-SGD's (C = I) at the same privacy.
 
@@ -48,6 +58,7 @@ strategy C (T rounds, B bands), noise seed.
 
 import collections
 import dataclasses
+import math
 import os
 from typing import Optional
 
@@ -65,6 +76,7 @@ from aggregators import registry
 from aggregators import skeleton
 from dp_fedavg import accounting
 from dp_fedavg import correlated_noise
+from dp_fedavg import sampling
 
 SQRT_TOEPLITZ = 'sqrt_toeplitz'
 OPTIMIZED = 'optimized'
@@ -403,6 +415,8 @@ def bands_of(params: BandedMfParams, setting: registry.Setting) -> int:
   if params.mf_bands:
     checks.check_integer(params.mf_bands, 'mf_bands', 1, rounds)
     return params.mf_bands
+  if setting.sampling is sampling.SamplingScheme.CYCLIC_POISSON:
+    return max(1, min(rounds, setting.sampling_groups))
   if setting.population is None:
     return rounds
   period = int(setting.population // setting.expected_clients_per_round)
@@ -452,11 +466,41 @@ def _build(params: BandedMfParams, setting: registry.Setting):
   )
 
 
+def amplified_event(noise_multiplier: float, strategy: np.ndarray,
+                    rounds: int, groups: int,
+                    sampling_probability: float) -> dp_accounting.DpEvent:
+  """Amplified BandMF after `rounds` rounds (module docstring): ceil(rounds /
+  groups) Poisson-sampled Gaussians of z / (largest column norm)."""
+  if noise_multiplier == 0:
+    return dp_accounting.NonPrivateDpEvent()
+  largest = float(np.max(np.linalg.norm(strategy[:rounds, :rounds], axis=0)))
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+          float(sampling_probability),
+          dp_accounting.GaussianDpEvent(float(noise_multiplier) / largest)),
+      math.ceil(rounds / groups))
+
+
 def _ledger(params: BandedMfParams, setting: registry.Setting):
-  ledger = BandedLedger(strategy_of(params, setting), bands_of(params, setting))
+  strategy, bands = strategy_of(params, setting), bands_of(params, setting)
+  if setting.sampling is not sampling.SamplingScheme.CYCLIC_POISSON:
+    ledger = BandedLedger(strategy, bands)
+    return accounting.RunLevel(
+        lambda participation: ledger.event(
+            params.noise_multiplier, participation.cohorts))
+  groups = setting.sampling_groups
+  if bands > groups:
+    raise ValueError(
+        f'amplified banded MF needs --sampling_groups >= --mf_bands: with '
+        f'{groups} groups a client\'s turns are {groups} rounds apart, closer '
+        f'than the {bands} bands.')
+  probability = setting.expected_clients_per_round / (
+      setting.population // groups)
   return accounting.RunLevel(
-      lambda participation: ledger.event(
-          params.noise_multiplier, participation.cohorts))
+      lambda participation: amplified_event(
+          params.noise_multiplier, strategy, len(participation.cohorts),
+          groups, probability),
+      adjacency=accounting.Adjacency.ADD_OR_REMOVE_ONE)
 
 
 def _utility_notes(params: BandedMfParams, setting: registry.Setting,

@@ -78,6 +78,9 @@ class Setting:
       planned for the whole run (matrix factorization).
     population: the number of clients; needed by mechanisms that act once
       per pass over the population (a tree restarted every epoch).
+    sampling: the run's `dp_fedavg.sampling.SamplingScheme`, for ledgers
+      whose analysis depends on it (amplified banded MF); None if unknown.
+    sampling_groups: the groups of cyclic Poisson sampling.
   """
 
   expected_clients_per_round: float
@@ -87,6 +90,8 @@ class Setting:
   robustness: Optional[robust.Robustness] = None
   rounds: Optional[int] = None
   population: Optional[int] = None
+  sampling: Any = None
+  sampling_groups: int = 0
 
   @property
   def robust(self) -> bool:

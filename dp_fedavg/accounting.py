@@ -33,9 +33,10 @@ composed with dp-accounting (`PrivacyAccountant`):
   replace-one-client adjacency. Only RDP accounts this sampling.
 * Full participation (every client every round): the event itself, under
   add/remove adjacency.
-* Cyclic participation (`sampling.SamplingScheme.CYCLIC`): accounted only by
-  run-level ledgers, from the realised schedule; independent-round
-  mechanisms are refused under it.
+* Cyclic participation (`sampling.SamplingScheme.CYCLIC`, and
+  `CYCLIC_POISSON`, Poisson sampling within the group whose turn it is):
+  accounted only by run-level ledgers; independent-round mechanisms are
+  refused under them.
 * Local DP (`local_dp=True`, client-side noise): the aggregator's event
   already describes one client's own message under replacement of its update.
   The server knows who took part, so sampling amplifies nothing: the events
@@ -355,10 +356,10 @@ class PrivacyAccountant:
       )
     if self.local_dp:
       return event
-    if self.scheme is sampling.SamplingScheme.CYCLIC:
+    if self.scheme in sampling.CYCLIC_SCHEMES:
       raise ValueError(
-          'cyclic participation is accounted from the realised schedule by '
-          'the correlated-noise mechanisms (dp_ftrl_tree, banded_mf; '
+          f'{self.scheme.value} participation is accounted by the '
+          'correlated-noise mechanisms (dp_ftrl_tree, banded_mf; '
           'banded_mf with --mf_bands=1 is DP-SGD without amplification); '
           'independent-round mechanisms are accounted with --sampling='
           'poisson, uniform or full.'
@@ -861,7 +862,7 @@ class PrivacyLedger:
     """The per-round event after sampling, or the run-level statement."""
     if isinstance(self.ledger, RunLevel):
       return (
-          'one event for the whole run from the realised participation, e.g. '
+          'one event for the whole run (run level), e.g. '
           f'{self.ledger.event_of_participation(Participation(((0,),)))} '
           'after one round'
       )
@@ -946,7 +947,9 @@ class PrivacyLedger:
     # Laplace PLD is symmetric, so it serves every adjacency whose
     # sensitivity the event already states.
     if _effective_gaussian(event) is not None or isinstance(
-        event, dp_accounting.LaplaceDpEvent):
+        event, dp_accounting.LaplaceDpEvent) or (
+            relation is _NeighborRel.ADD_OR_REMOVE_ONE
+            and dp_accounting.pld.PLDAccountant().supports(event)):
       kinds.append(AccountantKind.PLD)
     return [k for k in kinds if self.kind in (AccountantKind.AUTO, k)]
 

@@ -48,6 +48,7 @@ class RunConfig:
   mechanism_values: tuple[tuple[str, Any], ...] = ()
   clients_per_round: int = 20
   sampling: str = 'poisson'
+  sampling_groups: int = 0
   rounds: int = 30
   delta: float = 1e-5
   accountant: str = 'auto'
@@ -248,6 +249,7 @@ def range_error(config: RunConfig) -> Optional[str]:
        'an integer >= 1'),
       ('sampling', config.sampling in _values(sampling_lib.SamplingScheme),
        f'one of {", ".join(_values(sampling_lib.SamplingScheme))}'),
+      ('sampling_groups', config.sampling_groups >= 0, 'an integer >= 0'),
       ('rounds', config.rounds >= 1, 'an integer >= 1'),
       ('delta', 0 < config.delta < 1, 'in (0, 1)'),
       ('accountant', config.accountant in _values(accounting.AccountantKind),
@@ -298,6 +300,20 @@ def population_error(config: RunConfig, num_clients: int) -> Optional[str]:
         f'be in [1, num_clients={num_clients}] (sampling rate q = '
         'clients_per_round / num_clients must lie in (0, 1]).'
     )
+  if config.sampling == sampling_lib.SamplingScheme.CYCLIC_POISSON.value:
+    largest = num_clients // config.clients_per_round
+    if not 1 <= config.sampling_groups <= largest:
+      return (
+          f'--sampling_groups={config.sampling_groups} is out of range: '
+          f'--sampling=cyclic_poisson needs [1, num_clients // '
+          f'clients_per_round = {largest}] groups (each of at least '
+          'clients_per_round clients).'
+      )
+  elif config.sampling_groups:
+    return (
+        f'--sampling_groups={config.sampling_groups} applies to '
+        f'--sampling=cyclic_poisson, not {config.sampling}.'
+    )
   return None
 
 
@@ -309,6 +325,11 @@ def example_level_error(config: RunConfig) -> Optional[str]:
         f'parameters of --aggregator={EXAMPLE_MECHANISM} (--noise_multiplier, '
         f'--clip, --clipping) and averages the clients\' updates without '
         f'server noise; --aggregator={config.aggregator} is user-level only.'
+    )
+  if config.sampling == sampling_lib.SamplingScheme.CYCLIC_POISSON.value:
+    return (
+        '--privacy_unit=example accounts each client\'s own participation; '
+        '--sampling=cyclic_poisson is for amplified banded MF (user level).'
     )
   params = config.params
   if params.noise_placement != 'server':

@@ -23,6 +23,13 @@ class SamplingScheme(enum.Enum):
   # devices eligible once per period do: no sampling to amplify privacy, but
   # each client's participations are `period` rounds apart.
   CYCLIC = 'cyclic'
+  # `groups` groups take turns; each member of the group whose turn it is
+  # takes part with probability q = clients_per_round / group size (amplified
+  # banded MF, Choquette-Choo et al. 2023).
+  CYCLIC_POISSON = 'cyclic_poisson'
+
+
+CYCLIC_SCHEMES = (SamplingScheme.CYCLIC, SamplingScheme.CYCLIC_POISSON)
 
 
 class ClientSampler:
@@ -39,6 +46,11 @@ class ClientSampler:
   `period` apart, at most ceil(rounds / period) times. The last
   `num_clients mod clients_per_round` clients of the permutation never take
   part (`left_out`), which keeps every cohort exactly clients_per_round.
+
+  Cyclic Poisson: the permutation is cut into `groups` groups of
+  num_clients // groups (the rest left out); round r's cohort is each member
+  of group (r - 1) mod groups with probability q = clients_per_round / group
+  size, drawn from the round's own stream.
   """
 
   def __init__(
@@ -47,6 +59,7 @@ class ClientSampler:
       num_clients: int,
       clients_per_round: int,
       seed: int,
+      groups: int = 0,
   ):
     self.scheme = SamplingScheme(scheme)
     if num_clients < 1:
@@ -58,27 +71,49 @@ class ClientSampler:
           f'clients_per_round must be in [1, num_clients={num_clients}], got '
           f'{clients_per_round}.'
       )
+    if self.scheme is SamplingScheme.CYCLIC_POISSON:
+      if not 1 <= groups <= num_clients // clients_per_round:
+        raise ValueError(
+            f'cyclic_poisson needs groups in [1, num_clients // '
+            f'clients_per_round = {num_clients // clients_per_round}] (a group '
+            f'of at least clients_per_round clients), got {groups}.')
+    elif groups:
+      raise ValueError(
+          f'groups apply to cyclic_poisson sampling, not {self.scheme.value}.')
     self.num_clients = num_clients
     self.clients_per_round = clients_per_round
     self.seed = seed
-    if self.scheme is SamplingScheme.CYCLIC:
+    self.groups = groups
+    if self.scheme in CYCLIC_SCHEMES:
       order = np.random.default_rng([seed, 0]).permutation(num_clients)
-      self._groups = order[:self.period * clients_per_round].reshape(
-          self.period, clients_per_round)
+      self._groups = order[:self.period * self.group_size].reshape(
+          self.period, self.group_size)
 
   @property
   def period(self) -> int:
-    """Cyclic: the rounds between two turns of one group."""
+    """Cyclic schemes: the rounds between two turns of one group."""
+    if self.scheme is SamplingScheme.CYCLIC_POISSON:
+      return self.groups
     return self.num_clients // self.clients_per_round
 
   @property
+  def group_size(self) -> int:
+    """Cyclic schemes: the clients in each group."""
+    if self.scheme is SamplingScheme.CYCLIC:
+      return self.clients_per_round
+    return self.num_clients // self.period
+
+  @property
   def left_out(self) -> int:
-    """Cyclic: the clients in no group."""
-    return self.num_clients - self.period * self.clients_per_round
+    """Cyclic schemes: the clients in no group."""
+    return self.num_clients - self.period * self.group_size
 
   @property
   def sampling_probability(self) -> float:
-    """q: each client's chance of taking part in a round."""
+    """q: each client's chance of taking part in a round (cyclic Poisson:
+    in a round of its group's turn)."""
+    if self.scheme is SamplingScheme.CYCLIC_POISSON:
+      return self.clients_per_round / self.group_size
     return self.clients_per_round / self.num_clients
 
   def sample(self, round_num: int) -> np.ndarray:
@@ -89,6 +124,10 @@ class ClientSampler:
     if self.scheme is SamplingScheme.CYCLIC:
       return np.sort(self._groups[(round_num - 1) % self.period])
     rng = np.random.default_rng([self.seed, round_num])
+    if self.scheme is SamplingScheme.CYCLIC_POISSON:
+      group = self._groups[(round_num - 1) % self.period]
+      return np.sort(
+          group[rng.random(self.group_size) < self.sampling_probability])
     if self.scheme is SamplingScheme.UNIFORM:
       cohort = rng.choice(
           self.num_clients, size=self.clients_per_round, replace=False

@@ -43,6 +43,12 @@ CLIENTS_PER_ROUND = flags.DEFINE_integer(
     'clients_per_round', 20,
     'Clients per round: exact for uniform sampling, expected for Poisson '
     '(rate q = clients_per_round / num_clients); ignored for full.')
+SAMPLING_GROUPS = flags.DEFINE_integer(
+    'sampling_groups', 0,
+    '--sampling=cyclic_poisson: the groups that take turns (b); each member '
+    'of the group whose turn it is takes part with probability '
+    'clients_per_round / (num_clients // b). Amplified banded MF needs b >= '
+    '--mf_bands. 0 for the other samplings.')
 SAMPLING = flags.DEFINE_string(
     'sampling', 'poisson',
     f'Client sampling, one of {tuple(s.value for s in sampling.SamplingScheme)}. '
@@ -83,8 +89,8 @@ MECHANISM_FLAGS = {info.name: _define(info) for info in registry.parameters()}
 # What every privacy run takes, whatever the binary (flag name -> holder).
 RUN_FLAGS = {
     holder.name: holder for holder in (
-        AGGREGATOR, PRIVACY_UNIT, NUM_CLIENTS, CLIENTS_PER_ROUND, SAMPLING, ROUNDS, DELTA,
-        ACCOUNTANT, TARGET_EPSILON, CALIBRATE,
+        AGGREGATOR, PRIVACY_UNIT, NUM_CLIENTS, CLIENTS_PER_ROUND, SAMPLING,
+        SAMPLING_GROUPS, ROUNDS, DELTA, ACCOUNTANT, TARGET_EPSILON, CALIBRATE,
     )
 }
 

@@ -94,6 +94,12 @@ def main(argv):
     if ledger.scheme is sampling.SamplingScheme.CYCLIC:
       participation = (
           f'each every {ledger.num_clients // ledger.clients_per_round} rounds')
+    elif ledger.scheme is sampling.SamplingScheme.CYCLIC_POISSON:
+      groups = config.sampling_groups
+      participation = (
+          f'{groups} groups taking turns, q='
+          f'{ledger.clients_per_round / (ledger.num_clients // groups):.4g} '
+          'within a group')
     else:
       participation = f'q={ledger.clients_per_round / ledger.num_clients:.4g}'
     print(
@@ -108,7 +114,8 @@ def main(argv):
   budget = config.target_epsilon
   # The report plans the same cohorts training would draw.
   sampler = sampling.ClientSampler(
-      ledger.scheme, ledger.num_clients, ledger.clients_per_round, config.seed
+      ledger.scheme, ledger.num_clients, ledger.clients_per_round, config.seed,
+      config.sampling_groups,
   )
   cohorts = [sampler.sample(r) for r in range(1, rounds + 1)]
   if budget is not None:

@@ -108,6 +108,8 @@ class PrivacyPlan:
         robustness=config.robustness(expected),
         rounds=config.rounds,
         population=num_clients,
+        sampling=scheme,
+        sampling_groups=config.sampling_groups,
     )
     run = (scheme, num_clients, config.clients_per_round, config.delta,
            config.accountant_kind)
@@ -116,7 +118,8 @@ class PrivacyPlan:
     ledger = accounting.PrivacyLedger(mechanism.build_ledger(params, setting), *run)
     planned_cohorts = ()
     if isinstance(ledger.ledger, accounting.RunLevel):
-      sampler = sampling.ClientSampler(scheme, num_clients, expected, config.seed)
+      sampler = sampling.ClientSampler(scheme, num_clients, expected,
+                                       config.seed, config.sampling_groups)
       planned_cohorts = [
           sampler.sample(r) for r in range(1, config.rounds + 1)
       ]
@@ -390,14 +393,18 @@ class Runner:
           ledger.kind.value,
       )
       sampler = sampling.ClientSampler(
-          ledger.scheme, ledger.num_clients, ledger.clients_per_round, seed)
-      if ledger.scheme is sampling.SamplingScheme.CYCLIC:
+          ledger.scheme, ledger.num_clients, ledger.clients_per_round, seed,
+          config.sampling_groups)
+      if ledger.scheme in sampling.CYCLIC_SCHEMES:
         logging.info(
-            'cyclic participation: %d groups of %d take turns, each client '
-            'every %d rounds, at most %d times in %d rounds; %d clients in no '
-            'group', sampler.period, sampler.clients_per_round,
-            sampler.period, math.ceil(config.rounds / sampler.period),
-            config.rounds, sampler.left_out)
+            '%s participation: %d groups of %d take turns (each member taking '
+            'part with probability %.4g), each client at most every %d '
+            'rounds, at most %d times in %d rounds; %d clients in no group',
+            ledger.scheme.value, sampler.period, sampler.group_size,
+            sampler.sampling_probability if ledger.scheme is
+            sampling.SamplingScheme.CYCLIC_POISSON else 1.0, sampler.period,
+            math.ceil(config.rounds / sampler.period), config.rounds,
+            sampler.left_out)
       for line in plan.utility_notes(
           [sampler.sample(r) for r in range(1, config.rounds + 1)]):
         logging.info('%s', line)
@@ -446,6 +453,7 @@ class Runner:
         task,
         sampling.ClientSampler(
             ledger.scheme, ledger.num_clients, ledger.clients_per_round, seed,
+            config.sampling_groups,
         ),
         ledger,
         self.evaluator(in_process),

@@ -6,6 +6,7 @@ import os
 from unittest import mock
 
 from absl.testing import parameterized
+import dp_accounting
 import numpy as np
 from scipy import optimize
 from scipy import special
@@ -17,6 +18,7 @@ from aggregators import checks
 from aggregators import registry
 from dp_fedavg import accounting
 from dp_fedavg import correlated_noise
+from dp_fedavg import sampling
 
 _STRUCT = tff.types.to_type(
     collections.OrderedDict(w=(np.float32, [2, 3]), b=(np.float32, [3])))
@@ -266,6 +268,39 @@ class BandedLedgerTest(parameterized.TestCase):
     ledger = banded_mf.BandedLedger(banded_mf.sqrt_toeplitz_strategy(6, 3), 3)
     with self.assertRaisesRegex(ValueError, '--sampling=cyclic'):
       ledger.event(1.0, [(0,), (1,), (0,)])
+
+  def test_amplified_banded_mf_is_dp_sgd_over_the_turns(self):
+    """Poisson sampling within 5 groups (Choquette-Choo et al. 2023, Thm 4;
+    jax_privacy's amplified_bandmf_event): 12 rounds are ceil(12 / 5) = 3
+    Poisson-sampled Gaussians of z (unit columns), add/remove adjacency."""
+    mechanism = registry.get('banded_mf')
+    setting = registry.Setting(
+        expected_clients_per_round=10, rounds=12, population=503,
+        sampling=sampling.SamplingScheme.CYCLIC_POISSON, sampling_groups=5)
+    params = mechanism.params(dict(noise_multiplier=1.3))
+    self.assertEqual(banded_mf.bands_of(params, setting), 5)
+    ledger = mechanism.build_ledger(params, setting)
+    self.assertIs(ledger.adjacency, accounting.Adjacency.ADD_OR_REMOVE_ONE)
+    event = ledger.event_of_participation(
+        accounting.Participation(((0,),) * 12))
+    expected = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            10 / 100, dp_accounting.GaussianDpEvent(1.3)), 3)
+    for new_accountant in (dp_accounting.rdp.RdpAccountant,
+                           dp_accounting.pld.PLDAccountant):
+      ours, reference = new_accountant(), new_accountant()
+      ours.compose(event)
+      reference.compose(expected)
+      self.assertAlmostEqual(ours.get_epsilon(1e-6),
+                             reference.get_epsilon(1e-6), places=9)
+
+  def test_amplified_banded_mf_needs_as_many_groups_as_bands(self):
+    mechanism = registry.get('banded_mf')
+    setting = registry.Setting(
+        expected_clients_per_round=10, rounds=12, population=500,
+        sampling=sampling.SamplingScheme.CYCLIC_POISSON, sampling_groups=3)
+    with self.assertRaisesRegex(ValueError, '--sampling_groups >= --mf_bands'):
+      mechanism.build_ledger(mechanism.params(dict(mf_bands=4)), setting)
 
   def test_user_strategy_file(self):
     path = self.create_tempfile('strategy.npy').full_path

@@ -87,6 +87,36 @@ class ClientSamplerTest(parameterized.TestCase):
     self.assertEqual(correlated_noise.realised_schedule(cohorts),
                      correlated_noise.Schedule(7, 3, 3))
 
+  def test_cyclic_poisson_samples_within_the_group_of_the_turn(self):
+    # 103 clients in 4 groups of 25 (3 left out); q = 5 / 25 within a group.
+    sampler = sampling.ClientSampler('cyclic_poisson', 103, 5, seed=8,
+                                     groups=4)
+    self.assertEqual((sampler.period, sampler.group_size, sampler.left_out),
+                     (4, 25, 3))
+    self.assertAlmostEqual(sampler.sampling_probability, 0.2)
+    rounds = 2000
+    cohorts = [sampler.sample(r) for r in range(1, rounds + 1)]
+    groups = [set() for _ in range(4)]
+    for r, cohort in enumerate(cohorts):
+      groups[r % 4].update(cohort.tolist())
+    self.assertEqual(sum(len(g) for g in groups), 100)
+    self.assertEqual(len(set().union(*groups)), 100)  # disjoint groups
+    sizes = np.array([len(c) for c in cohorts])
+    standard_error = np.sqrt(25 * 0.2 * 0.8 / rounds)
+    self.assertLess(abs(sizes.mean() - 5), 5 * standard_error)
+    schedule = correlated_noise.realised_schedule(cohorts)
+    self.assertGreaterEqual(schedule.min_gap, 4)
+    self.assertLessEqual(schedule.max_participations, rounds // 4)
+
+  @parameterized.named_parameters(
+      ('no_groups', 'cyclic_poisson', 0, 'groups in'),
+      ('groups_smaller_than_the_cohort', 'cyclic_poisson', 21, 'groups in'),
+      ('groups_without_cyclic_poisson', 'poisson', 2, 'apply to'),
+  )
+  def test_invalid_groups(self, scheme, groups, message):
+    with self.assertRaisesRegex(ValueError, message):
+      sampling.ClientSampler(scheme, 100, 5, seed=0, groups=groups)
+
   def test_unknown_scheme_raises(self):
     with self.assertRaisesRegex(ValueError, 'shuffle'):
       sampling.ClientSampler('shuffle', 5, 1, seed=0)

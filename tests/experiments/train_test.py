@@ -477,6 +477,34 @@ class CorrelatedNoiseBinaryTest(absltest.TestCase):
             z_eff, dp_accounting.GaussianDpEvent(z_eff), 1e-5), places=6)
 
 
+  def test_amplified_banded_mf_epsilon_is_dp_sgd_over_the_turns(self):
+    output_dir = self.create_tempdir().full_path
+    flags_ = [f for f in self._FLAGS
+              if not f.startswith(('--sampling', '--clients_per_round'))]
+    result = _run_train(
+        f'--output_dir={output_dir}', '--aggregator=banded_mf',
+        '--sampling=cyclic_poisson', '--sampling_groups=4',
+        '--clients_per_round=5', *flags_)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('cyclic_poisson participation: 4 groups of 10',
+                  result.stderr)
+    rows = _read_rows(output_dir)
+    self.assertEqual(rows[-1]['adjacency'], 'add_or_remove_one')
+    # 5 rounds over 4 groups: 2 turns, each a Poisson-sampled Gaussian
+    # (q = 5 / 10, unit columns).
+    turns = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            0.5, dp_accounting.GaussianDpEvent(2.0)), 2)
+    epsilons = []
+    for accountant in (dp_accounting.rdp.RdpAccountant(),
+                       dp_accounting.pld.PLDAccountant(
+                           value_discretization_interval=1e-4)):
+      accountant.compose(turns)
+      epsilons.append(accountant.get_epsilon(1e-5))
+    self.assertAlmostEqual(float(rows[-1]['epsilon']), min(epsilons),
+                           places=6)
+
+
 class EngineBinaryTest(parameterized.TestCase):
 
   def test_same_losses_and_epsilon_as_the_standard_engine(self):

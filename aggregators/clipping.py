@@ -81,11 +81,14 @@ def adaptive_shares(released: list[tf.Tensor], previous: tf.Tensor) -> tf.Tensor
 def flat_clip_with_counts(norms: tf.Tensor, is_finite: tf.Tensor,
                           clip: tf.Tensor):
   """`skeleton.ClientStep`'s clip rule for one flat bound S: the factors and
-  the counts of users scaled (`clipped`) and replaced by zeros
-  (`nonfinite`)."""
+  the counts of users scaled (`clipped`), replaced by zeros (`nonfinite`),
+  left as they were (`unclipped`, for adaptive clipping) and of all users
+  (`participants`)."""
   scales, unclipped = clip_scales(norms, clip, None, Clipping.FLAT)
   return scales, collections.OrderedDict(
       clipped=tf.cast(
           tf.logical_and(is_finite, tf.logical_not(unclipped)), tf.int32),
       nonfinite=tf.cast(tf.logical_not(is_finite), tf.int32),
+      unclipped=tf.cast(tf.logical_and(is_finite, unclipped), tf.int32),
+      participants=tf.ones_like(norms[:, 0], tf.int32),
   )

@@ -31,8 +31,21 @@ of each tree when no client takes part twice in one tree
 run-level: the event is rebuilt from the participation that happened, with
 no sampling amplification.
 
+Adaptive clipping (Andrew et al. 2021, as `aggregators.gaussian`), with
+restarts only: every round each client also reports b_i = 1 if its update
+was not clipped, the server releases sum_i (b_i - 1/2) + N(0, sigma_b^2)
+(one client moves it by 1/2) and moves a clip estimate geometrically toward
+the target quantile; a new tree starts with the estimate as its clip and
+z times it as its nodes' stddev, so each tree is the Gaussian mechanism above
+in units of its own clip (the clip is post-processing of earlier releases).
+A client that takes part k times adds k / (2 sigma_b)^2 to the
+sensitivity^2 / noise^2 of the release: with the trees' worst cases the run
+is one Gaussian of multiplier (sens_trees^2 / z^2 + k / (2 sigma_b)^2)^-1/2,
+each part bounded by its own worst client.
+
 Parameters: noise multiplier z (node stddev z S), clip S, n, restart period,
-Honaker's estimator or the plain tree, noise seed.
+Honaker's estimator or the plain tree, noise seed; adaptive: initial clip,
+target quantile, learning rate, sigma_b (default max(0.05 n, 5 z)).
 """
 
 import collections
@@ -47,6 +60,7 @@ from tensorflow_privacy.privacy.dp_query import tree_aggregation
 
 from aggregators import checks
 from aggregators import clipping
+from aggregators import gaussian
 from aggregators import noise_seeds
 from aggregators import registry
 from aggregators import skeleton
@@ -83,6 +97,7 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
       efficient: bool = True,
       noise_seed: Optional[int] = None,
       stacked_users: bool = False,
+      adaptive: Optional[gaussian.AdaptiveClipping] = None,
   ):
     """Initializes the factory.
 
@@ -97,10 +112,13 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
       noise_seed: seed of the tree's noise; None draws one.
       stacked_users: each client's value is a stack of users' updates (the
         vectorized engine); each user is clipped on its own.
+      adaptive: track a quantile of the update norms (module docstring);
+        the clip changes only when the tree restarts. None keeps `clip`.
 
     Raises:
       TypeError: if an argument is not of its type.
       checks.ArgumentError: if an argument is outside its range.
+      checks.UnsupportedError: adaptive clipping without restarts.
     """
     self._noise_multiplier = checks.check_number(
         noise_multiplier, 'noise_multiplier', 0, strict=False)
@@ -114,6 +132,30 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
     self._efficient = checks.check_bool(efficient, 'efficient')
     self._noise_seed = checks.check_seed(noise_seed)
     self._stacked_users = checks.check_bool(stacked_users, 'stacked_users')
+    self._adaptive = adaptive
+    self._count_stddev = 0.0
+    if adaptive is not None:
+      if restart_period is None:
+        raise checks.UnsupportedError(
+            'adaptive clipping needs tree restarts: one tree\'s nodes are '
+            'noised for one clip, so the clip may change only when a new '
+            'tree starts (tree_restart=epoch).')
+      checks.check_number(adaptive.target_quantile, 'target_quantile', 0,
+                          strict=False, maximum=1)
+      checks.check_number(adaptive.learning_rate, 'learning_rate', 0,
+                          strict=False)
+      if adaptive.clipped_count_stddev is None:
+        self._count_stddev = default_count_stddev(
+            self._noise_multiplier, self._expected_clients_per_round)
+      else:
+        self._count_stddev = checks.check_number(
+            adaptive.clipped_count_stddev, 'clipped_count_stddev', 0,
+            strict=False)
+
+  @property
+  def clipped_count_stddev(self) -> float:
+    """sigma_b (0 for a fixed clip)."""
+    return self._count_stddev
 
   def create(
       self, value_type: tff.types.StructWithPythonType | tff.TensorType
@@ -131,26 +173,40 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
             if self._efficient else tree_aggregation.TreeAggregator(generator))
     restart_period = self._restart_period
     denominator = self._expected_clients_per_round
+    adaptive = self._adaptive
+    noise_multiplier = self._noise_multiplier
 
     def zeros():
       return tf.nest.map_structure(
           lambda spec: tf.zeros(spec.shape, spec.dtype), value_specs)
+
+    def new_tree(generator_state):
+      """A tree's first leaf, as TreeAggregator.init_state builds it, with
+      the generator's seed and stddev from `generator_state`."""
+      return tree.reset_state(tree_aggregation.TreeState(
+          level_buffer=None, level_buffer_idx=None,
+          value_generator_state=generator_state))
 
     @tff.tensorflow.computation
     def initial_state():
       generator_state = generator.make_state(
           noise_seeds.initial_seed(self._noise_seed),
           tf.constant(node_stddev, tf.float32))
-      return collections.OrderedDict(
+      state = collections.OrderedDict(
           clip=tf.constant(self._clip, tf.float32),
           noise_multiplier=tf.constant(self._noise_multiplier, tf.float64),
-          # The first leaf's state, as TreeAggregator.init_state builds it.
-          tree=tree.reset_state(tree_aggregation.TreeState(
-              level_buffer=None, level_buffer_idx=None,
-              value_generator_state=generator_state)),
+          tree=new_tree(generator_state),
           previous_noise=zeros(),
           rounds_in_tree=tf.constant(0, tf.int32),
       )
+      if adaptive is not None:
+        state['clip_estimate'] = tf.constant(self._clip, tf.float32)
+        state['clipped_count_stddev'] = tf.constant(
+            self._count_stddev, tf.float64)
+        # A stream apart from the tree's (which adds integers to its seed).
+        state['count_seed'] = tf.random.experimental.stateless_split(
+            generator_state.seeds, 2)[1]
+      return state
 
     state_type = initial_state.type_signature.result
 
@@ -171,20 +227,51 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
           lambda x, noise, previous: (x + noise - previous) / denominator,
           value_sum, cumulative_noise, state['previous_noise'])
       rounds_in_tree = state['rounds_in_tree'] + 1
+      clip = state['clip']
+      extra_state, extra_measurements = {}, {}
+      if adaptive is not None:
+        count_seeds = tf.random.experimental.stateless_split(
+            state['count_seed'], 2)
+        count_noise = tf.random.stateless_normal(
+            [], seed=count_seeds[0],
+            stddev=tf.cast(state['clipped_count_stddev'], tf.float32))
+        # sum_i (b_i - 1/2): one client moves it by 1/2.
+        unclipped_centered = tf.cast(counts['unclipped'], tf.float32) - 0.5 * (
+            tf.cast(counts['participants'], tf.float32))
+        unclipped_fraction = tf.clip_by_value(
+            (unclipped_centered + count_noise) / denominator + 0.5, 0.0, 1.0)
+        clip_estimate = state['clip_estimate'] * tf.exp(
+            -adaptive.learning_rate
+            * (unclipped_fraction - adaptive.target_quantile))
+        extra_state = dict(
+            clip_estimate=clip_estimate,
+            clipped_count_stddev=state['clipped_count_stddev'],
+            count_seed=count_seeds[1])
+        extra_measurements = dict(unclipped_fraction=unclipped_fraction)
       if restart_period is None:
         previous_noise = cumulative_noise
       else:
         restart = tf.equal(rounds_in_tree, restart_period)
-        next_tree = tf.cond(
-            restart, lambda: tree.reset_state(next_tree), lambda: next_tree)
+        if adaptive is not None:
+          clip = tf.where(restart, clip_estimate, clip)
+        finished_tree = next_tree
+
+        def restarted():
+          # The next tree's nodes are noised for the clip it starts with.
+          return new_tree(generator.make_state(
+              finished_tree.value_generator_state.seeds,
+              clip * np.float32(noise_multiplier)))
+
+        next_tree = tf.cond(restart, restarted, lambda: finished_tree)
         previous_noise = tf.cond(restart, zeros, lambda: cumulative_noise)
         rounds_in_tree = tf.where(restart, 0, rounds_in_tree)
       new_state = collections.OrderedDict(
-          clip=state['clip'],
+          clip=clip,
           noise_multiplier=state['noise_multiplier'],
           tree=next_tree,
           previous_noise=previous_noise,
           rounds_in_tree=rounds_in_tree,
+          **extra_state,
       )
       measurements = collections.OrderedDict(
           clip=state['clip'],
@@ -193,6 +280,7 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
           clipped_count=counts['clipped'],
           nonfinite_count=counts['nonfinite'],
           rounds_in_tree=rounds_in_tree,
+          **extra_measurements,
       )
       return residual, new_state, measurements
 
@@ -202,9 +290,32 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
     )
 
 
+def default_count_stddev(noise_multiplier: float,
+                         expected_clients_per_round: float) -> float:
+  """sigma_b unless set: max(0.05 n, 5 z), as gaussian_adaptive's default.
+  Each participation costs the count 1 / (2 sigma_b)^2 <= z^-2 / 100 in
+  zCDP terms, against at least z^-2 for the tree's leaf."""
+  return max(0.05 * expected_clients_per_round, 5.0 * noise_multiplier)
+
+
 def run_event(noise_multiplier: float, restart_period: Optional[int],
-              cohorts) -> dp_accounting.DpEvent:
+              cohorts, clipped_count_stddev: float = 0.0
+              ) -> dp_accounting.DpEvent:
   """The privacy of the rounds `cohorts` ran (module docstring)."""
+  if clipped_count_stddev > 0:
+    if noise_multiplier == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    # One Gaussian for the trees and the counts: the worst client's
+    # sensitivity^2 / noise^2 summed over both, each bounded by its worst.
+    trees = [cohorts[start:start + restart_period]
+             for start in range(0, len(cohorts), restart_period)]
+    tree_part = sum(
+        correlated_noise.tree_sensitivity_squared(
+            correlated_noise.realised_schedule(t)) for t in trees
+    ) / noise_multiplier**2
+    count_part = correlated_noise.realised_schedule(
+        cohorts).max_participations / (2.0 * clipped_count_stddev)**2
+    return dp_accounting.GaussianDpEvent((tree_part + count_part) ** -0.5)
   if restart_period is None:
     return correlated_noise.tree_event(
         noise_multiplier, correlated_noise.realised_schedule(cohorts))
@@ -233,15 +344,42 @@ class DpFtrlTreeParams:
   tree_efficient: bool = registry.parameter(
       True, 'Honaker\'s estimator of the prefix sums (less variance, the '
       'same privacy); false uses the plain tree sums.')
+  adaptive_clip: bool = registry.parameter(False, gaussian.ADAPTIVE_CLIP_HELP)
+  initial_clip: float = gaussian.adaptive_field('initial_clip')
+  target_quantile: float = gaussian.adaptive_field('target_quantile')
+  clip_learning_rate: float = gaussian.adaptive_field('clip_learning_rate')
+  clipped_count_stddev: Optional[float] = gaussian.adaptive_field(
+      'clipped_count_stddev')
+
+
+def _adaptive_of(params: DpFtrlTreeParams
+                 ) -> Optional[gaussian.AdaptiveClipping]:
+  if not params.adaptive_clip:
+    return None
+  return gaussian.AdaptiveClipping(
+      target_quantile=params.target_quantile,
+      learning_rate=params.clip_learning_rate,
+      clipped_count_stddev=params.clipped_count_stddev)
+
+
+def _count_stddev(params: DpFtrlTreeParams, setting: registry.Setting) -> float:
+  if not params.adaptive_clip:
+    return 0.0
+  if params.clipped_count_stddev is not None:
+    return params.clipped_count_stddev
+  return default_count_stddev(
+      params.noise_multiplier, setting.expected_clients_per_round)
 
 
 def _restart_period(params: DpFtrlTreeParams,
                     setting: registry.Setting) -> Optional[int]:
   checks.check_choice(params.tree_restart, 'tree_restart', TREE_RESTARTS)
-  if params.tree_restart == 'none' or setting.population is None:
-    # Without the population (argument checks before the data is read)
-    # the factory is built without restarts; the run's own is built with.
+  if params.tree_restart == 'none':
     return None
+  if setting.population is None:
+    # Argument checks before the data is read: any period; the run's own
+    # factory and ledger are built with the population.
+    return 1
   return max(1, int(setting.population // setting.expected_clients_per_round))
 
 
@@ -252,16 +390,22 @@ registry.register(registry.Mechanism(
     params_type=DpFtrlTreeParams,
     build_factory=lambda params, setting: TreeAggregationFactory(
         noise_multiplier=params.noise_multiplier,
-        clip=params.clip,
+        clip=params.initial_clip if params.adaptive_clip else params.clip,
         expected_clients_per_round=setting.expected_clients_per_round,
         restart_period=_restart_period(params, setting),
         efficient=params.tree_efficient,
         noise_seed=setting.noise_seed,
         stacked_users=setting.stacked_users,
+        adaptive=_adaptive_of(params),
     ),
     build_ledger=lambda params, setting: accounting.RunLevel(
         lambda participation: run_event(
             params.noise_multiplier, _restart_period(params, setting),
-            participation.cohorts)),
+            participation.cohorts, _count_stddev(params, setting))),
     noise=registry.NoiseParameter('noise_multiplier'),
+    argument_names=lambda params: {
+        'clip': 'initial_clip' if params.adaptive_clip else 'clip',
+        'learning_rate': 'clip_learning_rate',
+        'restart_period': 'tree_restart',
+    },
 ))

@@ -518,7 +518,7 @@ class GaussianFixedParams:
       'taking part in every round).')
 
 
-_ADAPTIVE_HELP = dict(
+ADAPTIVE_HELP = dict(
     initial_clip=(0.5, 'The clip of round 1 (adaptive).'),
     target_quantile=(
         0.5, 'gamma: fraction of client updates to leave unclipped (adaptive).'),
@@ -529,9 +529,16 @@ _ADAPTIVE_HELP = dict(
 )
 
 
-def _adaptive_field(name: str):
+ADAPTIVE_CLIP_HELP = (
+    'Adapt the clip to --target_quantile as gaussian_adaptive does (from '
+    '--initial_clip; dp_ftrl_tree changes it only when its tree restarts); '
+    'otherwise the clip is --clip.'
+)
+
+
+def adaptive_field(name: str):
   """A fresh field (dataclasses take each field object once)."""
-  return registry.parameter(*_ADAPTIVE_HELP[name])
+  return registry.parameter(*ADAPTIVE_HELP[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,10 +546,10 @@ class GaussianAdaptiveParams:
   """gaussian_adaptive: the clip follows a quantile of the update norms."""
 
   noise_multiplier: float = registry.parameter(1.0, registry.NOISE_MULTIPLIER_HELP)
-  initial_clip: float = _adaptive_field('initial_clip')
-  target_quantile: float = _adaptive_field('target_quantile')
-  clip_learning_rate: float = _adaptive_field('clip_learning_rate')
-  clipped_count_stddev: Optional[float] = _adaptive_field('clipped_count_stddev')
+  initial_clip: float = adaptive_field('initial_clip')
+  target_quantile: float = adaptive_field('target_quantile')
+  clip_learning_rate: float = adaptive_field('clip_learning_rate')
+  clipped_count_stddev: Optional[float] = adaptive_field('clipped_count_stddev')
   clipping: str = registry.parameter('flat', _CLIPPING_HELP)
 
 
@@ -553,13 +560,11 @@ class SecureGaussianParams:
   noise_multiplier: float = registry.parameter(1.0, registry.NOISE_MULTIPLIER_HELP)
   clip: float = registry.parameter(1.0, 'L2 norm bound S (a fixed clip).')
   clipping: str = registry.parameter('flat', _CLIPPING_HELP)
-  adaptive_clip: bool = registry.parameter(
-      False, 'Adapt the clip to --target_quantile as gaussian_adaptive does '
-      '(from --initial_clip); otherwise the clip is --clip.')
-  initial_clip: float = _adaptive_field('initial_clip')
-  target_quantile: float = _adaptive_field('target_quantile')
-  clip_learning_rate: float = _adaptive_field('clip_learning_rate')
-  clipped_count_stddev: Optional[float] = _adaptive_field('clipped_count_stddev')
+  adaptive_clip: bool = registry.parameter(False, ADAPTIVE_CLIP_HELP)
+  initial_clip: float = adaptive_field('initial_clip')
+  target_quantile: float = adaptive_field('target_quantile')
+  clip_learning_rate: float = adaptive_field('clip_learning_rate')
+  clipped_count_stddev: Optional[float] = adaptive_field('clipped_count_stddev')
 
 
 def _adaptive_of(params) -> Optional[AdaptiveClipping]:

@@ -12,6 +12,7 @@ from tensorflow_privacy.privacy.analysis import tree_aggregation_accountant
 
 from aggregators import checks
 from aggregators import dp_ftrl
+from aggregators import gaussian
 from aggregators import registry
 from dp_fedavg import accounting
 from dp_fedavg import correlated_noise
@@ -143,6 +144,68 @@ class TreeAggregationFactoryTest(tf.test.TestCase, parameterized.TestCase):
         dp_ftrl.TreeAggregationFactory(1.0, 1.0, 1, noise_seed=6), 3)
     np.testing.assert_array_equal(first, second)
     self.assertFalse(np.array_equal(first[0], first[1]))
+
+
+class AdaptiveTreeTest(tf.test.TestCase):
+
+  def _factory(self, noise_multiplier, restart_period, count_stddev=0.0):
+    return dp_ftrl.TreeAggregationFactory(
+        noise_multiplier, 1.0, 1, restart_period=restart_period,
+        efficient=False, noise_seed=7,
+        adaptive=gaussian.AdaptiveClipping(
+            target_quantile=0.5, learning_rate=0.2,
+            clipped_count_stddev=count_stddev))
+
+  def test_clip_moves_only_when_the_tree_restarts(self):
+    """Every update unclipped, exact counts: the estimate shrinks by
+    exp(-0.2 * 0.5) a round, and the clip takes it every third round."""
+    process = self._factory(0.0, 3).create(tff.TensorType(np.float32, [2]))
+    state = process.initialize()
+    clips = []
+    for _ in range(7):
+      output = process.next(state, [np.array([0.01, 0.0], np.float32)])
+      state = output.state
+      clips.append(float(output.measurements['clip']))
+      self.assertEqual(output.measurements['unclipped_fraction'], 1.0)
+    step = np.exp(-0.1)
+    np.testing.assert_allclose(
+        clips, [1, 1, 1, step**3, step**3, step**3, step**6], rtol=1e-6)
+
+  def test_new_tree_noise_follows_the_new_clip(self):
+    """A tree per round (one leaf each): round t's release has variance
+    (z clip_t)^2, and the clip of round 2 is exp(-0.1)."""
+    z = 2.0
+    noise = _released_noise(self._factory(z, 1), rounds=2)
+    _assert_variance(self, noise[0], z**2)
+    _assert_variance(self, noise[1], (z * np.exp(-0.1))**2)
+
+  def test_needs_restarts(self):
+    with self.assertRaisesRegex(checks.UnsupportedError, 'restart'):
+      self._factory(1.0, None)
+
+  def test_ledger_adds_the_counts_to_the_trees(self):
+    """Trees of 4, 4, 2 rounds (depths 3, 3, 2), the most-used client in 3
+    rounds: z_eff^-2 = 8 / z^2 + 3 / (2 sigma_b)^2."""
+    cohorts = [(r % 4,) for r in range(10)]
+    event = dp_ftrl.run_event(2.0, 4, cohorts, clipped_count_stddev=5.0)
+    self.assertAlmostEqual(event.noise_multiplier,
+                           (8 / 4.0 + 3 / 100.0) ** -0.5)
+    self.assertIsInstance(
+        dp_ftrl.run_event(0.0, 4, cohorts, clipped_count_stddev=5.0),
+        dp_accounting.NonPrivateDpEvent)
+
+  def test_registry_builds_the_adaptive_tree(self):
+    mechanism = registry.get('dp_ftrl_tree')
+    setting = registry.Setting(expected_clients_per_round=5, population=20)
+    params = mechanism.params(dict(
+        adaptive_clip=True, tree_restart='epoch', noise_multiplier=1.0))
+    factory = mechanism.factory(params, setting)
+    self.assertEqual(factory.clipped_count_stddev, 5.0)  # max(0.25, 5 z)
+    ledger = mechanism.build_ledger(params, setting)
+    event = ledger.event_of_participation(accounting.Participation(((0,),)))
+    self.assertAlmostEqual(event.noise_multiplier, (1.0 + 1 / 100.0) ** -0.5)
+    with self.assertRaisesRegex(checks.UnsupportedError, 'restart'):
+      mechanism.check(mechanism.params(dict(adaptive_clip=True)), setting)
 
 
 class TreeLedgerTest(parameterized.TestCase):

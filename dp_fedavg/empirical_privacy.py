@@ -65,9 +65,8 @@ def _log_mass_between(low: float, high: float, mean: float, std: float
                       ) -> float:
   upper, lower = _log_mass_below(high, mean, std), _log_mass_below(
       low, mean, std)
-  if lower >= upper:
-    return -math.inf
-  return upper + math.log1p(-math.exp(lower - upper))
+  remaining = -math.expm1(lower - upper) if lower < upper else 0.0
+  return upper + math.log(remaining) if remaining > 0 else -math.inf
 
 
 def _log_delta(mu0: float, s0: float, mu1: float, s1: float,
@@ -108,10 +107,8 @@ def _log_delta(mu0: float, s0: float, mu1: float, s1: float,
         log_p0 = _log_mass_between(roots[0], roots[1], mu0, s0)
   if log_p1 == -math.inf:
     return -math.inf
-  gap = epsilon + log_p0 - log_p1
-  if gap >= 0:
-    return -math.inf
-  return float(log_p1 + math.log1p(-math.exp(gap)))
+  remaining = -math.expm1(epsilon + log_p0 - log_p1)
+  return float(log_p1 + math.log(remaining)) if remaining > 0 else -math.inf
 
 
 def epsilon_two_gaussians(mu0: float, s0: float, mu1: float, s1: float,
@@ -278,3 +275,33 @@ def threshold_epsilon_lower_bound(inserted: Sequence[float],
   fpr = _clopper_pearson_upper(false_positives, len(held_out), alpha)
   fnr = _clopper_pearson_upper(false_negatives, len(inserted), alpha)
   return float(np.max(_threshold_epsilon(np.log(fpr), fnr, delta)))
+
+
+def one_shot_epsilon(inserted: Sequence[float], delta: float,
+                     dimension: int | None = None,
+                     held_out: Sequence[float] | None = None) -> float:
+  """The one-shot estimate (Andrew et al. 2024) from inserted canaries'
+  cosines: N(mean, std^2) fitted to them, against the closed-form null of
+  `dimension` (final model), or against N fitted to the held-out canaries'
+  statistics (all iterates, whose null has no closed form).
+
+  Raises:
+    ValueError: fewer than 2 inserted (or held-out) canaries, or neither or
+      both of `dimension` and `held_out`.
+  """
+  if (dimension is None) == (held_out is None):
+    raise ValueError('give exactly one of dimension and held_out.')
+  inserted = np.asarray(inserted, float)
+  if len(inserted) < 2:
+    raise ValueError(f'need >= 2 inserted canaries, got {len(inserted)}.')
+  mean, std = float(np.mean(inserted)), float(np.std(inserted, ddof=1))
+  if held_out is None:
+    if mean <= 0:
+      return 0.0  # The canaries do not stand out from a random direction.
+    return epsilon_closed_form_null(mean, std, dimension, delta)
+  held_out = np.asarray(held_out, float)
+  if len(held_out) < 2:
+    raise ValueError(f'need >= 2 held-out canaries, got {len(held_out)}.')
+  return epsilon_two_gaussians(float(np.mean(held_out)),
+                               float(np.std(held_out, ddof=1)), mean, std,
+                               delta)

@@ -201,16 +201,28 @@ def band_coefficients(strategy: np.ndarray, bands: int) -> np.ndarray:
   return band
 
 
+def decoder(strategy: np.ndarray) -> np.ndarray:
+  """B = A C^-1, so that B C = A (A: the prefix-sum matrix)."""
+  rounds = strategy.shape[0]
+  prefix = np.tril(np.ones((rounds, rounds)))
+  # From C^T B^T = A^T.
+  return linalg.solve_triangular(strategy.T, prefix.T, lower=False).T
+
+
 def expected_error(strategy: np.ndarray, sensitivity_squared: float) -> float:
   """Mean over rounds of the squared prefix-sum error per coordinate, in
   units of (S sigma_eff)^2, where sigma_eff = z / sens fixes the privacy:
   sens^2 ||A C^-1||_F^2 / T. DP-SGD (C = I) with k participations:
   k (T + 1) / 2."""
-  rounds = strategy.shape[0]
-  prefix = np.tril(np.ones((rounds, rounds)))
-  # A C^-1, from C^T (A C^-1)^T = A^T.
-  decoder = linalg.solve_triangular(strategy.T, prefix.T, lower=False).T
-  return float(sensitivity_squared * np.sum(decoder**2) / rounds)
+  return float(sensitivity_squared * np.sum(decoder(strategy)**2)
+               / strategy.shape[0])
+
+
+def next_noise(row: tf.Tensor, previous: tf.Tensor,
+               draw: tf.Tensor) -> tf.Tensor:
+  """w_t from z_t and w_{t-1}, ..., w_{t-B+1} (`previous`, newest first):
+  row t of C w = z solved forward, `row` = C[t, t], C[t, t-1], ...."""
+  return (draw - tf.tensordot(row[1:], previous, axes=1)) / row[0]
 
 
 class BandedMatrixFactorizationFactory(
@@ -322,10 +334,8 @@ class BandedMatrixFactorizationFactory(
       stddev = state['clip'] * tf.cast(state['noise_multiplier'], tf.float32)
 
       def noise_of(spec, seed, previous):
-        draw = tf.random.stateless_normal(
-            spec.shape, seed=seed, stddev=stddev, dtype=spec.dtype)
-        earlier = tf.tensordot(row[1:], previous, axes=1)
-        return (draw - earlier) / row[0]
+        return next_noise(row, previous, tf.random.stateless_normal(
+            spec.shape, seed=seed, stddev=stddev, dtype=spec.dtype))
 
       flat_previous = tf.nest.flatten(state['previous_noise'])
       noise = [

@@ -8,6 +8,7 @@ from unittest import mock
 from absl.testing import parameterized
 import dp_accounting
 import numpy as np
+from scipy import linalg
 from scipy import optimize
 from scipy import special
 import tensorflow as tf
@@ -59,6 +60,30 @@ class SquareRootStrategyTest(parameterized.TestCase):
   def test_invalid_strategy(self, strategy, message):
     with self.assertRaisesRegex(ValueError, message):
       banded_mf.check_strategy(strategy, 4, 2)
+
+  @parameterized.parameters(1, 3, 9)
+  def test_decoder_times_strategy_is_the_prefix_sums(self, bands):
+    strategy = banded_mf.sqrt_toeplitz_strategy(9, bands)
+    np.testing.assert_allclose(banded_mf.decoder(strategy) @ strategy,
+                               np.tril(np.ones((9, 9))), atol=1e-12)
+
+  @parameterized.parameters(1, 2, 4)
+  def test_streamed_noise_is_the_dense_solve(self, bands):
+    """w_t streamed with B - 1 buffers equals C^-1 z solved at once."""
+    rounds = 8
+    strategy = banded_mf.sqrt_toeplitz_strategy(rounds, bands)
+    band = banded_mf.band_coefficients(strategy, bands)
+    draws = np.random.default_rng(bands).standard_normal((rounds, 3))
+    previous = np.zeros((bands - 1, 3))
+    streamed = []
+    for t in range(rounds):
+      w = banded_mf.next_noise(tf.constant(band[t]), tf.constant(previous),
+                               tf.constant(draws[t])).numpy()
+      streamed.append(w)
+      previous = np.concatenate([w[None], previous[:bands - 2]])[:bands - 1]
+    np.testing.assert_allclose(
+        streamed, linalg.solve_triangular(strategy, draws, lower=True),
+        rtol=1e-10, atol=1e-12)
 
   @parameterized.parameters(1, 3)
   def test_dp_sgd_error(self, k):

@@ -129,13 +129,17 @@ class TreeAggregationFactoryTest(tf.test.TestCase, parameterized.TestCase):
   def test_restart_starts_a_new_tree(self):
     """Restarting after 3 rounds: s_4 carries the first tree's s_3 (two
     nodes) and the new tree's first leaf: variance 3, where one tree over 4
-    rounds has a single node (variance 1)."""
+    rounds has a single node (variance 1). Since the restart, the releases
+    of rounds 4..t sum to the new tree's prefix: popcount(t mod 3)."""
     restarted = _released_noise(dp_ftrl.TreeAggregationFactory(
-        1.0, 1.0, 1, restart_period=3, efficient=False, noise_seed=5), 4)
+        1.0, 1.0, 1, restart_period=3, efficient=False, noise_seed=5), 5)
     one_tree = _released_noise(dp_ftrl.TreeAggregationFactory(
         1.0, 1.0, 1, efficient=False, noise_seed=5), 4)
-    _assert_variance(self, np.sum(restarted, axis=0), 3.0)
+    _assert_variance(self, np.sum(restarted[:4], axis=0), 3.0)
     _assert_variance(self, np.sum(one_tree, axis=0), 1.0)
+    for t in (4, 5):
+      _assert_variance(self, np.sum(restarted[3:t], axis=0),
+                       bin(t % 3).count('1'))
 
   def test_same_seed_same_noise(self):
     first = _released_noise(

@@ -16,7 +16,6 @@ import datetime
 import json
 import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -82,30 +81,16 @@ def _factory(name: str, n: int):
 
 def _time_cohort(n: int, repeats: int, rng) -> dict[str, list[float]]:
   task = synthetic.build_task(1000)
-  ids = task.train_data.client_ids
-  cohorts = [
-      synthetic.client_datasets(
-          task, [ids[i] for i in rng.choice(len(ids), n, replace=False)])
-      for _ in range(repeats + 1)
-  ]
-  processes, states = {}, {}
+  processes, initial_states = {}, {}
   for name in _CONFIGURATIONS:
     tf.keras.utils.set_random_seed(0)
     processes[name] = process.build_process(
         task.model_fn, _factory(name, n), 0.1, 1.0, 0.0)
     # A fifth of each cohort is Byzantine (read by the attack only).
-    initial = byzantine.ByzantineClients.with_count(
+    initial_states[name] = byzantine.ByzantineClients.with_count(
         processes[name].initialize(), n // 5)
-    states[name] = processes[name].next(initial, cohorts[0]).state
-  seconds = {name: [] for name in processes}
-  # Round-robin, so drift of the machine's speed affects all alike.
-  for round_index in range(1, repeats + 1):
-    for name, learning_process in processes.items():
-      start = time.perf_counter()
-      states[name] = learning_process.next(
-          states[name], cohorts[round_index]).state
-      seconds[name].append(time.perf_counter() - start)
-  return seconds
+  return synthetic.time_rounds_round_robin(
+      processes, initial_states, task, n, repeats, rng)
 
 
 def _report(results: dict[int, dict[str, list[float]]], command: str) -> str:

@@ -62,6 +62,32 @@ def client_datasets(task: base.FederatedTask, client_ids) -> list:
   ]
 
 
+def time_rounds_round_robin(processes: dict, initial_states: dict, task,
+                            n: int, repeats: int, rng,
+                            return_states: bool = False):
+  """Seconds of `repeats` timed rounds of each learning process, after one
+  warm-up round from its initial state; the processes take turns each
+  round, so drift of the machine's speed affects all alike. Every process
+  gets the same n clients' datasets each round. With `return_states`, also
+  each process's last state."""
+  ids = task.train_data.client_ids
+  cohorts = [
+      client_datasets(task, [ids[i] for i in rng.choice(len(ids), n,
+                                                        replace=False)])
+      for _ in range(repeats + 1)
+  ]
+  states = {name: processes[name].next(initial_states[name], cohorts[0]).state
+            for name in processes}
+  seconds = {name: [] for name in processes}
+  for round_index in range(1, repeats + 1):
+    for name, learning_process in processes.items():
+      start = time.perf_counter()
+      states[name] = learning_process.next(
+          states[name], cohorts[round_index]).state
+      seconds[name].append(time.perf_counter() - start)
+  return (seconds, states) if return_states else seconds
+
+
 def training_flops_per_example(model: tf.keras.Model) -> float:
   """Multiply-adds x 2 of one forward pass, x 3 for forward plus backward.
 

@@ -170,8 +170,8 @@ class FlagValidationTest(parameterized.TestCase):
     ):
       self.assertEqual(
           _flag_error(),
-          '--clip=2.0 is a parameter of '
-          '--aggregator=distributed_dp|gaussian_fixed|secure_gaussian, not of '
+          '--clip=2.0 is a parameter of --aggregator=banded_mf|'
+          'distributed_dp|dp_ftrl_tree|gaussian_fixed|secure_gaussian, not of '
           '--aggregator=laplace, which would ignore it.',
       )
 

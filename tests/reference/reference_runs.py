@@ -23,9 +23,12 @@ import tempfile
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 RECORD = os.path.join(os.path.dirname(__file__), 'reference_runs.json')
 PRIVACY_COLUMNS = ('round', 'cohort_size', 'epsilon', 'accountant', 'delta')
+# The engine the runs were recorded on; a run's own --engine comes later and
+# wins. (The default became --engine=auto, in process, whose float sums run
+# in another order.)
 _COMMON = (
     '--task=digits', '--rounds=3', '--num_clients=30', '--clients_per_round=6',
-    '--seed=4', '--local_epochs=1', '--eval_every=1',
+    '--seed=4', '--local_epochs=1', '--eval_every=1', '--engine=standard',
 )
 
 # name -> (flags, whether the run is deterministic given its seed).

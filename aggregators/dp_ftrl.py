@@ -235,14 +235,10 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
         count_noise = tf.random.stateless_normal(
             [], seed=count_seeds[0],
             stddev=tf.cast(state['clipped_count_stddev'], tf.float32))
-        # sum_i (b_i - 1/2): one client moves it by 1/2.
-        unclipped_centered = tf.cast(counts['unclipped'], tf.float32) - 0.5 * (
-            tf.cast(counts['participants'], tf.float32))
-        unclipped_fraction = tf.clip_by_value(
-            (unclipped_centered + count_noise) / denominator + 0.5, 0.0, 1.0)
-        clip_estimate = state['clip_estimate'] * tf.exp(
-            -adaptive.learning_rate
-            * (unclipped_fraction - adaptive.target_quantile))
+        unclipped_fraction = gaussian.noised_unclipped_fraction(
+            counts, count_noise, denominator)
+        clip_estimate = adaptive.next_clip(
+            state['clip_estimate'], unclipped_fraction)
         extra_state = dict(
             clip_estimate=clip_estimate,
             clipped_count_stddev=state['clipped_count_stddev'],

@@ -84,6 +84,24 @@ class AdaptiveClipping:
   learning_rate: float = 0.2
   clipped_count_stddev: Optional[float] = None
 
+  def next_clip(self, clip: tf.Tensor, unclipped_fraction: tf.Tensor):
+    """S exp(-eta (b_hat - gamma)): the clip moved toward the quantile."""
+    return clip * tf.exp(
+        -self.learning_rate * (unclipped_fraction - self.target_quantile))
+
+
+def noised_unclipped_fraction(counts, count_noise: tf.Tensor,
+                              denominator: float) -> tf.Tensor:
+  """b_hat = clip((sum_i (b_i - 1/2) + noise) / n + 1/2, 0, 1), from the
+  counts' `unclipped` and `participants` sums."""
+  # sum_i (b_i - 1/2): one client moves it by 1/2.
+  unclipped_centered = tf.cast(counts['unclipped'], tf.float32) - 0.5 * tf.cast(
+      counts['participants'], tf.float32
+  )
+  return tf.clip_by_value(
+      (unclipped_centered + count_noise) / denominator + 0.5, 0.0, 1.0,
+  )
+
 
 def adaptive_noise_split(
     noise_multiplier: float,
@@ -392,20 +410,12 @@ class GaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           [], seed=seeds[num_layers],
           stddev=tf.cast(state['clipped_count_stddev'], tf.float32),
       )
-      # sum_i (b_i - 1/2): one client moves it by 1/2.
-      unclipped_centered = tf.cast(counts['unclipped'], tf.float32) - 0.5 * tf.cast(
-          counts['participants'], tf.float32
-      )
-      unclipped_fraction = tf.clip_by_value(
-          (unclipped_centered + count_noise) / denominator + 0.5, 0.0, 1.0,
-      )
+      unclipped_fraction = noised_unclipped_fraction(
+          counts, count_noise, denominator)
       if adaptive is None:
         new_clip = clip
       else:
-        new_clip = clip * tf.exp(
-            -adaptive.learning_rate
-            * (unclipped_fraction - adaptive.target_quantile)
-        )
+        new_clip = adaptive.next_clip(clip, unclipped_fraction)
       if clipping is clipping_lib.Clipping.PER_LAYER_ADAPTIVE:
         new_shares = clipping_lib.adaptive_shares(mean, state['layer_shares'])
       else:

@@ -210,14 +210,9 @@ class TreeAggregationFactory(tff.aggregators.UnweightedAggregationFactory):
 
     state_type = initial_state.type_signature.result
 
-    @tff.tensorflow.computation(state_type)
-    def get_clip(state):
-      return state['clip']
-
-    clip_update = skeleton.client_update_computation(
-        clipping.flat_clip_with_counts, 2, value_type,
-        tff.TensorType(np.float32), self._stacked_users,
-    )
+    get_clip, clip_update = skeleton.clip_from_state(
+        state_type, 'clip', clipping.flat_clip_with_counts, 2, value_type,
+        self._stacked_users)
     counts_type = clip_update.type_signature.result[1]
 
     @tff.tensorflow.computation(value_type, counts_type, state_type)

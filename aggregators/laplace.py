@@ -19,7 +19,6 @@ import dataclasses
 from typing import Optional
 
 import dp_accounting
-import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -103,10 +102,6 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
 
     state_type = initial_state.type_signature.result
 
-    @tff.tensorflow.computation(state_type)
-    def get_l1_clip(state):
-      return state['l1_clip']
-
     def clip_users(norms, is_finite, l1_clip):
       total = tf.reduce_sum(norms, axis=1)
       # The whole update scaled to L1 norm <= l1_clip.
@@ -120,10 +115,8 @@ class LaplaceFactory(tff.aggregators.UnweightedAggregationFactory):
           ),
       )
 
-    clip_update = skeleton.client_update_computation(
-        clip_users, 1, value_type, tff.TensorType(np.float32),
-        self._stacked_users,
-    )
+    get_l1_clip, clip_update = skeleton.clip_from_state(
+        state_type, 'l1_clip', clip_users, 1, value_type, self._stacked_users)
     counts_type = clip_update.type_signature.result[1]
 
     @tff.tensorflow.computation(value_type, counts_type, state_type)

@@ -20,6 +20,7 @@ import abc
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -234,6 +235,24 @@ def client_update_computation(
       clip_fn, norm_order, value_type, params_type, stacked_users,
       client_noise_fn,
   ).computation()
+
+
+def clip_from_state(
+    state_type, clip_field: str, clip_fn, norm_order: int, value_type,
+    stacked_users: bool,
+) -> tuple[tff.Computation, tff.Computation]:
+  """(client params, client step) of a factory whose clients need only one
+  float32 clip, its state's `clip_field`: the state -> that clip, and the
+  clients' step that sends sums (`client_update_computation`)."""
+
+  @tff.tensorflow.computation(state_type)
+  def client_params(state):
+    return state[clip_field]
+
+  return client_params, client_update_computation(
+      clip_fn, norm_order, value_type, tff.TensorType(np.float32),
+      stacked_users,
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -474,14 +474,21 @@ class PrivacyAccountant:
       )
     result = {}
     if AccountantKind.RDP in kinds:
-      rdp = sum(
-          (count * self._single_round_rdp(k, event)
-           for k, (event, count) in history.items()),
-          np.zeros_like(self._orders, dtype=np.float64),
-      )
-      result[AccountantKind.RDP.value] = float(
-          rdp_privacy_accountant.compute_epsilon(self._orders, rdp, self.delta)[0]
-      )
+      try:
+        rdp = sum(
+            (count * self._single_round_rdp(k, event)
+             for k, (event, count) in history.items()),
+            np.zeros_like(self._orders, dtype=np.float64),
+        )
+        result[AccountantKind.RDP.value] = float(
+            rdp_privacy_accountant.compute_epsilon(
+                self._orders, rdp, self.delta)[0])
+      except ValueError:
+        # dp-accounting's sampled-Gaussian RDP fails on its own rounding
+        # ("Renyi divergence cannot be negative") at small noise; PLD's
+        # bound alone is still a bound.
+        if AccountantKind.PLD not in kinds:
+          raise
     if AccountantKind.PLD in kinds:
       pld = None
       for k, (event, count) in history.items():
@@ -582,6 +589,15 @@ class PrivacyAccountant:
       raise ValueError(f'target_epsilon must be > 0, got {target_epsilon}.')
     if rounds < 1:
       raise ValueError(f'rounds must be >= 1, got {rounds}.')
+    if _curve_of(self.round_event(event_for_noise_multiplier(1.0))):
+      # dp-accounting's accountants cannot compose an event that states its
+      # own RDP curve: search with this accountant's composition instead.
+      def epsilon_of(z):
+        round_event = self.round_event(event_for_noise_multiplier(float(z)))
+        return _tightest(self._epsilons_of(
+            {repr(round_event): [round_event, rounds]}))[0]
+
+      return _bisect_noise(epsilon_of, target_epsilon, self.delta, rounds)
     kinds = self._kinds_in_use(
         [self.round_event(event_for_noise_multiplier(1.0))]
     )
@@ -589,7 +605,7 @@ class PrivacyAccountant:
     # RDP first: it is fast, and PLD's bound is never looser, so PLD's answer
     # lies below RDP's and the slow PLD search can start just under it.
     kinds.sort(key=lambda k: k is AccountantKind.PLD)
-    results = []
+    results, failures = [], []
     for kind in kinds:
       def make_event(z, kind=kind):
         round_event = prepare[kind](
@@ -597,11 +613,18 @@ class PrivacyAccountant:
         )
         return dp_accounting.SelfComposedDpEvent(round_event, rounds)
 
-      results.append(_calibrate(
-          lambda kind=kind: self._new_accountant(kind), make_event,
-          target_epsilon, self.delta, rounds, kind,
-          guess=results[-1] if results else 1.0,
-      ))
+      try:
+        results.append(_calibrate(
+            lambda kind=kind: self._new_accountant(kind), make_event,
+            target_epsilon, self.delta, rounds, kind,
+            guess=results[-1] if results else 1.0,
+        ))
+      except ValueError as e:
+        # One accountant failing (RDP's rounding at small noise, see
+        # _epsilons_of) leaves the other's answer, a bound on its own.
+        failures.append(e)
+    if not results:
+      raise failures[0]
     return float(min(results))
 
 
@@ -695,6 +718,28 @@ def _calibrate(
         f'epsilon={target_epsilon} at delta={delta} over {rounds} rounds '
         f'({kind.value}): {e}'
     ) from e
+
+
+def _bisect_noise(epsilon_of: Callable[[float], float], target_epsilon: float,
+                  delta: float, rounds: int) -> float:
+  """The smallest noise in [0.05, 2^30] with epsilon_of(noise) <= target,
+  to a relative 1e-4 (epsilon decreases as the noise grows)."""
+  low = high = _MIN_CALIBRATED_NOISE
+  if epsilon_of(low) <= target_epsilon:
+    return low
+  while epsilon_of(high) > target_epsilon:
+    low, high = high, high * 2
+    if high > 2**30:
+      raise ValueError(
+          f'no noise multiplier in [{_MIN_CALIBRATED_NOISE}, 2^30] meets '
+          f'epsilon={target_epsilon} at delta={delta} over {rounds} rounds.')
+  while high / low - 1 > 1e-4:
+    middle = math.sqrt(low * high)
+    if epsilon_of(middle) <= target_epsilon:
+      high = middle
+    else:
+      low = middle
+  return high
 
 
 def _new_accountant(kind: AccountantKind, relation: _NeighborRel):

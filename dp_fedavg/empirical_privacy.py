@@ -305,3 +305,64 @@ def one_shot_epsilon(inserted: Sequence[float], delta: float,
   return epsilon_two_gaussians(float(np.mean(held_out)),
                                float(np.std(held_out, ddof=1)), mean, std,
                                delta)
+
+
+# The fractions of the canaries the one-run audit guesses about, fixed in
+# advance (half on the top scores, half on the bottom ones); the confidence
+# is split between them (Bonferroni).
+GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def one_run_epsilon_from_scores(inserted: Sequence[float],
+                                held_out: Sequence[float], delta: float,
+                                confidence: float,
+                                guess_fractions: Sequence[float] = GUESS_FRACTIONS
+                                ) -> float:
+  """Steinke et al.'s one-run bound from the canaries' scores.
+
+  For each fraction f, the auditor guesses r = max(2, round(f m)) canaries:
+  "inserted" for the r // 2 highest scores, "held out" for the r - r // 2
+  lowest; the bound is the largest over the fractions, each at confidence
+  1 - (1 - `confidence`) / len(fractions).
+  """
+  truth = np.concatenate([np.ones(len(inserted), bool),
+                          np.zeros(len(held_out), bool)])
+  scores = np.concatenate([np.asarray(inserted, float),
+                           np.asarray(held_out, float)])
+  canaries = len(scores)
+  if canaries < 2:
+    raise ValueError(f'need >= 2 canaries, got {canaries}.')
+  # Ties are broken by a fixed permutation, not by the canaries' coins.
+  order = np.lexsort((np.arange(canaries), -scores))
+  each = 1 - (1 - confidence) / len(guess_fractions)
+  best = 0.0
+  for fraction in guess_fractions:
+    guesses = min(canaries, max(2, round(fraction * canaries)))
+    top = guesses // 2
+    correct = (int(truth[order[:top]].sum())
+               + int((~truth[order[canaries - (guesses - top):]]).sum()))
+    best = max(best, one_run_epsilon_lower_bound(
+        canaries, guesses, correct, delta, each))
+  return best
+
+
+def epsilon_lower_bound(scores: dict[str, tuple[Sequence[float],
+                                                 Sequence[float]]],
+                        delta: float, confidence: float
+                        ) -> tuple[float, dict[str, float]]:
+  """The largest of the one-run and the threshold bounds over the named
+  statistics ({name: (inserted scores, held-out scores)}), each of the
+  2 * len(scores) bounds at confidence 1 - (1 - `confidence`) / their
+  number, so that all hold together with probability `confidence`.
+
+  Returns (the bound, each bound by '<statistic>/one_run' or
+  '<statistic>/threshold').
+  """
+  each = 1 - (1 - confidence) / (2 * len(scores))
+  bounds = {}
+  for name, (inserted, held_out) in scores.items():
+    bounds[f'{name}/one_run'] = one_run_epsilon_from_scores(
+        inserted, held_out, delta, each)
+    bounds[f'{name}/threshold'] = threshold_epsilon_lower_bound(
+        inserted, held_out, delta, each)
+  return max(bounds.values()), bounds

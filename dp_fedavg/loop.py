@@ -92,6 +92,31 @@ def round_shuffle_seed(seed: int, round_num: int) -> int:
   return seed * 1_000_003 + round_num
 
 
+def standard_client_data(
+    task: base.FederatedTask, local_epochs: int, batch_size: int,
+    byzantine: Optional[byzantine_lib.ByzantineClients] = None,
+) -> Callable[[list[int], int, int], list]:
+  """The standard engine's client data: one preprocessed dataset per client
+  of a cohort (indices into `task.train_data.client_ids`), given the round's
+  shuffle seed and how many of the first clients are Byzantine."""
+  client_ids = task.train_data.client_ids
+
+  def client_data(cohort, shuffle_seed, byzantine_count):
+    datasets = [
+        task.preprocess(
+            task.train_data.create_tf_dataset_for_client(client_ids[i]),
+            local_epochs, batch_size, seed=shuffle_seed,
+        )
+        for i in cohort
+    ]
+    if byzantine is not None and byzantine.poisons_data:
+      datasets[:byzantine_count] = map(
+          byzantine.poison, datasets[:byzantine_count])
+    return datasets
+
+  return client_data
+
+
 def run_training(
     process: tff.learning.templates.LearningProcess,
     task: base.FederatedTask,
@@ -153,7 +178,9 @@ def run_training(
   """
   if (checkpoint_every or resume) and checkpointer is None:
     raise ValueError('checkpoint_every and resume need a checkpointer.')
-  client_ids = task.train_data.client_ids
+  if client_data_fn is None:
+    client_data_fn = standard_client_data(
+        task, local_epochs, batch_size, byzantine)
   state = process.initialize()
   first_round = 1
   if resume:
@@ -188,19 +215,7 @@ def run_training(
         return TrainingOutcome(state, last_round, reason)
     start = time.monotonic()
     shuffle_seed = round_shuffle_seed(seed, round_num)
-    if client_data_fn is None:
-      client_data = [
-          task.preprocess(
-              task.train_data.create_tf_dataset_for_client(client_ids[i]),
-              local_epochs, batch_size, seed=shuffle_seed,
-          )
-          for i in cohort
-      ]
-      if byzantine is not None and byzantine.poisons_data:
-        client_data[:byzantine_count] = map(
-            byzantine.poison, client_data[:byzantine_count])
-    else:
-      client_data = client_data_fn(list(cohort), shuffle_seed, byzantine_count)
+    client_data = client_data_fn(list(cohort), shuffle_seed, byzantine_count)
     if inspect_round is not None:
       inspect_round(round_num, process.get_model_weights(state), client_data)
     output = process.next(state, client_data)

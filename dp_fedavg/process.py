@@ -97,6 +97,37 @@ def build_process(
     )
 
 
+def build_process_with_client_work(
+    task,
+    wrap_client_work: Callable,
+    aggregator: Optional[tff.aggregators.UnweightedAggregationFactory],
+    client_learning_rate: float,
+    server_learning_rate: float,
+    server_momentum: float,
+) -> tff.learning.templates.LearningProcess:
+  """`build_process`'s process, its client work wrapped.
+
+  `wrap_client_work(client_work, weights_type)` gives the client work the
+  process runs from TFF's (the one `build_unweighted_fed_avg` builds), as
+  an audit's canaries do (`dp_fedavg.canaries.with_canaries`).
+  """
+  return compose_process(
+      task,
+      lambda weights_type: wrap_client_work(
+          tff.learning.templates.build_model_delta_client_work(
+              task.model_fn,
+              tff.learning.optimizers.build_sgdm(
+                  learning_rate=client_learning_rate),
+              client_weighting=tff.learning.ClientWeighting.UNIFORM,
+          ),
+          weights_type,
+      ),
+      aggregator or tff.aggregators.UnweightedMeanFactory(),
+      lambda trainable_type: trainable_type,
+      client_learning_rate, server_learning_rate, server_momentum,
+  )
+
+
 def client_work_process(
     train_client: tff.Computation, weights_type, data_type,
     finalize_metrics: Callable,

@@ -40,6 +40,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from aggregators import skeleton
+from dp_fedavg import canaries as canaries_lib
 from dp_fedavg import dp_sgd
 from dp_fedavg import per_user_model
 from dp_fedavg import process as process_lib
@@ -125,6 +126,17 @@ class UserFiles:
         os.replace(path + '.partial', path)
     return paths
 
+  def empty_paths(self) -> list[str]:
+    """The files of a user with no examples (a canary client)."""
+    paths = [os.path.join(self._directory, f'empty.{component}.tensor')
+             for component in range(len(self._specs))]
+    for spec, path in zip(self._specs, paths):
+      if not os.path.exists(path):
+        tf.io.write_file(path + '.partial', tf.io.serialize_tensor(
+            tf.zeros([0, *spec.shape], spec.dtype)))
+        os.replace(path + '.partial', path)
+    return paths
+
 
 def default_users_per_client(expected_users_per_round: float) -> int:
   """Enough TFF clients to keep every core busy, no more: ceil(n / cores)."""
@@ -137,7 +149,8 @@ def pack_cohort(
     shuffle_seed: int, byzantine_count: int = 0,
     flip_labels: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
     with_user_indices: bool = False,
-) -> list[tf.data.Dataset]:
+    canaries: Optional[canaries_lib.Canaries] = None,
+) -> list:
   """The round's client data: groups of at most `users_per_client` users.
 
   Each TFF client gets a one-element dataset (TFF's client work takes
@@ -150,10 +163,15 @@ def pack_cohort(
   aggregator finds their records first (`dp_fedavg.byzantine`); with
   `flip_labels` they train on poisoned labels. With `with_user_indices`
   (example-level DP), a group also says which users it holds (`users`), so
-  each draws its batches and noise from its own seed.
+  each draws its batches and noise from its own seed. With `canaries` (an
+  audit), canary users have no examples and each group's data is
+  `<data=group, canaries=update ids of its users>`
+  (`dp_fedavg.canaries.with_canaries`).
   """
   paths = {
-      user: user_files.paths(
+      user: user_files.empty_paths()
+      if canaries is not None and canaries.canary_of(user) is not None
+      else user_files.paths(
           user, flip_labels if position < byzantine_count else None)
       for position, user in enumerate(cohort)
   }
@@ -174,10 +192,13 @@ def pack_cohort(
     )
     if with_user_indices:
       group['users'] = tf.constant(users, tf.int64, shape=[len(users)])
-    groups.append(
-        tf.data.Dataset.from_tensors(group)
-        .with_options(base.client_dataset_options())
-    )
+    dataset = (tf.data.Dataset.from_tensors(group)
+               .with_options(base.client_dataset_options()))
+    if canaries is not None:
+      dataset = collections.OrderedDict(
+          data=dataset, canaries=canaries_lib.canary_ids_dataset(
+              [canaries.update_id(user) for user in users]))
+    groups.append(dataset)
   return groups
 
 
@@ -209,6 +230,7 @@ def _read_group(paths, specs, local_epochs, batch_size, shuffle_seed):
           for spec in specs
       ],
   )
+  users = tf.shape(paths)[0]
   lengths = tf.cast(ragged[0].row_lengths(), tf.int32)
   longest = tf.reduce_max(tf.concat([lengths, tf.zeros([1], lengths.dtype)], 0))
   steps = (longest + batch_size - 1) // batch_size
@@ -218,13 +240,15 @@ def _read_group(paths, specs, local_epochs, batch_size, shuffle_seed):
     dense = values.to_tensor()
     dense = tf.pad(dense, [[0, 0], [0, padded_length - longest]]
                    + [[0, 0]] * len(spec.shape))
+    # The users axis is given, not inferred: a group whose users all have no
+    # examples (an audit's canaries) has no values to infer it from.
     batched.append(tf.reshape(dense, tf.concat(
-        [tf.stack([-1, steps, batch_size]),
+        [tf.stack([users, steps, batch_size]),
          tf.constant(spec.shape.as_list(), tf.int32)], axis=0,
     )))
   mask = tf.reshape(
       tf.sequence_mask(lengths, padded_length, dtype=tf.float32),
-      [-1, steps, batch_size],
+      [users, steps, batch_size],
   )
   return batched, mask, steps
 
@@ -566,6 +590,7 @@ def build_process(
     local_epochs: int,
     batch_size: int,
     example_dp: Optional[dp_sgd.DpSgdConfig] = None,
+    wrap_client_work: Optional[Callable] = None,
 ) -> tff.learning.templates.LearningProcess:
   """The vectorized DP-FedAvg process: a `tff.learning` LearningProcess.
 
@@ -580,13 +605,16 @@ def build_process(
     batch_size: examples per local step.
     example_dp: example-level DP-SGD inside every user (see
       `build_client_work`).
+    wrap_client_work: (client work, weights type) -> the client work the
+      process runs (canaries for an audit); None runs it as built.
   """
+  wrap_client_work = wrap_client_work or (lambda work, weights_type: work)
   return process_lib.compose_process(
       task,
-      lambda weights_type: build_client_work(
+      lambda weights_type: wrap_client_work(build_client_work(
           task, weights_type, client_learning_rate, local_epochs, batch_size,
           example_dp,
-      ),
+      ), weights_type),
       # The aggregators take every user's update: a users axis in front.
       aggregator or StackedMeanFactory(), skeleton.stacked_type,
       client_learning_rate, server_learning_rate, server_momentum,

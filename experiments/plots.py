@@ -78,3 +78,30 @@ def accuracy_vs_fraction(
   figure.tight_layout()
   figure.savefig(path)
   plt.close(figure)
+
+
+def canary_histograms(
+    statistics: dict[str, tuple[list[float], list[float]]],
+    path: str,
+    title: str,
+) -> None:
+  """Histograms of inserted against held-out canaries' statistics, one panel
+  per statistic ({name: (inserted, held out)})."""
+  figure, axes = plt.subplots(
+      1, len(statistics), figsize=(5 * len(statistics), 3.6), dpi=100,
+      squeeze=False)
+  for axis, (name, (inserted, held_out)) in zip(axes[0], statistics.items()):
+    values = list(inserted) + list(held_out)
+    bins = 30 if len(set(values)) > 1 else 1
+    span = (min(values), max(values)) if values else (0.0, 1.0)
+    axis.hist(held_out, bins=bins, range=span, alpha=0.6,
+              label=f'held out ({len(held_out)})')
+    axis.hist(inserted, bins=bins, range=span, alpha=0.6,
+              label=f'inserted ({len(inserted)})')
+    axis.set_xlabel(name)
+    axis.set_ylabel('canaries')
+    axis.legend()
+  figure.suptitle(title)
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)

@@ -21,6 +21,7 @@ from aggregators import attacks
 from aggregators import registry
 from dp_fedavg import accounting
 from dp_fedavg import byzantine as byzantine_lib
+from dp_fedavg import canaries as canaries_lib
 from dp_fedavg import checkpoints
 from dp_fedavg import dp_sgd
 from dp_fedavg import example_privacy
@@ -244,9 +245,11 @@ class Runner:
   def _engine(
       self, plan: PrivacyPlan, choice: run_config.EngineChoice,
       byzantine: Optional[byzantine_lib.ByzantineClients],
+      canaries: Optional[canaries_lib.Canaries] = None,
   ):
     """The learning process of the chosen engine, its client data function,
-    and whether it runs in process.
+    and whether it runs in process. With `canaries`, the process's client
+    work sends the inserted canaries' updates (`dp_fedavg.canaries`).
 
     Under --engine=auto, a process the in-process engine cannot run runs on
     TFF's worker instead, with the reason in the log.
@@ -256,9 +259,29 @@ class Runner:
         process (the reason is in the message).
     """
     config, task = plan.config, self.task
+    wrap_client_work = None
+    if canaries is not None:
+      wrap_client_work = (
+          lambda client_work, weights_type: canaries_lib.with_canaries(
+              client_work, weights_type.trainable, canaries.seed,
+              choice.stacked_users))
     if choice.stacked_users:
       learning_process, client_data_fn = self._stacked_users_engine(
-          plan, byzantine)
+          plan, byzantine, wrap_client_work, canaries)
+    elif canaries is not None:
+      learning_process = process.build_process_with_client_work(
+          task, wrap_client_work, plan.aggregator, config.client_lr,
+          config.server_lr, config.server_momentum,
+      )
+      real_client = task.train_data.client_ids[0]
+      client_data_fn = canaries_lib.client_data_fn(
+          canaries,
+          loop.standard_client_data(
+              task, config.local_epochs, config.batch_size, byzantine),
+          lambda: task.preprocess(
+              task.train_data.create_tf_dataset_for_client(real_client)
+              .take(0), config.local_epochs, config.batch_size, seed=0),
+      )
     elif config.example_level:
       learning_process = dp_sgd.build_process(
           task, config.example_dp, config.client_lr, config.server_lr,
@@ -283,7 +306,8 @@ class Runner:
       logging.warning('engine: running on TFF\'s worker instead: %s', e)
       return learning_process, client_data_fn, False
 
-  def _stacked_users_engine(self, plan, byzantine):
+  def _stacked_users_engine(self, plan, byzantine, wrap_client_work=None,
+                            canaries=None):
     """The vectorized process and its groups of users (`pack_cohort`)."""
     config = plan.config
     learning_process = vectorized.build_process(
@@ -291,6 +315,7 @@ class Runner:
         config.server_momentum, local_epochs=config.local_epochs,
         batch_size=config.batch_size,
         example_dp=config.example_dp if config.example_level else None,
+        wrap_client_work=wrap_client_work,
     )
     if self._user_files is None:
       directory = config.user_data_dir
@@ -315,6 +340,7 @@ class Runner:
         lambda cohort, shuffle_seed, byzantine_count: vectorized.pack_cohort(
             files, cohort, users_per_client, shuffle_seed, byzantine_count,
             flip_labels, with_user_indices=config.example_level,
+            canaries=canaries,
         )
     )
 
@@ -342,6 +368,7 @@ class Runner:
       checkpoint_every: int = 0,
       on_round: Callable[[loop.RoundResult], None] = lambda result: None,
       inspect_round: Optional[Callable[..., None]] = None,
+      canaries: Optional[canaries_lib.Canaries] = None,
   ) -> RunSummary:
     """Trains as `plan.config` says; results go to `output_dir`.
 
@@ -356,6 +383,8 @@ class Runner:
       checkpoint_every: save a checkpoint every this many rounds (0: never).
       on_round: also called with every round's result.
       inspect_round: see `dp_fedavg.loop.run_training`.
+      canaries: an audit's canary clients, the last clients of the plan's
+        population (`dp_fedavg.canaries`).
 
     Raises:
       ValueError: `resume` with no checkpoint in `output_dir`.
@@ -440,7 +469,7 @@ class Runner:
     choice = run_config.choose_engine(config)
     logging.info('engine %s (%s)', choice.engine, choice.reason)
     learning_process, client_data_fn, in_process = self._engine(
-        plan, choice, byzantine)
+        plan, choice, byzantine, canaries)
     results = []
 
     def release(result: loop.RoundResult) -> None:

@@ -5,6 +5,7 @@ from absl.testing import parameterized
 import dp_accounting
 import numpy as np
 
+from aggregators import distributed_dp
 from dp_fedavg import accounting
 from dp_fedavg import sampling
 
@@ -241,6 +242,39 @@ class PrivacyAccountantTest(parameterized.TestCase):
     self.assertLessEqual(epsilon_for(z), target)
     self.assertGreaterEqual(epsilon_for(z), 0.99 * target)
     self.assertGreater(epsilon_for(0.99 * z), target)
+
+  @parameterized.parameters(20, 100)
+  def test_calibrates_events_that_state_their_own_rdp(self, clients_per_round):
+    # Distributed DP's event is no dp-accounting event: dp-accounting's
+    # calibration cannot compose it; ours searches with its own composition.
+    target, rounds = 2.0, 3
+
+    def event(z):
+      return distributed_dp.round_dp_event(z, 1.0, clients_per_round, 2410)
+
+    def epsilon_for(z):
+      accountant = accounting.PrivacyAccountant(
+          _UNIFORM, 100, clients_per_round, 1e-5)
+      return _compose(accountant, event(z), rounds)
+
+    z = accounting.PrivacyAccountant(
+        _UNIFORM, 100, clients_per_round, 1e-5
+    ).calibrate_noise_multiplier(event, target, rounds)
+    self.assertLessEqual(epsilon_for(z), target)
+    self.assertGreater(epsilon_for(0.999 * z), target)
+
+  def test_rdp_rounding_failure_leaves_the_pld_answer(self):
+    # Near z = 0.1, dp-accounting's sampled-Gaussian RDP raises "Renyi
+    # divergence cannot be negative" (its own rounding); PLD answers alone.
+    def epsilon_for(z):
+      accountant = accounting.PrivacyAccountant(_POISSON, 715, 100, 1e-5)
+      return _compose(accountant, dp_accounting.GaussianDpEvent(z), 20)
+
+    z = accounting.PrivacyAccountant(
+        _POISSON, 715, 100, 1e-5
+    ).calibrate_noise_multiplier(dp_accounting.GaussianDpEvent, 32.0, 20)
+    self.assertLessEqual(epsilon_for(z), 32.0)
+    self.assertGreater(epsilon_for(0.999 * z), 32.0)
 
   def test_target_that_needs_less_than_half_the_first_guess_is_met(self):
     # The search starts from z = 1; a large target needs z ~ 0.21 (PLD).

@@ -485,7 +485,7 @@ class PrivacyAccountant:
                 self._orders, rdp, self.delta)[0])
       except ValueError:
         # dp-accounting's sampled-Gaussian RDP fails on its own rounding
-        # ("Renyi divergence cannot be negative") at small noise; PLD's
+        # ("Renyi divergence cannot be negative") at huge noise; PLD's
         # bound alone is still a bound.
         if AccountantKind.PLD not in kinds:
           raise
@@ -605,7 +605,7 @@ class PrivacyAccountant:
     # RDP first: it is fast, and PLD's bound is never looser, so PLD's answer
     # lies below RDP's and the slow PLD search can start just under it.
     kinds.sort(key=lambda k: k is AccountantKind.PLD)
-    results, failures = [], []
+    results = []
     for kind in kinds:
       def make_event(z, kind=kind):
         round_event = prepare[kind](
@@ -613,18 +613,11 @@ class PrivacyAccountant:
         )
         return dp_accounting.SelfComposedDpEvent(round_event, rounds)
 
-      try:
-        results.append(_calibrate(
-            lambda kind=kind: self._new_accountant(kind), make_event,
-            target_epsilon, self.delta, rounds, kind,
-            guess=results[-1] if results else 1.0,
-        ))
-      except ValueError as e:
-        # One accountant failing (RDP's rounding at small noise, see
-        # _epsilons_of) leaves the other's answer, a bound on its own.
-        failures.append(e)
-    if not results:
-      raise failures[0]
+      results.append(_calibrate(
+          lambda kind=kind: self._new_accountant(kind), make_event,
+          target_epsilon, self.delta, rounds, kind,
+          guess=results[-1] if results else 1.0,
+      ))
     return float(min(results))
 
 
@@ -691,8 +684,8 @@ def _calibrate(
 ) -> float:
   """dp-accounting's calibration from `guess`, its failures as one ValueError.
 
-  The search starts in [guess / 2, guess] and grows upwards; an answer below
-  guess / 2 is then searched for in [0.05, guess / 2].
+  The search starts in [guess / 2, guess] and grows upwards, or, when
+  guess / 2 already meets the target, in [0.05, guess / 2].
   """
   lower = max(_MIN_CALIBRATED_NOISE, guess / 2)
 
@@ -702,15 +695,19 @@ def _calibrate(
         bracket_interval=bracket_interval, tol=1e-4,
     )
 
+  def epsilon_at(noise):
+    accountant = new_accountant()
+    accountant.compose(make_event(noise))
+    return accountant.get_epsilon(delta)
+
   try:
-    try:
-      return calibrate(mechanism_calibration.LowerEndpointAndGuess(lower, guess))
-    except mechanism_calibration.NoBracketIntervalFoundError:
-      if lower <= _MIN_CALIBRATED_NOISE:
-        raise
+    # An answer below `lower` is searched for below it at once: upwards,
+    # dp-accounting would double the noise to ~1e6 first, where its RDP
+    # rounds to a negative divergence and raises.
+    if lower > _MIN_CALIBRATED_NOISE and epsilon_at(lower) <= target_epsilon:
       return calibrate(mechanism_calibration.ExplicitBracketInterval(
-          _MIN_CALIBRATED_NOISE, lower
-      ))
+          _MIN_CALIBRATED_NOISE, lower))
+    return calibrate(mechanism_calibration.LowerEndpointAndGuess(lower, guess))
   except (ValueError, mechanism_calibration.NoBracketIntervalFoundError,
           mechanism_calibration.NoOptimumFoundError) as e:
     raise ValueError(

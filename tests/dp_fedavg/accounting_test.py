@@ -263,15 +263,34 @@ class PrivacyAccountantTest(parameterized.TestCase):
     self.assertLessEqual(epsilon_for(z), target)
     self.assertGreater(epsilon_for(0.999 * z), target)
 
-  def test_rdp_rounding_failure_leaves_the_pld_answer(self):
-    # Near z = 0.1, dp-accounting's sampled-Gaussian RDP raises "Renyi
-    # divergence cannot be negative" (its own rounding); PLD answers alone.
+  def test_rdp_rounding_failure_leaves_the_pld_bound(self):
+    # At z = 1e6, dp-accounting's sampled-Gaussian RDP over 20 rounds rounds
+    # to a negative divergence and raises; PLD's bound is reported alone.
+    accountant = accounting.PrivacyAccountant(_POISSON, 715, 100, 1e-5)
+    for _ in range(20):
+      accountant.compose_round(dp_accounting.GaussianDpEvent(1e6))
+    epsilons = accountant.epsilons()
+    self.assertEqual(list(epsilons), ['pld'])
+    self.assertLess(epsilons['pld'], 1e-3)
+    rdp_only = accounting.PrivacyAccountant(
+        _POISSON, 715, 100, 1e-5, accounting.AccountantKind.RDP)
+    for _ in range(20):
+      rdp_only.compose_round(dp_accounting.GaussianDpEvent(1e6))
+    with self.assertRaisesRegex(ValueError, 'cannot be negative'):
+      rdp_only.epsilons()
+
+  def test_large_target_below_the_first_bracket_is_met(self):
+    # q = 100/715 over 20 rounds: epsilon 32 needs z below the first
+    # bracket [0.5, 1]; searching upwards from it would reach z ~ 1e6, where
+    # RDP raises. (PLD takes a minute here, at small noise.)
+    kind = accounting.AccountantKind.RDP
     def epsilon_for(z):
-      accountant = accounting.PrivacyAccountant(_POISSON, 715, 100, 1e-5)
+      accountant = accounting.PrivacyAccountant(_POISSON, 715, 100, 1e-5,
+                                                kind)
       return _compose(accountant, dp_accounting.GaussianDpEvent(z), 20)
 
     z = accounting.PrivacyAccountant(
-        _POISSON, 715, 100, 1e-5
+        _POISSON, 715, 100, 1e-5, kind
     ).calibrate_noise_multiplier(dp_accounting.GaussianDpEvent, 32.0, 20)
     self.assertLessEqual(epsilon_for(z), 32.0)
     self.assertGreater(epsilon_for(0.999 * z), 32.0)

@@ -23,7 +23,7 @@ import tensorflow_federated as tff
 from dp_fedavg import empirical_privacy
 from dp_fedavg import run_config
 from dp_fedavg import tasks
-from experiments import audit
+from experiments import auditing
 from tests.experiments import binaries
 
 _TASK = None
@@ -44,10 +44,10 @@ def _config(**values):
 
 
 def _audit(test, config, count, plan_change=None):
-  plan, canaries = audit.plan_with_canaries(config, _task(), count)
+  plan, canaries = auditing.plan_with_canaries(config, _task(), count)
   if plan_change is not None:
     plan = plan_change(plan)
-  return audit.run_audit(
+  return auditing.run_audit(
       _task(), plan, canaries, 0.95, test.create_tempdir().full_path, {},
   ), canaries
 
@@ -91,8 +91,8 @@ class NoNoiseTest(absltest.TestCase):
   def test_canaries_do_not_count_in_the_train_metrics(self):
     config = _config(engine='inprocess', noise_multiplier=0.0, clip=1.0)
     output = self.create_tempdir().full_path
-    plan, canaries = audit.plan_with_canaries(config, _task(), 40)
-    audit.run_audit(_task(), plan, canaries, 0.95, output, {})
+    plan, canaries = auditing.plan_with_canaries(config, _task(), 40)
+    auditing.run_audit(_task(), plan, canaries, 0.95, output, {})
     from experiments import runner  # pylint: disable=g-import-not-at-top
     plain_plan = runner.PrivacyPlan.build(
         config, len(_task().train_data.client_ids), _task().update_dimension)
@@ -216,7 +216,7 @@ class AuditBinaryTest(absltest.TestCase):
         '--noise_multiplier=1.0', '--clip=1.0', '--clients_per_round=20',
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    with open(os.path.join(output_dir, audit.AUDIT_FILE)) as f:
+    with open(os.path.join(output_dir, auditing.AUDIT_FILE)) as f:
       values = json.load(f)
     for key in ('epsilon_accountant', 'epsilon_one_shot_final',
                 'epsilon_one_shot_all_iterates', 'epsilon_lower_bound',
@@ -225,13 +225,13 @@ class AuditBinaryTest(absltest.TestCase):
     self.assertEqual(values['canaries_inserted'] + values['canaries_held_out'],
                      40)
     self.assertEqual(values['confidence'], 0.95)
-    with open(os.path.join(output_dir, audit.CANARIES_FILE)) as f:
+    with open(os.path.join(output_dir, auditing.CANARIES_FILE)) as f:
       rows = list(csv.DictReader(f))
     self.assertLen(rows, 40)
     self.assertEqual(sum(int(r['inserted']) for r in rows),
                      values['canaries_inserted'])
     self.assertGreater(
-        os.path.getsize(os.path.join(output_dir, audit.HISTOGRAM_FILE)), 0)
+        os.path.getsize(os.path.join(output_dir, auditing.HISTOGRAM_FILE)), 0)
     self.assertIn('one-shot estimate', result.stderr)
 
   def test_bad_flags_exit_2_with_one_line(self):
@@ -242,9 +242,9 @@ class AuditBinaryTest(absltest.TestCase):
 
   def test_refuses_what_it_cannot_audit(self):
     with self.assertRaisesRegex(ValueError, 'has no privacy to audit'):
-      audit.plan_with_canaries(_config(aggregator='none'), _task(), 100)
+      auditing.plan_with_canaries(_config(aggregator='none'), _task(), 100)
     with self.assertRaisesRegex(ValueError, 'canary clients audit user-level'):
-      audit.plan_with_canaries(
+      auditing.plan_with_canaries(
           _config(privacy_unit='example'), _task(), 100)
 
 

@@ -211,10 +211,12 @@ def one_run_p_value(canaries: int, guesses: int, correct: int,
   q = 1.0 / (1.0 + math.exp(-epsilon))
   p_value = stats.binom.sf(correct - 1, guesses, q)
   if delta > 0 and correct > 0:
-    below = stats.binom.cdf(correct - 1, guesses, q)
     steps = np.arange(1, correct + 1)
-    # P[correct - i <= B < correct] for i = 1..correct.
-    window = below - stats.binom.cdf(correct - 1 - steps, guesses, q)
+    # scipy's binomial cdf warns on its own underflow far in the tail.
+    with np.errstate(divide='ignore'):
+      below = stats.binom.cdf(correct - 1, guesses, q)
+      # P[correct - i <= B < correct] for i = 1..correct.
+      window = below - stats.binom.cdf(correct - 1 - steps, guesses, q)
     p_value += 2 * canaries * delta * float(np.max(window / steps))
   return float(min(p_value, 1.0))
 
@@ -366,3 +368,33 @@ def epsilon_lower_bound(scores: dict[str, tuple[Sequence[float],
     bounds[f'{name}/threshold'] = threshold_epsilon_lower_bound(
         inserted, held_out, delta, each)
   return max(bounds.values()), bounds
+
+
+def one_shot_epsilon_interval(inserted: Sequence[float], delta: float,
+                              confidence: float,
+                              dimension: int | None = None,
+                              held_out: Sequence[float] | None = None,
+                              resamples: int = 200,
+                              seed: int = 0) -> tuple[float, float]:
+  """A percentile bootstrap interval of `one_shot_epsilon` at `confidence`.
+
+  The estimate fits a mean and a variance to the canaries, and at small
+  delta the fitted variance's sampling error alone moves epsilon by units
+  with a hundred canaries; resampling the canaries (inserted and held-out
+  apart) shows that noise. Approximate: a bootstrap, not a bound.
+  """
+  if not 0 < confidence < 1:
+    raise ValueError(f'confidence must be in (0, 1), got {confidence}.')
+  rng = np.random.default_rng(seed)
+  inserted = np.asarray(inserted, float)
+  estimates = []
+  for _ in range(resamples):
+    resampled_held_out = None if held_out is None else rng.choice(
+        np.asarray(held_out, float), len(held_out))
+    estimates.append(one_shot_epsilon(
+        rng.choice(inserted, len(inserted)), delta, dimension,
+        resampled_held_out))
+  low, high = np.quantile(
+      estimates, [(1 - confidence) / 2, (1 + confidence) / 2],
+      method='inverted_cdf')
+  return float(low), float(high)

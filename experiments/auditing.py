@@ -43,6 +43,9 @@ class AuditResult:
   epsilon_accountant: float
   epsilon_one_shot_final: float
   epsilon_one_shot_all_iterates: float
+  # Percentile bootstrap intervals of the two estimates at `confidence`.
+  epsilon_one_shot_final_interval: tuple[float, float]
+  epsilon_one_shot_all_iterates_interval: tuple[float, float]
   epsilon_lower_bound: float
   confidence: float
   canaries_inserted: int
@@ -99,10 +102,10 @@ def plan_with_canaries(
 
 def estimate(
     statistics: canaries_lib.CanaryStatistics, inserted, dimension: int,
-    delta: float, confidence: float,
-) -> tuple[float, float, float, dict[str, float], dict[str, tuple]]:
-  """(one-shot final, one-shot all iterates, lower bound, each bound, each
-  statistic's (inserted, held-out) values)."""
+    delta: float, confidence: float, seed: int,
+) -> dict[str, Any]:
+  """The audit's estimates and bounds (`AuditResult`'s fields of the same
+  names) from the canaries' statistics."""
   split = {
       name: ([float(v) for v in values[inserted]],
              [float(v) for v in values[~inserted]])
@@ -110,14 +113,27 @@ def estimate(
                            ('max_cosine_over_rounds',
                             statistics.max_round_cosine))
   }
-  final = empirical_privacy.one_shot_epsilon(
-      split['cosine_final'][0], delta, dimension=dimension)
-  iterates = empirical_privacy.one_shot_epsilon(
-      split['max_cosine_over_rounds'][0], delta,
-      held_out=split['max_cosine_over_rounds'][1])
+  final = {'dimension': dimension}
+  iterates = {'held_out': split['max_cosine_over_rounds'][1]}
   lower, bounds = empirical_privacy.epsilon_lower_bound(
       split, delta, confidence)
-  return final, iterates, lower, bounds, split
+  return dict(
+      epsilon_one_shot_final=empirical_privacy.one_shot_epsilon(
+          split['cosine_final'][0], delta, **final),
+      epsilon_one_shot_all_iterates=empirical_privacy.one_shot_epsilon(
+          split['max_cosine_over_rounds'][0], delta, **iterates),
+      epsilon_one_shot_final_interval=(
+          empirical_privacy.one_shot_epsilon_interval(
+              split['cosine_final'][0], delta, confidence, seed=seed,
+              **final)),
+      epsilon_one_shot_all_iterates_interval=(
+          empirical_privacy.one_shot_epsilon_interval(
+              split['max_cosine_over_rounds'][0], delta, confidence,
+              seed=seed, **iterates)),
+      epsilon_lower_bound=lower,
+      lower_bounds=bounds,
+      statistics=split,
+  )
 
 
 def run_audit(
@@ -166,13 +182,10 @@ def run_audit(
         f'--target_epsilon={config.target_epsilon:g} stopped the run before '
         'its first round: nothing to audit.')
   statistics.finish(summary.model_weights)
-  final, iterates, lower, bounds, split = estimate(
-      statistics, inserted, task.update_dimension, summary.delta, confidence)
+  estimates = estimate(statistics, inserted, task.update_dimension,
+                       summary.delta, confidence, config.seed)
   result = AuditResult(
       epsilon_accountant=summary.epsilon,
-      epsilon_one_shot_final=final,
-      epsilon_one_shot_all_iterates=iterates,
-      epsilon_lower_bound=lower,
       confidence=confidence,
       canaries_inserted=int(inserted.sum()),
       canaries_held_out=int((~inserted).sum()),
@@ -181,23 +194,27 @@ def run_audit(
       adjacency=plan.ledger.adjacency.value,
       rounds_completed=summary.rounds_completed,
       eval_accuracy=summary.eval_accuracy,
-      lower_bounds=bounds,
-      statistics=split,
+      **estimates,
   )
   with open(os.path.join(output_dir, AUDIT_FILE), 'w') as f:
     json.dump(result.as_json(), f, indent=2)
   outputs.write_csv(os.path.join(output_dir, CANARIES_FILE), statistics.rows())
   plots.canary_histograms(
-      split, os.path.join(output_dir, HISTOGRAM_FILE),
+      result.statistics, os.path.join(output_dir, HISTOGRAM_FILE),
       f'{config.task}, {config.aggregator}: accountant epsilon '
       f'{summary.epsilon:.3g} at delta {summary.delta:g}')
   logging.info(
       'audit at delta=%g: accountant epsilon %.4g (%s); one-shot estimate '
-      '%.4g (final model), %.4g (all iterates); lower bound %.4g at '
-      'confidence %g%s; in %s', summary.delta, summary.epsilon,
-      summary.accountant, final, iterates, lower, confidence,
+      '%.4g (final model; %g bootstrap interval %.3g-%.3g), %.4g (all '
+      'iterates; %.3g-%.3g); lower bound %.4g at confidence %g%s; in %s',
+      summary.delta, summary.epsilon, summary.accountant,
+      result.epsilon_one_shot_final, confidence,
+      *result.epsilon_one_shot_final_interval,
+      result.epsilon_one_shot_all_iterates,
+      *result.epsilon_one_shot_all_iterates_interval,
+      result.epsilon_lower_bound, confidence,
       ' ABOVE THE ACCOUNTANT\'S EPSILON: the implementation does not do what '
-      'its accounting assumes' if lower > summary.epsilon else '',
-      output_dir,
+      'its accounting assumes' if result.epsilon_lower_bound > summary.epsilon
+      else '', output_dir,
   )
   return result

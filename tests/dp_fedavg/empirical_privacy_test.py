@@ -135,6 +135,26 @@ class SyntheticGaussianMechanismTest(parameterized.TestCase):
     self.assertGreater(empirical_privacy.one_shot_epsilon(
         cosines[:50], 1e-5, dimension=2000), 30)
 
+  def test_bootstrap_interval_covers_the_truth_and_narrows_with_canaries(self):
+    # The model of the test above at epsilon 2: inserted cosines
+    # N(1 / (sigma sqrt(d)), 1 / d). The interval holds the estimate and the
+    # true epsilon, and 16 times the canaries make it about 4 times narrower
+    # (the fit's errors shrink like 1 / sqrt(count)).
+    dimension, delta = 20000, 1e-5
+    sigma = _analytic_gaussian_sigma(2.0, delta, 1.0)
+    rng = np.random.default_rng(3)
+    widths = []
+    for count in (250, 4000):
+      cosines = rng.normal(1 / (sigma * dimension**0.5), dimension**-0.5,
+                           count)
+      low, high = empirical_privacy.one_shot_epsilon_interval(
+          cosines, delta, 0.95, dimension=dimension)
+      self.assertBetween(empirical_privacy.one_shot_epsilon(
+          cosines, delta, dimension=dimension), low, high)
+      self.assertBetween(2.0, low, high)
+      widths.append(high - low)
+    self.assertBetween(widths[0] / widths[1], 2.5, 6.5)
+
   def test_exactly_one_null(self):
     with self.assertRaisesRegex(ValueError, 'exactly one'):
       empirical_privacy.one_shot_epsilon([0.1, 0.2], 1e-5)

@@ -224,6 +224,9 @@ class AuditBinaryTest(absltest.TestCase):
       self.assertIn(key, values)
     self.assertEqual(values['canaries_inserted'] + values['canaries_held_out'],
                      40)
+    for name in ('epsilon_one_shot_final', 'epsilon_one_shot_all_iterates'):
+      low, high = values[f'{name}_interval']
+      self.assertBetween(values[name], low, high)
     self.assertEqual(values['confidence'], 0.95)
     with open(os.path.join(output_dir, auditing.CANARIES_FILE)) as f:
       rows = list(csv.DictReader(f))

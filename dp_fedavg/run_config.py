@@ -43,6 +43,12 @@ class RunConfig:
   partition: str = 'iid'
   dirichlet_alpha: float = 0.5
   silos: Optional[int] = None
+  # --task=custom: the user's data and model (dp_fedavg/tasks/custom.py).
+  data_path: Optional[str] = None
+  model: Optional[str] = None
+  test_data_path: Optional[str] = None
+  feature_key: str = 'x'
+  label_key: str = 'y'
   aggregator: str = 'gaussian_fixed'
   privacy_unit: str = 'user'
   mechanism_values: tuple[tuple[str, Any], ...] = ()

@@ -9,6 +9,7 @@ configuration in `main`, and a study derives one per run.
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import tempfile
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -220,6 +221,26 @@ def execution_context(config: run_config.RunConfig) -> Iterator[None]:
     yield
 
 
+def resolved_values(task: tasks.FederatedTask, ledger) -> dict[str, Any]:
+  """What a run used where its flags leave a default: the population, the
+  model's size, the evaluation clients and the data files' SHA-256."""
+  values = {
+      'population': ledger.num_clients,
+      'clients_per_round': ledger.clients_per_round,
+      'model_parameters': task.update_dimension,
+      'eval_clients': len(task.eval_data.client_ids),
+  }
+  if task.data_files:
+    values['data_sha256'] = {}
+    for path in task.data_files:
+      digest = hashlib.sha256()
+      with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+          digest.update(block)
+      values['data_sha256'][path] = digest.hexdigest()
+  return values
+
+
 class Runner:
   """Runs trainings of one task, one after another.
 
@@ -396,6 +417,7 @@ class Runner:
         **config_json, 'noise_multiplier_used': plan.noise,
         'privacy_composition': ledger.composition,
         'adjacency': ledger.adjacency.value,
+        'resolved': resolved_values(task, ledger),
     })
     if config.example_level:
       dp_config = config.example_dp

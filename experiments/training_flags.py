@@ -38,6 +38,23 @@ SILOS = flags.DEFINE_integer(
     '(silos, the cross-silo setting of --privacy_unit=example): femnist pools '
     'its writers; digits and cifar10 split as --num_clients=K '
     '--partition=iid; not shakespeare. Unset: the task\'s own clients.')
+DATA_PATH = flags.DEFINE_string(
+    'data_path', None,
+    '--task=custom: the training clients\' examples: TFF SQLite client data '
+    '(.sqlite, .db; see dp_fedavg.tasks.custom.write_client_data), or .npz / '
+    '.csv with a client_id column.')
+MODEL = flags.DEFINE_string(
+    'model', None,
+    '--task=custom: a Keras model file (.keras) or module:function returning '
+    'an uncompiled Keras model with logits out.')
+TEST_DATA_PATH = flags.DEFINE_string(
+    'test_data_path', None,
+    '--task=custom: evaluation clients, in a format of --data_path; default '
+    'a seeded tenth of --data_path\'s clients, held out.')
+FEATURE_KEY = flags.DEFINE_string(
+    'feature_key', 'x', '--task=custom: the examples\' feature key or column.')
+LABEL_KEY = flags.DEFINE_string(
+    'label_key', 'y', '--task=custom: the examples\' label key or column.')
 LOCAL_EPOCHS = flags.DEFINE_integer(
     'local_epochs', 2, 'Passes over its data each client makes per round.')
 BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Client batch size.')
@@ -74,7 +91,8 @@ SEED = flags.DEFINE_integer(
     'seed', 0, 'Seed of data split, sampling, shuffling, model init and noise.')
 
 _TRAINING_FLAGS = (
-    TASK, DATA_DIR, DATA_SOURCE, PARTITION, DIRICHLET_ALPHA, SILOS, LOCAL_EPOCHS,
+    TASK, DATA_DIR, DATA_SOURCE, PARTITION, DIRICHLET_ALPHA, SILOS, DATA_PATH,
+    MODEL, TEST_DATA_PATH, FEATURE_KEY, LABEL_KEY, LOCAL_EPOCHS,
     BATCH_SIZE, CLIENT_LR, SERVER_LR, SERVER_MOMENTUM, EVAL_EVERY, WORKERS,
     ENGINE, USERS_PER_WORKER_CLIENT, USER_DATA_DIR, SEED,
 ) + robust_flags.FLAGS
@@ -116,11 +134,28 @@ def _workers_error() -> Optional[str]:
   return None
 
 
+def _custom_task_error(config: run_config.RunConfig) -> Optional[str]:
+  custom_flags = ('data_path', 'model', 'test_data_path')
+  if config.task != 'custom':
+    given = [name for name in custom_flags if getattr(config, name)]
+    if given:
+      return (f'--{given[0]} is for --task=custom; --task={config.task} reads '
+              'its own data and model.')
+    return None
+  for name in ('data_path', 'model'):
+    if not getattr(config, name):
+      return f'--task=custom needs --{name} (see --helpfull).'
+  if config.num_clients is not None or config.silos is not None:
+    return ('--task=custom: its clients are those of --data_path; drop '
+            '--num_clients and --silos.')
+  return None
+
+
 def flag_error(config: run_config.RunConfig) -> Optional[str]:
   """The first problem with the task, training and privacy flags; None if none."""
   return (
       privacy_flags.range_error(RANGE_CHECKS) or _workers_error()
-      or privacy_flags.flag_error(config)
+      or _custom_task_error(config) or privacy_flags.flag_error(config)
   )
 
 
@@ -156,6 +191,11 @@ def build_task_or_exit(config: run_config.RunConfig) -> tasks.FederatedTask:
       data_dir=config.data_dir,
       data_source=config.data_source,
       silos=config.silos,
+      data_path=config.data_path,
+      model=config.model,
+      test_data_path=config.test_data_path,
+      feature_key=config.feature_key,
+      label_key=config.label_key,
   )
   if config.silos is not None:
     error = _silos_error(config)

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from dp_fedavg.tasks import base
 from dp_fedavg.tasks import cifar10
 from dp_fedavg.tasks import client_data
+from dp_fedavg.tasks import custom
 from dp_fedavg.tasks import digits
 from dp_fedavg.tasks import femnist
 from dp_fedavg.tasks import shakespeare
@@ -33,7 +34,9 @@ class TaskOptions:
     all). partition / dirichlet_alpha: the split (digits, cifar10). data_dir /
     data_source: where the data is (femnist, shakespeare, cifar10). seed: of
     every split. silos: femnist: pool the writers' training examples into
-    this many IID clients.
+    this many IID clients. data_path / model / test_data_path /
+    feature_key / label_key: the custom task's files and keys
+    (`dp_fedavg.tasks.custom`).
   """
 
   num_clients: Optional[int] = None
@@ -43,6 +46,11 @@ class TaskOptions:
   data_dir: Optional[str] = None
   data_source: str = 'local'
   silos: Optional[int] = None
+  data_path: Optional[str] = None
+  model: Optional[str] = None
+  test_data_path: Optional[str] = None
+  feature_key: str = 'x'
+  label_key: str = 'y'
 
 
 def _split_num_clients(options: TaskOptions) -> int:
@@ -62,6 +70,11 @@ _BUILDERS: dict[str, Callable[[TaskOptions], base.FederatedTask]] = {
     'femnist': lambda o: femnist.build_task(
         data_dir=o.data_dir, num_clients=o.num_clients, seed=o.seed,
         data_source=o.data_source, silos=o.silos,
+    ),
+    'custom': lambda o: custom.build_task(
+        data_path=o.data_path, model=o.model,
+        test_data_path=o.test_data_path, feature_key=o.feature_key,
+        label_key=o.label_key, seed=o.seed,
     ),
     'shakespeare': lambda o: shakespeare.build_task(
         data_dir=o.data_dir, num_clients=o.num_clients,

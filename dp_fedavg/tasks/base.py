@@ -69,6 +69,8 @@ class FederatedTask:
       for.
     eval_data: evaluation data as clients, never sampled for training: held-out
       clients, or each client's held-out examples; same elements.
+    data_files: the files the data was read from, when a run's config
+      records their fingerprint (the custom task).
   """
 
   name: str
@@ -77,6 +79,7 @@ class FederatedTask:
   metrics_fn: Callable[[], list[tf.keras.metrics.Metric]]
   train_data: tff.simulation.datasets.ClientData
   eval_data: tff.simulation.datasets.ClientData
+  data_files: tuple[str, ...] = ()
 
   def preprocess(
       self, dataset: tf.data.Dataset, local_epochs: int, batch_size: int, seed: int

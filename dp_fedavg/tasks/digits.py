@@ -16,6 +16,16 @@ from dp_fedavg.tasks import client_data
 _NUM_CLASSES = 10
 
 
+def keras_model() -> tf.keras.Model:
+  """The digits MLP (logits out); also `--model=dp_fedavg.tasks.digits:
+  keras_model` for the custom task."""
+  return tf.keras.Sequential([
+      tf.keras.layers.InputLayer(input_shape=(64,)),
+      tf.keras.layers.Dense(32, activation='relu'),
+      tf.keras.layers.Dense(_NUM_CLASSES),
+  ])
+
+
 def build_task(
     num_clients: int = 100,
     partition: str = 'iid',
@@ -54,16 +64,9 @@ def build_task(
   num_heldout_clients = max(1, round(num_heldout * num_clients / len(train)))
   eval_shares = np.array_split(heldout, num_heldout_clients)
 
-  def keras_model_fn() -> tf.keras.Model:
-    return tf.keras.Sequential([
-        tf.keras.layers.InputLayer(input_shape=(64,)),
-        tf.keras.layers.Dense(32, activation='relu'),
-        tf.keras.layers.Dense(_NUM_CLASSES),
-    ])
-
   return base.classification_task(
       'digits',
-      keras_model_fn,
+      keras_model,
       client_data.sliced_client_data(
           [str(c) for c in range(num_clients)],
           (images, labels), [train[s] for s in shares],

@@ -146,6 +146,13 @@ class FlagValidationTest(parameterized.TestCase):
        '--noise_placement applies to user-level DP only'),
       ('example_level_robust', dict(privacy_unit='example', robust_rule='median'),
        'robust rules and simulated attacks are built for user-level DP only'),
+      ('custom_without_model', dict(task='custom', data_path='data.npz'),
+       '--task=custom needs --model'),
+      ('data_path_of_a_built_in_task', dict(data_path='data.npz'),
+       '--data_path is for --task=custom'),
+      ('custom_with_num_clients',
+       dict(task='custom', data_path='data.npz', model='m:f', num_clients=5),
+       'drop --num_clients'),
   )
   def test_inconsistent_flags_are_named(self, overrides, flag_text):
     with flagsaver.flagsaver(

@@ -1,0 +1,220 @@
+"""The custom task: a user's data (SQLite, npz, CSV) and Keras model."""
+
+import csv
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from dp_fedavg import run_config
+from dp_fedavg import tasks
+from dp_fedavg.tasks import base
+from dp_fedavg.tasks import custom
+from experiments import runner
+from experiments import training_flags
+
+_MODEL = 'tests.dp_fedavg.tasks.custom_test:small_model'
+
+
+def small_model():
+  """4 features in a 2x2 grid, 3 classes, logits out."""
+  return tf.keras.Sequential([
+      tf.keras.layers.InputLayer(input_shape=(2, 2)),
+      tf.keras.layers.Flatten(),
+      tf.keras.layers.Dense(3),
+  ])
+
+
+def softmax_model():
+  return tf.keras.Sequential([
+      tf.keras.layers.InputLayer(input_shape=(2, 2)),
+      tf.keras.layers.Flatten(),
+      tf.keras.layers.Dense(3, activation='softmax'),
+  ])
+
+
+def _examples(count=60, clients=12, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = np.array([f'c{i % clients}' for i in range(count)])
+  features = rng.normal(size=(count, 2, 2)).astype(np.float32)
+  labels = rng.integers(0, 3, count)
+  return ids, features, labels
+
+
+def _all(data):
+  """{client: (features, labels)} of a ClientData."""
+  result = {}
+  for client in data.client_ids:
+    x, y = base.all_examples(data.create_tf_dataset_for_client(client))
+    result[client] = (x.numpy(), y.numpy())
+  return result
+
+
+class CustomTaskTest(parameterized.TestCase):
+
+  def _write(self, kind, ids, features, labels):
+    path = os.path.join(self.create_tempdir().full_path, f'data.{kind}')
+    if kind == 'sqlite':
+      custom.write_client_data(path, ids, features, labels)
+    elif kind == 'npz':
+      np.savez(path, client_id=ids, x=features, y=labels)
+    else:
+      with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['client_id', 'f0', 'f1', 'f2', 'f3', 'y'])
+        for i, x, y in zip(ids, features.reshape(len(ids), -1), labels):
+          writer.writerow([i, *x.tolist(), int(y)])
+    return path
+
+  @parameterized.parameters('sqlite', 'npz', 'csv')
+  def test_every_format_gives_the_written_examples(self, kind):
+    ids, features, labels = _examples()
+    task = custom.build_task(
+        self._write(kind, ids, features, labels), _MODEL,
+        test_data_path=self._write(kind, ids[:6], features[:6], labels[:6]))
+    train = _all(task.train_data)
+    self.assertLen(train, 12)
+    for client, (x, y) in train.items():
+      mine = ids == client
+      np.testing.assert_allclose(x, features[mine], rtol=1e-6)
+      np.testing.assert_array_equal(y, labels[mine])
+    self.assertLen(task.eval_data.client_ids, 6)
+
+  def test_without_test_file_a_tenth_of_the_clients_is_held_out(self):
+    ids, features, labels = _examples(count=200, clients=40)
+    path = self._write('npz', ids, features, labels)
+    task = custom.build_task(path, _MODEL, seed=3)
+    train, held_out = (set(task.train_data.client_ids),
+                       set(task.eval_data.client_ids))
+    self.assertLen(held_out, 4)
+    self.assertEmpty(train & held_out)
+    self.assertEqual(train | held_out, set(ids))
+    again = custom.build_task(path, _MODEL, seed=3)
+    self.assertEqual(set(again.eval_data.client_ids), held_out)
+
+  def test_one_hot_labels_become_classes(self):
+    ids, features, labels = _examples()
+    path = self._write('npz', ids, features, np.eye(3)[labels])
+    train = _all(custom.build_task(path, _MODEL).train_data)
+    np.testing.assert_array_equal(train['c0'][1], labels[ids == 'c0'])
+
+  def test_keras_file_starts_from_its_weights(self):
+    model = small_model()
+    path = os.path.join(self.create_tempdir().full_path, 'model.keras')
+    model.save(path)
+    ids, features, labels = _examples()
+    task = custom.build_task(self._write('npz', ids, features, labels), path)
+    for saved, built in zip(model.get_weights(),
+                            task.keras_model_fn().get_weights()):
+      np.testing.assert_array_equal(saved, built)
+
+  @parameterized.named_parameters(
+      ('label_out_of_range', lambda i, x, y: (i, x, y + 3), 'npz',
+       r'labels span \[3, 5\]; the model has 3 outputs'),
+      ('shape_mismatch', lambda i, x, y: (i, np.ones((len(i), 5)), y), 'npz',
+       r'5 feature values .* takes 4'),
+      ('empty', lambda i, x, y: (i[:0], x[:0], y[:0]), 'npz',
+       'holds no examples'),
+      ('float_labels', lambda i, x, y: (i, x, y + 0.5), 'npz',
+       'labels must be integer classes or one-hot'),
+  )
+  def test_data_that_does_not_fit_the_model_is_one_line(self, change, kind,
+                                                        message):
+    path = self._write(kind, *change(*_examples()))
+    with self.assertRaisesRegex(custom.CustomTaskError, message) as raised:
+      custom.build_task(path, _MODEL)
+    self.assertIn(path, str(raised.exception))
+    self.assertNotIn('\n', str(raised.exception))
+
+  def test_missing_columns_are_named(self):
+    ids, features, labels = _examples()
+    path = os.path.join(self.create_tempdir().full_path, 'data.npz')
+    np.savez(path, client_id=ids, pixels=features, y=labels)
+    with self.assertRaisesRegex(custom.CustomTaskError,
+                                r"no array 'x'; it has client_id, pixels, y"):
+      custom.build_task(path, _MODEL)
+    sqlite = self._write('sqlite', ids, features, labels)
+    with self.assertRaisesRegex(custom.CustomTaskError,
+                                r"examples have no 'label'; they have x, y"):
+      custom.build_task(sqlite, _MODEL, label_key='label')
+    table = os.path.join(self.create_tempdir().full_path, 'data.csv')
+    with open(table, 'w') as f:
+      f.write('user,f0,y\nu,1.0,0\n')
+    with self.assertRaisesRegex(custom.CustomTaskError,
+                                r"no column 'client_id'; the header has user"):
+      custom.build_task(table, _MODEL)
+
+  def test_models_that_cannot_be_used_are_one_line(self):
+    path = self._write('npz', *_examples())
+    broken = os.path.join(self.create_tempdir().full_path, 'broken.keras')
+    with open(broken, 'w') as f:
+      f.write('not a model')
+    for model, message in (
+        (broken, 'does not load'),
+        ('tests.dp_fedavg.tasks.custom_test:softmax_model',
+         'ends in a softmax'),
+        ('tests.dp_fedavg.tasks.custom_test:no_such_function', 'no attribute'),
+        ('no_colon', 'expected a .keras file or module:function'),
+        ('/no/such/model.keras', 'no such file'),
+    ):
+      with self.assertRaisesRegex(custom.CustomTaskError, message):
+        custom.build_task(path, model)
+
+  def test_unknown_format_and_missing_file(self):
+    with self.assertRaisesRegex(custom.CustomTaskError, 'unknown format'):
+      path = os.path.join(self.create_tempdir().full_path, 'data.parquet')
+      open(path, 'w').close()
+      custom.build_task(path, _MODEL)
+    with self.assertRaisesRegex(custom.CustomTaskError, 'no such file'):
+      custom.build_task('/no/such/data.npz', _MODEL)
+
+
+class SameAsBuiltInTest(absltest.TestCase):
+
+  def test_digits_as_a_custom_task_trains_to_the_same_metrics(self):
+    # The built-in task's clients and evaluation clients written as files,
+    # its model named by module:function: the same cohorts, batches, initial
+    # weights and noise, so the same losses, accuracy and epsilon. Ids are
+    # zero-padded: a custom task orders its clients by id.
+    digits = tasks.build_task('digits')
+    directory = self.create_tempdir().full_path
+
+    def write(data, name):
+      ids, xs, ys = [], [], []
+      for client in data.client_ids:
+        x, y = base.all_examples(data.create_tf_dataset_for_client(client))
+        ids.extend([f'{int(client):03d}'] * len(y))
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+      path = os.path.join(directory, name)
+      custom.write_client_data(path, ids, np.concatenate(xs),
+                               np.concatenate(ys))
+      return path
+
+    config = run_config.with_defaults(
+        task='digits', rounds=2, clients_per_round=10, noise_multiplier=0.5,
+        engine='inprocess')
+    custom_config = config.replace(
+        task='custom', data_path=write(digits.train_data, 'train.sqlite'),
+        test_data_path=write(digits.eval_data, 'test.sqlite'),
+        model='dp_fedavg.tasks.digits:keras_model')
+    summaries = []
+    for task_config in (config, custom_config):
+      task = training_flags.build_task_or_exit(task_config)
+      plan = runner.PrivacyPlan.build(
+          task_config, len(task.train_data.client_ids), task.update_dimension)
+      with runner.execution_context(task_config):
+        summaries.append(runner.Runner(task).run(
+            plan, self.create_tempdir().full_path, {}))
+    built_in, own = summaries
+    for a, b in zip(built_in.results, own.results):
+      self.assertAlmostEqual(a.train_loss, b.train_loss, places=5)
+      self.assertAlmostEqual(a.eval_loss, b.eval_loss, places=5)
+      self.assertEqual(a.eval_accuracy, b.eval_accuracy)
+      self.assertEqual(a.epsilon, b.epsilon)
+
+
+if __name__ == '__main__':
+  absltest.main()

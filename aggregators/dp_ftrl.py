@@ -289,30 +289,35 @@ def default_count_stddev(noise_multiplier: float,
   return max(0.05 * expected_clients_per_round, 5.0 * noise_multiplier)
 
 
+def _tree_schedules(cohorts, restart_period: Optional[int]) -> list:
+  """The realised schedule of each tree: the whole run, or each restart
+  period's rounds."""
+  if restart_period is None:
+    return [correlated_noise.realised_schedule(cohorts)]
+  return [
+      correlated_noise.realised_schedule(
+          cohorts[start:start + restart_period])
+      for start in range(0, len(cohorts), restart_period)
+  ]
+
+
 def run_event(noise_multiplier: float, restart_period: Optional[int],
               cohorts, clipped_count_stddev: float = 0.0
               ) -> dp_accounting.DpEvent:
   """The privacy of the rounds `cohorts` ran (module docstring)."""
+  schedules = _tree_schedules(cohorts, restart_period)
   if clipped_count_stddev > 0:
     if noise_multiplier == 0:
       return dp_accounting.NonPrivateDpEvent()
     # One Gaussian for the trees and the counts: the worst client's
     # sensitivity^2 / noise^2 summed over both, each bounded by its worst.
-    trees = [cohorts[start:start + restart_period]
-             for start in range(0, len(cohorts), restart_period)]
-    tree_part = sum(
-        correlated_noise.tree_sensitivity_squared(
-            correlated_noise.realised_schedule(t)) for t in trees
-    ) / noise_multiplier**2
+    tree_part = sum(correlated_noise.tree_sensitivity_squared(s)
+                    for s in schedules) / noise_multiplier**2
     count_part = correlated_noise.realised_schedule(
         cohorts).max_participations / (2.0 * clipped_count_stddev)**2
     return dp_accounting.GaussianDpEvent((tree_part + count_part) ** -0.5)
   if restart_period is None:
-    return correlated_noise.tree_event(
-        noise_multiplier, correlated_noise.realised_schedule(cohorts))
-  trees = [cohorts[start:start + restart_period]
-           for start in range(0, len(cohorts), restart_period)]
-  schedules = [correlated_noise.realised_schedule(t) for t in trees]
+    return correlated_noise.tree_event(noise_multiplier, schedules[0])
   if all(s.max_participations == 1 for s in schedules):
     return correlated_noise.tree_restart_event(
         noise_multiplier, [s.rounds for s in schedules])

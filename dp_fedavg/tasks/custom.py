@@ -123,7 +123,9 @@ def _read_sqlite(path: str, feature_key: str, label_key: str,
     for client in data.client_ids:
       examples = base.all_examples(data.create_tf_dataset_for_client(client))
       if examples is None:
-        continue
+        raise CustomTaskError(
+            f'{path}: client {client!r} has no examples; every client needs '
+            'at least one.')
       ids.extend([client] * len(examples[label_key]))
       xs.append(examples[feature_key].numpy())
       ys.append(examples[label_key].numpy())

@@ -7,6 +7,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from dp_fedavg import run_config
 from dp_fedavg import tasks
@@ -161,6 +162,21 @@ class CustomTaskTest(parameterized.TestCase):
     ):
       with self.assertRaisesRegex(custom.CustomTaskError, message):
         custom.build_task(path, model)
+
+  def test_a_client_without_examples_is_named(self):
+    path = os.path.join(self.create_tempdir().full_path, 'data.sqlite')
+    ids, features, labels = _examples()
+
+    def dataset_fn(client):
+      mine = ids == client if client != 'idle' else np.zeros(len(ids), bool)
+      return tf.data.Dataset.from_tensor_slices({
+          'x': features[mine].reshape(-1, 4), 'y': labels[mine][:, None]})
+
+    tff.simulation.datasets.save_to_sql_client_data(
+        ['c0', 'idle'], dataset_fn, path)
+    with self.assertRaisesRegex(custom.CustomTaskError,
+                                "client 'idle' has no examples"):
+      custom.build_task(path, _MODEL)
 
   def test_unknown_format_and_missing_file(self):
     with self.assertRaisesRegex(custom.CustomTaskError, 'unknown format'):

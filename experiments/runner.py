@@ -233,11 +233,9 @@ def resolved_values(task: tasks.FederatedTask, ledger) -> dict[str, Any]:
   if task.data_files:
     values['data_sha256'] = {}
     for path in task.data_files:
-      digest = hashlib.sha256()
       with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-          digest.update(block)
-      values['data_sha256'][path] = digest.hexdigest()
+        values['data_sha256'][path] = hashlib.file_digest(
+            f, 'sha256').hexdigest()
   return values
 
 

@@ -75,7 +75,7 @@ def main(argv):
             for i in cohort
         ]
       state = learning_process.next(state, client_data).state
-    worker_mib = _peak_mib(worker.pid)
+    worker_mib = _peak_mib(worker.binary_pid)
     weights = learning_process.get_model_weights(state).trainable
   print(json.dumps({
       'engine': _ENGINE.value,

@@ -116,10 +116,7 @@ def per_example_loss_fn(task: base.FederatedTask) -> Callable:
   """(labels, predictions) -> [batch] losses: the task's loss unreduced, each
   example's mean over its other axes (a sequence's tokens), so the batch mean
   is the task's training loss."""
-  loss = task.loss_fn()
-  config = loss.get_config()
-  config['reduction'] = tf.keras.losses.Reduction.NONE
-  unreduced = type(loss).from_config(config)
+  unreduced = base.unreduced_loss(task)
 
   def losses(labels, predictions):
     values = unreduced(labels, predictions)

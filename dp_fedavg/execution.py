@@ -7,12 +7,21 @@ also holds a `| grep` pipeline open. Here the worker is started by us, its
 output goes to a log file, it is stopped on context exit and at interpreter
 exit, and on Linux the kernel kills it if our process dies without cleaning up
 (PR_SET_PDEATHSIG).
+
+`worker_binary` listens on every interface without authentication: whoever
+reaches its port can run TensorFlow graphs as the user. Where the kernel
+lets an unprivileged user make a user and network namespace (`unshare`),
+the local worker runs in one, where only loopback exists, and is reached
+through a Unix socket (`dp_fedavg.isolated_worker`); elsewhere a warning
+names the open port, once.
 """
 
 import atexit
 import contextlib
 import ctypes
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +46,35 @@ WORKER_BINARY = os.path.join(
 )
 _STARTUP_TIMEOUT_SECONDS = 60.0
 _PR_SET_PDEATHSIG = 1
+_UNSHARE = ('unshare', '--user', '--net', '--map-root-user')
+
+
+@functools.cache
+def isolation_available() -> bool:
+  """Whether a user and network namespace can be made here (checked once)."""
+  try:
+    return subprocess.run([*_UNSHARE, 'true'], capture_output=True,
+                          timeout=30).returncode == 0
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+
+
+def isolated_worker_command(socket_path: str, worker: list[str]) -> list[str]:
+  """The command running `worker` (the binary and its arguments but
+  --port) in a user and network namespace of its own, served on
+  `socket_path` (`dp_fedavg.isolated_worker`)."""
+  # Inside its namespace every port is free.
+  return [*_UNSHARE, sys.executable, '-m', 'dp_fedavg.isolated_worker',
+          socket_path, '8000', *worker]
+
+
+@functools.cache
+def _warn_open_port_once() -> None:
+  logging.warning(
+      'the local TFF worker listens on its port on every network interface, '
+      'without authentication (the kernel allows no user and network '
+      'namespace to hide it here): whoever reaches this host on that port can '
+      'run TensorFlow graphs as you; keep the host behind a firewall.')
 
 
 def _stub(address: str) -> tff.framework.RemoteExecutorGrpcStub:
@@ -55,7 +93,10 @@ def _die_with_parent() -> None:
 
 
 class LocalWorker:
-  """One `worker_binary` process serving TFF's C++ runtime on localhost."""
+  """One `worker_binary` process serving TFF's C++ runtime to this process
+  only: in a namespace of its own behind a Unix socket where the kernel
+  allows it (`isolated`), else on a localhost port that every interface
+  exposes (warned)."""
 
   def __init__(self, max_concurrent_computation_calls: int = -1):
     if not os.path.isfile(WORKER_BINARY):
@@ -63,36 +104,65 @@ class LocalWorker:
           f'TFF worker binary not found at {WORKER_BINARY}; reinstall '
           'tensorflow-federated (see BUILD.md).'
       )
-    self.port = portpicker.pick_unused_port()
+    worker = [
+        WORKER_BINARY,
+        f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
+    ]
+    self.isolated = isolation_available()
     self.log_path = os.path.join(
-        tempfile.gettempdir(), f'dp_fedavg_worker_{os.getpid()}_{self.port}.log'
-    )
+        tempfile.gettempdir(), f'dp_fedavg_worker_{os.getpid()}_{id(self)}.log')
+    # A directory of the user's only; short, as a Unix socket's path must be
+    # (108 bytes), even where TMPDIR is long.
+    base = tempfile.gettempdir()
+    self._socket_dir = tempfile.mkdtemp(
+        prefix='dp_fedavg_', dir=base if len(base) <= 64 else '/tmp')
+    self.socket_path = os.path.join(self._socket_dir, 'worker.sock')
+    self.port = None
+    if self.isolated:
+      command = isolated_worker_command(self.socket_path, worker)
+      address = f'unix:{self.socket_path}'
+    else:
+      _warn_open_port_once()
+      self.port = portpicker.pick_unused_port()
+      command = [worker[0], f'--port={self.port}', *worker[1:]]
+      address = f'localhost:{self.port}'
     with open(self.log_path, 'wb') as log:
       self._process = subprocess.Popen(
-          [
-              WORKER_BINARY,
-              f'--port={self.port}',
-              f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
-          ],
+          command,
           stdin=subprocess.DEVNULL,
           stdout=log,
           stderr=subprocess.STDOUT,
           preexec_fn=_die_with_parent,
+          # Its own session: a Ctrl-C at the terminal goes to the training
+          # process alone, which finishes its round on this worker before
+          # stopping it (dp_fedavg.interrupts).
+          start_new_session=True,
       )
     atexit.register(self.stop)
-    self.stub = _stub(f'localhost:{self.port}')
+    self.stub = _stub(address)
     deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
     while not self.stub.is_ready:
       if self._process.poll() is not None or time.monotonic() > deadline:
         self.stop(keep_log=True)
         raise RuntimeError(
-            f'TFF worker on port {self.port} did not start; see {self.log_path}'
+            f'TFF worker at {address} did not start; see {self.log_path}'
         )
       time.sleep(0.05)
 
   @property
   def pid(self) -> int:
+    """The process this one started: the worker, or with isolation the
+    relay in front of it (see `binary_pid`)."""
     return self._process.pid
+
+  @property
+  def binary_pid(self) -> int:
+    """The `worker_binary` process's id (memory measurements)."""
+    if not self.isolated:
+      return self._process.pid
+    with open(f'/proc/{self.pid}/task/{self.pid}/children') as f:
+      (child,) = map(int, f.read().split())
+    return child
 
   def stop(self, keep_log: bool = False) -> None:
     """Stops the worker; its log is removed unless `keep_log`."""
@@ -104,6 +174,7 @@ class LocalWorker:
         self._process.kill()
         self._process.wait()
     atexit.unregister(self.stop)
+    shutil.rmtree(self._socket_dir, ignore_errors=True)
     if not keep_log and os.path.exists(self.log_path):
       os.remove(self.log_path)
 
@@ -203,8 +274,11 @@ class _WorkerOnFirstUse(tff.framework.SyncContext):
   def invoke(self, comp, arg):
     if self._context is None:
       self.worker = LocalWorker()
-      logging.info('started a TFF worker (pid %d, port %d) on first use',
-                   self.worker.pid, self.worker.port)
+      logging.info(
+          'started a TFF worker (pid %d) on first use, %s', self.worker.pid,
+          f'in a network namespace of its own (only loopback), through '
+          f'{self.worker.socket_path}' if self.worker.isolated
+          else f'on port {self.worker.port} of every interface')
       self._context = _context_for(self.worker, self._simulate_secure_aggregation)
     return self._context.invoke(comp, arg)
 

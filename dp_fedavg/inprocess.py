@@ -120,6 +120,23 @@ def _rename_functions(graph_def, suffix: str):
   return graph_def
 
 
+def _rename_shared_resources(graph_def, suffix: str):
+  """`graph_def` with every resource's shared name suffixed `_<suffix>`.
+
+  TFF gives a computation's variables shared names (`total`, `count`, ...);
+  in one process, computations of different processes would share them, and
+  fail where the same name has another dtype (a regression task's metric
+  against a classification task's).
+  """
+  nodes = list(graph_def.node)
+  for function in graph_def.library.function:
+    nodes.extend(function.node_def)
+  for node in nodes:
+    if 'shared_name' in node.attr and node.attr['shared_name'].s:
+      node.attr['shared_name'].s += f'_{suffix}'.encode()
+  return graph_def
+
+
 class TfComputation:
   """A TFF TensorFlow computation as a Python TensorFlow concrete function.
 
@@ -147,7 +164,9 @@ class TfComputation:
     for function in graph_def.library.function:
       for node in function.node_def:
         node.device = ''
-    graph_def = _rename_functions(graph_def, uuid.uuid4().hex[:12])
+    suffix = uuid.uuid4().hex[:12]
+    graph_def = _rename_shared_resources(
+        _rename_functions(graph_def, suffix), suffix)
     parameter = self.type_signature.parameter
     input_names = (
         tensorflow_utils.extract_tensor_names_from_binding(tf_proto.parameter)

@@ -18,6 +18,7 @@ import tensorflow_federated as tff
 from dp_fedavg import accounting
 from dp_fedavg import byzantine as byzantine_lib
 from dp_fedavg import checkpoints
+from dp_fedavg import process as process_lib
 from dp_fedavg import sampling
 from dp_fedavg.tasks import base
 
@@ -27,15 +28,21 @@ class RoundResult:
   """What one round produced.
 
   `train_loss` is the clients' mean training loss: a diagnostic that is *not*
-  privatized. `epsilon` is the privacy spent by all rounds so far, at `delta`,
-  by the named `accountant` ('rdp' or 'pld'), for neighbouring datasets as
-  `adjacency` says (see `dp_fedavg.accounting.Adjacency`).
+  privatized. On the standard and in-process engines it is over the clients
+  whose update was finite; on the vectorized engine it is NaN if any user's
+  was not; NaN when no client's was. `diverged_clients` counts the clients
+  (users) whose update was not finite; they send zeros (None where the
+  engine does not count them: example-level DP-SGD). `epsilon` is the
+  privacy spent by all rounds so far, at `delta`, by the named `accountant`
+  ('rdp' or 'pld'), for neighbouring datasets as `adjacency` says (see
+  `dp_fedavg.accounting.Adjacency`).
   `eval_*` are None on rounds without evaluation.
   """
 
   round: int
   cohort_size: int
   train_loss: float
+  diverged_clients: Optional[int]
   eval_loss: Optional[float]
   eval_accuracy: Optional[float]
   epsilon: float
@@ -53,6 +60,8 @@ class TrainingOutcome:
   state: tff.learning.templates.LearningAlgorithmState
   rounds_completed: int
   stop_reason: str
+  interrupted: bool = False
+  diverged: bool = False
 
 
 def _scalar_measurements(measurements, prefix: str = '') -> dict[str, Any]:
@@ -75,14 +84,17 @@ def _format_duration(seconds: float) -> str:
 
 
 def _log_round(result: RoundResult, total_rounds: int, eta_seconds: float):
-  accuracy = (
-      '   -  ' if result.eval_accuracy is None else f'{result.eval_accuracy:.4f}'
-  )
+  if result.eval_accuracy is not None:
+    evaluation = f'eval_acc {result.eval_accuracy:.4f}'
+  elif result.eval_loss is not None:  # A task without accuracy (regression).
+    evaluation = f'eval_loss {result.eval_loss:.4g}'
+  else:
+    evaluation = 'eval_acc    -  '
   logging.info(
-      'round %*d/%d  clients %3d  train_loss %.4f  eval_acc %s  '
+      'round %*d/%d  clients %3d  train_loss %.4f  %s  '
       'epsilon %.4g  %.2fs  ETA %s',
       len(str(total_rounds)), result.round, total_rounds, result.cohort_size,
-      result.train_loss, accuracy, result.epsilon, result.seconds,
+      result.train_loss, evaluation, result.epsilon, result.seconds,
       _format_duration(eta_seconds),
   )
 
@@ -138,6 +150,8 @@ def run_training(
     ] = None,
     client_data_fn: Optional[Callable[[list[int], int, int], list]] = None,
     byzantine: Optional[byzantine_lib.ByzantineClients] = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    max_diverged_rounds: int = 0,
 ) -> TrainingOutcome:
   """Trains for `rounds` rounds, or until the privacy budget would run out.
 
@@ -172,6 +186,12 @@ def run_training(
       dataset per client (the standard engine).
     byzantine: the simulated Byzantine clients: each round they come first
       in the cohort, and the aggregator is told how many were sampled.
+    stop_requested: asked after each round; when true, training stops there
+      (an interrupt, `dp_fedavg.interrupts`), with a checkpoint of that round
+      if there is a checkpointer.
+    max_diverged_rounds: stop after this many consecutive rounds in which
+      every client's update was not finite (nothing was trained); 0 never
+      stops. A round with any such client logs a warning.
 
   Raises:
     ValueError: `resume` without a checkpoint to resume from.
@@ -193,6 +213,7 @@ def run_training(
         restored.round, checkpointer.directory, ledger.epsilon(),
     )
   elapsed = 0.0
+  diverged_streak = 0
   for round_num in range(first_round, rounds + 1):
     cohort = sampler.sample(round_num)
     byzantine_count = 0
@@ -228,11 +249,25 @@ def run_training(
     seconds = time.monotonic() - start
     elapsed += seconds
     epsilon, accountant_name = ledger.epsilon_and_accountant()
+    train_metrics = output.metrics['client_work']['train']
+    train_loss = float(train_metrics['loss']) if len(cohort) else math.nan
+    diverged = train_metrics.get(process_lib.NONFINITE_CLIENTS)
+    if diverged is not None:
+      diverged = int(diverged)
+      all_diverged = bool(len(cohort)) and diverged == len(cohort)
+      diverged_streak = diverged_streak + 1 if all_diverged else 0
+      if all_diverged:  # Nothing was trained: TFF would report 0.
+        train_loss = math.nan
+      if diverged:
+        logging.warning(
+            'round %d: %d of %d clients\' updates were not finite (training '
+            'diverged there); they sent zeros', round_num, diverged,
+            len(cohort))
     result = RoundResult(
         round=round_num,
         cohort_size=len(cohort),
-        train_loss=float(output.metrics['client_work']['train']['loss'])
-        if len(cohort) else math.nan,
+        train_loss=train_loss,
+        diverged_clients=diverged,
         eval_loss=evaluation.get('loss'),
         eval_accuracy=evaluation.get('accuracy'),
         epsilon=epsilon,
@@ -245,8 +280,20 @@ def run_training(
     rounds_run = round_num - first_round + 1
     _log_round(result, rounds, elapsed / rounds_run * (rounds - round_num))
     on_round(result)
-    if checkpoint_every and (
-        round_num % checkpoint_every == 0 or round_num == rounds
-    ):
+    saved = checkpoint_every and (
+        round_num % checkpoint_every == 0 or round_num == rounds)
+    if saved:
       checkpointer.save(round_num, state, ledger)
+    if max_diverged_rounds and diverged_streak >= max_diverged_rounds:
+      return TrainingOutcome(
+          state, round_num,
+          f'stopped after round {round_num}: every client\'s update was not '
+          f'finite in the last {diverged_streak} rounds (training diverged)',
+          diverged=True)
+    if stop_requested() and round_num < rounds:
+      if checkpointer is not None and not saved:
+        checkpointer.save(round_num, state, ledger)
+      return TrainingOutcome(
+          state, round_num, f'interrupted after round {round_num}',
+          interrupted=True)
   return TrainingOutcome(state, rounds, 'all rounds completed')

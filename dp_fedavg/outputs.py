@@ -14,7 +14,8 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any
+import tempfile
+from typing import Any, Optional
 
 import tensorflow_federated as tff
 
@@ -26,6 +27,26 @@ CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.csv'
 MODEL_FILE = 'final_model.keras'
 TENSORBOARD_DIR = 'tensorboard'
+
+
+def output_dir_error(output_dir: str, results_file: Optional[str] = None,
+                     overwrite: bool = False, or_else: str = '') -> Optional[str]:
+  """One line if `--output_dir` cannot be created and written to, or already
+  holds `results_file` without `overwrite` (`or_else`: another way out, said
+  after the others); None if it is usable (it then exists)."""
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=output_dir):
+      pass
+  except OSError as e:
+    return (f'--output_dir={output_dir} cannot be created or written to: '
+            f'{e.strerror or e}.')
+  if results_file and os.path.exists(
+      os.path.join(output_dir, results_file)) and not overwrite:
+    return (f'--output_dir={output_dir} already holds {results_file}: choose '
+            f'another --output_dir{", " if or_else else " or "}pass '
+            f'--overwrite{", or " + or_else if or_else else ""}.')
+  return None
 
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> str:

@@ -97,6 +97,50 @@ def build_process(
     )
 
 
+NONFINITE_CLIENTS = 'nonfinite_clients'
+
+
+def counting_nonfinite_clients(
+    client_work: tff.learning.templates.ClientWorkProcess,
+) -> tff.learning.templates.ClientWorkProcess:
+  """TFF's model-delta client work (uniform weighting), its train metrics
+  also counting the clients whose update was not finite
+  (`NONFINITE_CLIENTS`).
+
+  TFF's client work sends such a client's update as zeros with weight 0 and
+  drops its metrics, and counts it nowhere (TFF 0.87); under uniform
+  weighting every other client has weight 1, so a weight of 0 marks exactly
+  the diverged ones.
+  """
+  next_type = client_work.next.type_signature
+  train_type = next_type.result.measurements.member.train
+
+  @tff.tensorflow.computation(next_type.result.result.member)
+  def is_nonfinite(result):
+    return tf.cast(tf.equal(result.update_weight, 0.0), tf.int32)
+
+  @tff.tensorflow.computation(train_type, tf.int32)
+  def with_count(train, count):
+    metrics = collections.OrderedDict(train)
+    metrics[NONFINITE_CLIENTS] = count
+    return metrics
+
+  @tff.federated_computation(*next_type.parameter)
+  def next_fn(state, weights, data):
+    output = client_work.next(state, weights, data)
+    count = tff.federated_sum(tff.federated_map(is_nonfinite, output.result))
+    return tff.templates.MeasuredProcessOutput(
+        state=output.state,
+        result=output.result,
+        measurements=tff.federated_zip(collections.OrderedDict(
+            train=tff.federated_map(
+                with_count, (output.measurements.train, count)))),
+    )
+
+  return tff.learning.templates.ClientWorkProcess(
+      client_work.initialize, next_fn)
+
+
 def build_process_with_client_work(
     task,
     wrap_client_work: Callable,
@@ -105,7 +149,8 @@ def build_process_with_client_work(
     server_learning_rate: float,
     server_momentum: float,
 ) -> tff.learning.templates.LearningProcess:
-  """`build_process`'s process, its client work wrapped.
+  """`build_process`'s process, its train metrics counting the clients that
+  diverged (`counting_nonfinite_clients`), its client work wrapped.
 
   `wrap_client_work(client_work, weights_type)` gives the client work the
   process runs from TFF's (the one `build_unweighted_fed_avg` builds), as
@@ -114,12 +159,13 @@ def build_process_with_client_work(
   return compose_process(
       task,
       lambda weights_type: wrap_client_work(
-          tff.learning.templates.build_model_delta_client_work(
-              task.model_fn,
-              tff.learning.optimizers.build_sgdm(
-                  learning_rate=client_learning_rate),
-              client_weighting=tff.learning.ClientWeighting.UNIFORM,
-          ),
+          counting_nonfinite_clients(
+              tff.learning.templates.build_model_delta_client_work(
+                  task.model_fn,
+                  tff.learning.optimizers.build_sgdm(
+                      learning_rate=client_learning_rate),
+                  client_weighting=tff.learning.ClientWeighting.UNIFORM,
+              )),
           weights_type,
       ),
       aggregator or tff.aggregators.UnweightedMeanFactory(),

@@ -49,6 +49,7 @@ class RunConfig:
   test_data_path: Optional[str] = None
   feature_key: str = 'x'
   label_key: str = 'y'
+  loss: str = 'auto'
   aggregator: str = 'gaussian_fixed'
   privacy_unit: str = 'user'
   mechanism_values: tuple[tuple[str, Any], ...] = ()
@@ -66,6 +67,7 @@ class RunConfig:
   server_lr: float = 1.0
   server_momentum: float = 0.9
   eval_every: int = 1
+  max_diverged_rounds: int = 3
   engine: str = 'auto'
   users_per_worker_client: Optional[int] = None
   user_data_dir: Optional[str] = None

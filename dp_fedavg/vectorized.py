@@ -253,13 +253,12 @@ def _read_group(paths, specs, local_epochs, batch_size, shuffle_seed):
   return batched, mask, steps
 
 
-def _step_losses(logits, labels, mask):
+def _step_losses(example_losses, outputs, labels, mask):
   """(the sum over users of each one's mean batch loss, the sum of all
-  examples' losses), for [users, batch] (or [users, batch, time]) labels and
-  a [users, batch] mask."""
-  losses = tf.keras.losses.sparse_categorical_crossentropy(
-      labels, logits, from_logits=True
-  )
+  examples' losses), for [users, batch, ...] labels and a [users, batch]
+  mask; `example_losses` is the task's unreduced loss
+  (`base.unreduced_loss`)."""
+  losses = example_losses(labels, outputs)
   if losses.shape.rank > 2:
     # An example's loss over a sequence is the mean over its positions: Keras
     # averages a batch's [batch, time] losses over all of them.
@@ -271,8 +270,8 @@ def _step_losses(logits, labels, mask):
   return tf.reduce_sum(user_losses), tf.reduce_sum(losses * mask)
 
 
-def _train_users_with_copies(forward, trainable, features, labels, mask,
-                             steps, learning_rate):
+def _train_users_with_copies(forward, example_losses, trainable, features,
+                             labels, mask, steps, learning_rate):
   """Local SGD of every user at once, on a copy of the weights per user.
 
   `forward` is a `per_user_model.Forward`. A step trains only the users that
@@ -295,6 +294,7 @@ def _train_users_with_copies(forward, trainable, features, labels, mask,
     with tf.GradientTape() as tape:
       tape.watch(active_weights)
       total, step_loss_sum = _step_losses(
+          example_losses,
           forward(active_weights, tf.gather(features[:, step], active)),
           tf.gather(labels[:, step], active),
           tf.gather(mask[:, step], active),
@@ -308,8 +308,8 @@ def _train_users_with_copies(forward, trainable, features, labels, mask,
   return [w[tf.newaxis] - final for w, final in zip(trainable, weights)], loss_sum
 
 
-def _train_dense_users(kernels, biases, activations, features, labels, mask,
-                       steps, learning_rate):
+def _train_dense_users(kernels, biases, activations, example_losses, features,
+                       labels, mask, steps, learning_rate):
   """Local SGD of every user at once, never copying a kernel per user.
 
   Under SGD a user's kernel after s steps is the shared one plus a low-rank
@@ -353,7 +353,8 @@ def _train_dense_users(kernels, biases, activations, features, labels, mask,
         tape.watch(z)
         outputs.append(z)
         h = activation(z)
-      total, step_loss_sum = _step_losses(h, labels[:, step], mask[:, step])
+      total, step_loss_sum = _step_losses(
+          example_losses, h, labels[:, step], mask[:, step])
     gradients = tape.gradient(total, outputs)
     output_grads = [_record_step(g, d, step, steps)
                     for g, d in zip(output_grads, gradients)]
@@ -444,6 +445,7 @@ def build_client_work(
   activations = dense_activations(task.keras_model_fn)
   per_user_forward = (per_user_model.build_forward(task.keras_model_fn)
                       if activations is None else None)
+  example_losses = base.unreduced_loss(task)
   specs = tf.nest.flatten(task.train_data.element_type_structure)
   if len(specs) != 2:
     raise UnsupportedDataError(
@@ -465,6 +467,12 @@ def build_client_work(
     )
 
   def result(deltas, loss_sum, mask):
+    # A user diverged when its update is not finite; the aggregator replaces
+    # it with zeros (and counts it too).
+    finite = tf.reduce_all(tf.stack([
+        tf.reduce_all(tf.math.is_finite(tf.reshape(d, [tf.shape(d)[0], -1])),
+                      axis=1)
+        for d in deltas]), axis=0)
     return (
         tff.learning.templates.ClientResult(
             update=tf.nest.pack_sequence_as(trainable_specs, deltas),
@@ -473,6 +481,8 @@ def build_client_work(
         collections.OrderedDict(
             loss_sum=loss_sum, num_examples=tf.reduce_sum(mask),
             num_users=tf.shape(mask)[0],
+            nonfinite_users=tf.reduce_sum(
+                tf.cast(tf.logical_not(finite), tf.int32)),
         ),
     )
 
@@ -482,8 +492,8 @@ def build_client_work(
     trainable = list(weights.trainable)
     kernels, biases = trainable[0::2], trainable[1::2]
     kernel_deltas, bias_deltas, loss_sum = _train_dense_users(
-        kernels, biases, activations, features, labels, mask, steps,
-        client_learning_rate,
+        kernels, biases, activations, example_losses, features, labels, mask,
+        steps, client_learning_rate,
     )
     deltas = [None] * len(trainable)
     deltas[0::2], deltas[1::2] = kernel_deltas, bias_deltas
@@ -493,8 +503,8 @@ def build_client_work(
   def train_group_with_copies(weights, data):
     (features, labels), mask, steps = read(data)
     deltas, loss_sum = _train_users_with_copies(
-        per_user_forward, list(weights.trainable), features, labels, mask,
-        steps, client_learning_rate,
+        per_user_forward, example_losses, list(weights.trainable), features,
+        labels, mask, steps, client_learning_rate,
     )
     return result(deltas, loss_sum, mask)
 
@@ -523,11 +533,12 @@ def build_client_work(
     return train_one_by_one(weights, data)
 
   def finalize_metrics(sums):
-    return collections.OrderedDict(
-        loss=sums['loss_sum'] / tf.maximum(sums['num_examples'], 1.0),
-        num_examples=tf.cast(sums['num_examples'], tf.int64),
-        num_users=sums['num_users'],
-    )
+    return collections.OrderedDict([
+        ('loss', sums['loss_sum'] / tf.maximum(sums['num_examples'], 1.0)),
+        ('num_examples', tf.cast(sums['num_examples'], tf.int64)),
+        ('num_users', sums['num_users']),
+        (process_lib.NONFINITE_CLIENTS, sums['nonfinite_users']),
+    ])
 
   return process_lib.client_work_process(
       train_group, weights_type, data_type, finalize_metrics)

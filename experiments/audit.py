@@ -27,7 +27,6 @@ own outputs (metrics.csv, config.json, ...) are those of experiments.train.
 """
 
 import json
-import os
 import sys
 from typing import Optional
 
@@ -68,12 +67,8 @@ def flag_error(config: run_config.RunConfig) -> Optional[str]:
   if not 0 < _CONFIDENCE.value < 1:
     return (f'--audit_confidence={_CONFIDENCE.value} is out of range: must be '
             'in (0, 1).')
-  metrics_path = os.path.join(_OUTPUT_DIR.value, outputs.METRICS_FILE)
-  if os.path.exists(metrics_path) and not _OVERWRITE.value:
-    return (
-        f'--output_dir={_OUTPUT_DIR.value} already holds metrics.csv: choose '
-        'another --output_dir or pass --overwrite.')
-  return None
+  return outputs.output_dir_error(
+      _OUTPUT_DIR.value, outputs.METRICS_FILE, _OVERWRITE.value)
 
 
 def main(argv):

@@ -55,6 +55,7 @@ class AuditResult:
   adjacency: str
   rounds_completed: int
   eval_accuracy: Optional[float]
+  eval_loss: Optional[float]
   lower_bounds: dict[str, float]
   statistics: dict[str, tuple[list[float], list[float]]]
 
@@ -194,6 +195,7 @@ def run_audit(
       adjacency=plan.ledger.adjacency.value,
       rounds_completed=summary.rounds_completed,
       eval_accuracy=summary.eval_accuracy,
+      eval_loss=summary.eval_loss,
       **estimates,
   )
   with open(os.path.join(output_dir, AUDIT_FILE), 'w') as f:

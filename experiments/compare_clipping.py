@@ -103,6 +103,7 @@ def main(argv):
   study_values = studies.write_flags(output_dir, sys.modules[__name__])
   noise_levels = studies.parse_floats(_NOISE_MULTIPLIERS)
   progress = studies.Progress(len(_CLIPPINGS.value) * len(noise_levels))
+  utility = studies.utility(task)
   rows = []
   with runner.execution_context(config):
     study = runner.Runner(task)
@@ -125,15 +126,15 @@ def main(argv):
             eval_accuracy=summary.eval_accuracy, eval_loss=summary.eval_loss,
         ))
         progress.run_finished(
-            f'{clipping} z={noise:g}: epsilon {summary.epsilon:.4g}, accuracy '
-            f'{summary.eval_accuracy}'
+            f'{clipping} z={noise:g}: epsilon {summary.epsilon:.4g}, '
+            f'{utility.label} {getattr(summary, utility.key)}'
         )
   results = studies.write_results(output_dir, rows)
   figure = os.path.join(output_dir, 'accuracy_vs_epsilon.png')
   plots.accuracy_vs_epsilon(
       {
           clipping: [
-              (r['epsilon'], r['eval_accuracy'])
+              (r['epsilon'], r[utility.key])
               for r in rows if r['clipping'] == clipping
           ]
           for clipping in _CLIPPINGS.value
@@ -142,6 +143,7 @@ def main(argv):
       f'{task.name}: clipping strategies, S={config.params.clip:g}, '
       f'{config.privacy_unit}-level DP',
       config.delta,
+      ylabel=utility.label,
   )
   print(f'results: {results}\nfigure: {figure}')
 

@@ -22,6 +22,7 @@ from absl import flags
 import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
 from dp_fedavg import diagnostics
+from dp_fedavg import outputs
 from dp_fedavg import run_config
 from experiments import plots
 from experiments import privacy_flags
@@ -56,13 +57,8 @@ def study_error(config: run_config.RunConfig) -> str | None:
         'layer_norms measures each user\'s update from its own dataset; run '
         'it with --engine=standard or auto.'
     )
-  norms = os.path.join(_OUTPUT_DIR.value, NORMS_FILE)
-  if os.path.exists(norms) and not _OVERWRITE.value:
-    return (
-        f'--output_dir={_OUTPUT_DIR.value} already holds {NORMS_FILE}: choose '
-        'another --output_dir or pass --overwrite.'
-    )
-  return None
+  return outputs.output_dir_error(_OUTPUT_DIR.value, NORMS_FILE,
+                                 _OVERWRITE.value)
 
 
 def _per_user(config: run_config.RunConfig) -> run_config.RunConfig:

@@ -14,8 +14,10 @@ def accuracy_vs_epsilon(
     title: str,
     delta: float,
     baseline: Optional[float] = None,
+    ylabel: str = 'test accuracy',
 ) -> None:
-  """Final accuracy against epsilon (log scale), one line per series.
+  """Final accuracy (or what `ylabel` names) against epsilon (log scale), one
+  line per series.
 
   Args:
     series: label -> [(epsilon, accuracy)], any order.
@@ -23,6 +25,7 @@ def accuracy_vs_epsilon(
     title: the figure's title.
     delta: the delta every epsilon is stated at.
     baseline: accuracy without DP, drawn as a dashed line.
+    ylabel: the y axis's label.
   """
   figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
   for label, points in series.items():
@@ -32,7 +35,7 @@ def accuracy_vs_epsilon(
     axes.axhline(baseline, color='grey', linestyle='--', label='no DP')
   axes.set_xscale('log')
   axes.set_xlabel(f'epsilon at delta={delta:g}')
-  axes.set_ylabel('test accuracy')
+  axes.set_ylabel(ylabel)
   axes.set_title(title)
   axes.grid(True, which='both', alpha=0.3)
   axes.legend()
@@ -61,17 +64,19 @@ def layer_norm_boxes(
 
 
 def accuracy_vs_fraction(
-    series: dict[str, list[tuple[float, float]]], path: str, title: str
+    series: dict[str, list[tuple[float, float]]], path: str, title: str,
+    ylabel: str = 'test accuracy',
 ) -> None:
-  """Final accuracy against the fraction of Byzantine clients, one line per
-  series (label -> [(fraction, accuracy)])."""
+  """Final accuracy (or what `ylabel` names) against the fraction of
+  Byzantine clients, one line per series (label -> [(fraction, accuracy)])."""
   figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
   for label, points in sorted(series.items()):
     points = sorted(points)
     axes.plot([f for f, _ in points], [a for _, a in points], 'o-', label=label)
   axes.set_xlabel('fraction of Byzantine clients')
-  axes.set_ylabel('test accuracy')
-  axes.set_ylim(0, 1)
+  axes.set_ylabel(ylabel)
+  if ylabel == 'test accuracy':
+    axes.set_ylim(0, 1)
   axes.set_title(title)
   axes.grid(True, alpha=0.3)
   axes.legend(fontsize='small', loc='lower left')

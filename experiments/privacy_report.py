@@ -10,6 +10,10 @@ after --rounds rounds, every --table_every rounds if set. With
 --target_epsilon it also says how many rounds the budget allows, or, with
 --calibrate=noise, which noise multiplier meets it.
 
+The population is the task's: its data's clients for femnist, shakespeare
+and --task=custom (read from the data, as training would), else
+--num_clients (default 100) or --silos.
+
 With --privacy_unit=example it reports one client's example-level epsilon:
 
   python -m experiments.privacy_report --privacy_unit=example \
@@ -45,13 +49,24 @@ def _format(epsilons: dict[str, float], name: str) -> str:
   return f'{epsilons[name]:12.4f}' if name in epsilons else f'{"-":>12}'
 
 
+def _population(config: run_config.RunConfig) -> int:
+  """The run's training clients, as training would have them: the data's
+  (femnist, shakespeare, custom: the task is built, a custom task's held-out
+  clients left out), else the size of the split."""
+  if config.task in tasks.NATURAL_TASKS or config.task == 'custom':
+    task = training_flags.build_task_or_exit(config)
+    return len(task.train_data.client_ids)
+  return config.silos or config.num_clients or tasks.DEFAULT_NUM_CLIENTS
+
+
 def main(argv):
   privacy_flags.check_no_arguments(argv)
   config = training_flags.config_from_flags()
-  num_clients = config.num_clients or tasks.DEFAULT_NUM_CLIENTS
-  error = privacy_flags.flag_error(config) or run_config.population_error(
-      config, num_clients
-  ) or (
+  error = training_flags.flag_error(config)
+  if error:
+    privacy_flags.exit_with_usage_error(error)
+  num_clients = _population(config)
+  error = run_config.population_error(config, num_clients) or (
       None if _TABLE_EVERY.value >= 0 else
       f'--table_every={_TABLE_EVERY.value} is out of range: must be an '
       'integer >= 0.'

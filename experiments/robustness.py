@@ -167,17 +167,22 @@ def _run_name(run: dict[str, Any]) -> str:
           f'_f{run["byzantine_fraction"]:g}')
 
 
-def worst_cases(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per DP mode, rule and fraction > 0: the lowest accuracy over attacks."""
+def worst_cases(
+    rows: list[dict[str, Any]], utility: studies.Utility
+) -> list[dict[str, Any]]:
+  """Per DP mode, rule and fraction > 0: the worst utility over attacks (the
+  lowest accuracy, or the highest loss)."""
   worst = collections.OrderedDict()
   for row in rows:
-    if row['byzantine_fraction'] == 0 or row['eval_accuracy'] is None:
+    value = row[utility.key]
+    if row['byzantine_fraction'] == 0 or value is None:
       continue
     key = (row['dp_mode'], row['robust_rule'], row['byzantine_fraction'])
-    if key not in worst or row['eval_accuracy'] < worst[key]['eval_accuracy']:
-      worst[key] = dict(
-          dp_mode=key[0], robust_rule=key[1], byzantine_fraction=key[2],
-          eval_accuracy=row['eval_accuracy'], worst_attack=row['attack'])
+    if key not in worst or utility.worse(value, worst[key][utility.key]):
+      worst[key] = {
+          'dp_mode': key[0], 'robust_rule': key[1],
+          'byzantine_fraction': key[2], utility.key: value,
+          'worst_attack': row['attack']}
   return list(worst.values())
 
 
@@ -186,7 +191,7 @@ _MODE_LABELS = dict(none='no DP', central='central DP', local='local DP')
 
 def write_figures(
     rows: list[dict[str, Any]], attacks_shown: list[str], output_dir: str,
-    title: str,
+    title: str, utility: studies.Utility,
 ) -> list[str]:
   """accuracy_<attack>.png per attack: accuracy against the fraction, one
   line per rule and DP mode (fraction 0 is the run without attack)."""
@@ -194,11 +199,12 @@ def write_figures(
   for attack in attacks_shown:
     series = collections.defaultdict(list)
     for row in rows:
-      if row['attack'] in (attack, 'none') and row['eval_accuracy'] is not None:
+      if row['attack'] in (attack, 'none') and row[utility.key] is not None:
         label = f'{row["robust_rule"]}, {_MODE_LABELS[row["dp_mode"]]}'
-        series[label].append((row['byzantine_fraction'], row['eval_accuracy']))
+        series[label].append((row['byzantine_fraction'], row[utility.key]))
     path = os.path.join(output_dir, f'accuracy_{attack}.png')
-    plots.accuracy_vs_fraction(dict(series), path, f'{title}: {attack}')
+    plots.accuracy_vs_fraction(
+        dict(series), path, f'{title}: {attack}', utility.label)
     paths.append(path)
   return paths
 
@@ -212,6 +218,7 @@ def main(argv):
   for reason in skipped:
     logging.info('skipped %s', reason)
   progress = studies.Progress(len(runs))
+  utility = studies.utility(task)
   rows = []
   with runner.execution_context(config):
     study = runner.Runner(task)
@@ -234,20 +241,21 @@ def main(argv):
           eval_accuracy=summary.eval_accuracy, eval_loss=summary.eval_loss,
       ))
       progress.run_finished(
-          f'{_run_name(run)}: accuracy {summary.eval_accuracy}, epsilon '
-          f'{summary.epsilon:.4g}')
+          f'{_run_name(run)}: {utility.label} '
+          f'{getattr(summary, utility.key)}, epsilon {summary.epsilon:.4g}')
   results = studies.write_results(output_dir, rows)
-  worst = worst_cases(rows)
+  worst = worst_cases(rows, utility)
   if worst:
     studies.write_results(output_dir, worst, 'worst_case.csv')
   figures = write_figures(
       rows, _ATTACKS.value, output_dir,
-      f'{task.name}, pre-aggregation {config.robust_preaggregation}')
+      f'{task.name}, pre-aggregation {config.robust_preaggregation}',
+      utility)
   print(f'results: {results}')
   for row in worst:
     print(f'worst case {row["dp_mode"]:>7} DP {row["robust_rule"]:>17} at '
-          f'{row["byzantine_fraction"]:g}: accuracy {row["eval_accuracy"]:.4f} '
-          f'({row["worst_attack"]})')
+          f'{row["byzantine_fraction"]:g}: {utility.label} '
+          f'{row[utility.key]:.4f} ({row["worst_attack"]})')
   print('figures: ' + ', '.join(figures))
 
 

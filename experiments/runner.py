@@ -51,6 +51,12 @@ class RunSummary:
   eval_loss: Optional[float]
   results: list[loop.RoundResult]
   model_weights: Any
+  # Stopped by a signal (`dp_fedavg.interrupts`); the checkpoint, if any, is
+  # of the last round completed, and no final model is saved.
+  interrupted: bool = False
+  # Stopped because every client's update was not finite for
+  # `max_diverged_rounds` rounds in a row.
+  diverged: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +189,12 @@ def plan_or_exit(
     config: run_config.RunConfig, task: tasks.FederatedTask,
     exit_with_usage_error: Callable[[str], None],
 ) -> PrivacyPlan:
-  """`PrivacyPlan.build` for `task`, exiting with one line on a ValueError."""
+  """`PrivacyPlan.build` for `task`, exiting with one line on a ValueError
+  or an attack the task cannot take."""
+  if config.attack == 'label_flip' and task.regression:
+    exit_with_usage_error(
+        f'--attack=label_flip flips class labels; --task={config.task} is a '
+        'regression (--loss=mse): choose another attack.')
   try:
     return PrivacyPlan.build(
         config, len(task.train_data.client_ids), task.update_dimension,
@@ -310,9 +321,10 @@ class Runner:
           lambda cohort, shuffle_seed, byzantine_count: dp_sgd.client_datasets(
               task, cohort, shuffle_seed))
     else:
-      learning_process, client_data_fn = process.build_process(
-          task.model_fn, plan.aggregator, config.client_lr,
-          config.server_lr, config.server_momentum,
+      learning_process, client_data_fn = process.build_process_with_client_work(
+          task, lambda client_work, unused_weights_type: client_work,
+          plan.aggregator, config.client_lr, config.server_lr,
+          config.server_momentum,
       ), None
     if not choice.in_process:
       return learning_process, client_data_fn, False
@@ -388,6 +400,7 @@ class Runner:
       on_round: Callable[[loop.RoundResult], None] = lambda result: None,
       inspect_round: Optional[Callable[..., None]] = None,
       canaries: Optional[canaries_lib.Canaries] = None,
+      stop_requested: Callable[[], bool] = lambda: False,
   ) -> RunSummary:
     """Trains as `plan.config` says; results go to `output_dir`.
 
@@ -404,6 +417,9 @@ class Runner:
       inspect_round: see `dp_fedavg.loop.run_training`.
       canaries: an audit's canary clients, the last clients of the plan's
         population (`dp_fedavg.canaries`).
+      stop_requested: see `dp_fedavg.loop.run_training`; an interrupted run
+        is checkpointed after its last round, even without
+        `checkpoint_every`.
 
     Raises:
       ValueError: `resume` with no checkpoint in `output_dir`.
@@ -510,20 +526,22 @@ class Runner:
         local_epochs=config.local_epochs,
         batch_size=config.batch_size,
         eval_every=config.eval_every,
+        max_diverged_rounds=config.max_diverged_rounds,
         seed=seed,
         target_epsilon=config.target_epsilon,
         on_round=release,
-        # Only a run that saves or resumes gets a checkpoints/ directory.
-        checkpointer=checkpoints.Checkpointer(output_dir)
-        if checkpoint_every or resume else None,
+        # Its directory is made when it first saves or resumes.
+        checkpointer=checkpoints.Checkpointer(output_dir),
         checkpoint_every=checkpoint_every,
         resume=resume,
         inspect_round=inspect_round,
         client_data_fn=client_data_fn,
         byzantine=byzantine,
+        stop_requested=stop_requested,
     )
     model_weights = learning_process.get_model_weights(outcome.state)
-    model_path = run_outputs.save_model(task, model_weights)
+    model_path = (None if outcome.interrupted
+                  else run_outputs.save_model(task, model_weights))
     if config.example_level:
       table = run_outputs.write_table(
           'client_epsilons.csv', ledger.client_rows(task.train_data.client_ids))
@@ -535,7 +553,7 @@ class Runner:
         outcome.stop_reason, epsilon, ledger.delta, accountant_name, model_path,
         output_dir,
     )
-    evaluated = [r for r in results if r.eval_accuracy is not None]
+    evaluated = [r for r in results if r.eval_loss is not None]
     return RunSummary(
         rounds_completed=outcome.rounds_completed,
         stop_reason=outcome.stop_reason,
@@ -547,4 +565,6 @@ class Runner:
         eval_loss=evaluated[-1].eval_loss if evaluated else None,
         results=results,
         model_weights=model_weights,
+        interrupted=outcome.interrupted,
+        diverged=outcome.diverged,
     )

@@ -5,6 +5,7 @@ A study builds its runs' configurations from the one its binary built
 (`RunConfig.replace`); it never changes flag values.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -15,20 +16,35 @@ from absl import flags
 from absl import logging
 
 from dp_fedavg import outputs
+from dp_fedavg import tasks
 from experiments import training_flags
 
 FLAGS_FILE = 'flags.json'
 RESULTS_FILE = 'results.csv'
 
 
+@dataclasses.dataclass(frozen=True)
+class Utility:
+  """What a study compares its runs by: a key of results.csv's rows (and of
+  a run's summary), its axis label, and which way is better."""
+
+  key: str
+  label: str
+  higher_is_better: bool
+
+  def worse(self, value: float, than: float) -> bool:
+    return value < than if self.higher_is_better else value > than
+
+
+def utility(task: tasks.FederatedTask) -> Utility:
+  """Accuracy for classification; the loss for regression (which has none)."""
+  if task.regression:
+    return Utility('eval_loss', 'test loss (mean squared error)', False)
+  return Utility('eval_accuracy', 'test accuracy', True)
+
+
 def output_dir_error(output_dir: str, overwrite: bool) -> Optional[str]:
-  results = os.path.join(output_dir, RESULTS_FILE)
-  if os.path.exists(results) and not overwrite:
-    return (
-        f'--output_dir={output_dir} already holds {RESULTS_FILE}: choose '
-        'another --output_dir or pass --overwrite.'
-    )
-  return None
+  return outputs.output_dir_error(output_dir, RESULTS_FILE, overwrite)
 
 
 def write_flags(output_dir: str, *modules) -> dict[str, Any]:

@@ -107,6 +107,7 @@ def main(argv):
     return {run_value: value, **other_values}
 
   values = studies.parse_floats(holder)
+  utility = studies.utility(task)
   # Calibrating every point first: an unreachable target fails before training.
   plans = [
       runner.plan_or_exit(
@@ -136,7 +137,7 @@ def main(argv):
       })
       progress.run_finished(
           f'{run_value}={value:g}: epsilon {summary.epsilon:.4g}, '
-          f'accuracy {summary.eval_accuracy}'
+          f'{utility.label} {getattr(summary, utility.key)}'
       )
     if _BASELINE.value:
       # Plain FedAvg, whatever the privacy unit.
@@ -149,21 +150,22 @@ def main(argv):
           os.path.join(output_dir, 'runs', 'no_dp'),
           {**study_values, **no_dp}, overwrite=True,
       )
-      baseline = summary.eval_accuracy
-      progress.run_finished(f'no DP: accuracy {baseline}')
+      baseline = getattr(summary, utility.key)
+      progress.run_finished(f'no DP: {utility.label} {baseline}')
   results = studies.write_results(output_dir, rows)
   figure = os.path.join(output_dir, 'accuracy_vs_epsilon.png')
   plots.accuracy_vs_epsilon(
       {config.aggregator: [
-          (r['epsilon'], r['eval_accuracy']) for r in rows
+          (r['epsilon'], r[utility.key]) for r in rows
       ]},
       figure,
       f'{task.name}: {config.aggregator}, {config.rounds} rounds',
       config.delta,
       baseline=baseline,
+      ylabel=utility.label,
   )
   if baseline is not None:
-    print(f'no-DP accuracy: {baseline:.4f}')
+    print(f'no-DP {utility.label}: {baseline:.4f}')
   print(f'results: {results}\nfigure: {figure}')
 
 

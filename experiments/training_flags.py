@@ -55,6 +55,11 @@ FEATURE_KEY = flags.DEFINE_string(
     'feature_key', 'x', '--task=custom: the examples\' feature key or column.')
 LABEL_KEY = flags.DEFINE_string(
     'label_key', 'y', '--task=custom: the examples\' label key or column.')
+LOSS = flags.DEFINE_enum(
+    'loss', 'auto', tasks.custom.LOSSES,
+    '--task=custom: crossentropy (class labels; logits out) or mse '
+    '(regression: a number per model output); auto: crossentropy for integer '
+    'or one-hot labels.')
 LOCAL_EPOCHS = flags.DEFINE_integer(
     'local_epochs', 2, 'Passes over its data each client makes per round.')
 BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Client batch size.')
@@ -64,10 +69,16 @@ SERVER_MOMENTUM = flags.DEFINE_float(
     'server_momentum', 0.9, 'Server SGD momentum.')
 EVAL_EVERY = flags.DEFINE_integer(
     'eval_every', 1, 'Evaluate on the evaluation clients every this many rounds.')
+MAX_DIVERGED_ROUNDS = flags.DEFINE_integer(
+    'max_diverged_rounds', 3,
+    'Stop (exit 1) after this many consecutive rounds in which every '
+    'client\'s update was not finite, suggesting a smaller --client_lr; 0: '
+    'never stop.')
 WORKERS = flags.DEFINE_list(
     'workers', [],
-    'host:port of TFF workers (`python -m dp_fedavg.worker --port=PORT`) to '
-    'run the rounds on, clients split among them; empty: one local worker.')
+    'host:port (or unix:/PATH) of TFF workers (`python -m dp_fedavg.worker`, '
+    'best reached through an SSH tunnel to its --socket) to run the rounds '
+    'on, clients split among them; empty: one local worker.')
 ENGINE = flags.DEFINE_enum(
     'engine', 'auto', list(run_config.ENGINES),
     'Where the rounds run; same training, same privacy. inprocess: the '
@@ -92,8 +103,9 @@ SEED = flags.DEFINE_integer(
 
 _TRAINING_FLAGS = (
     TASK, DATA_DIR, DATA_SOURCE, PARTITION, DIRICHLET_ALPHA, SILOS, DATA_PATH,
-    MODEL, TEST_DATA_PATH, FEATURE_KEY, LABEL_KEY, LOCAL_EPOCHS,
-    BATCH_SIZE, CLIENT_LR, SERVER_LR, SERVER_MOMENTUM, EVAL_EVERY, WORKERS,
+    MODEL, TEST_DATA_PATH, FEATURE_KEY, LABEL_KEY, LOSS, LOCAL_EPOCHS,
+    BATCH_SIZE, CLIENT_LR, SERVER_LR, SERVER_MOMENTUM, EVAL_EVERY,
+    MAX_DIVERGED_ROUNDS, WORKERS,
     ENGINE, USERS_PER_WORKER_CLIENT, USER_DATA_DIR, SEED,
 ) + robust_flags.FLAGS
 
@@ -111,6 +123,7 @@ RANGE_CHECKS = (
     (SERVER_LR, lambda v: 0 < v < math.inf, 'a finite number > 0'),
     (SERVER_MOMENTUM, lambda v: 0 <= v < 1, 'in [0, 1)'),
     (EVAL_EVERY, lambda v: v >= 1, 'an integer >= 1'),
+    (MAX_DIVERGED_ROUNDS, lambda v: v >= 0, 'an integer >= 0'),
     (USERS_PER_WORKER_CLIENT, lambda v: v is None or v >= 1,
      'an integer >= 1'),
 )
@@ -126,10 +139,13 @@ def config_from_flags() -> run_config.RunConfig:
 
 def _workers_error() -> Optional[str]:
   for address in WORKERS.value:
+    if address.startswith('unix:/'):  # A worker's --socket on this host.
+      continue
     host, _, port = address.rpartition(':')
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
       return (
-          f'--workers: {address!r} is not host:port (a port in [1, 65535]).'
+          f'--workers: {address!r} is not host:port (a port in [1, 65535]) '
+          'or unix:/PATH.'
       )
   return None
 
@@ -138,9 +154,11 @@ def _custom_task_error(config: run_config.RunConfig) -> Optional[str]:
   custom_flags = ('data_path', 'model', 'test_data_path')
   if config.task != 'custom':
     given = [name for name in custom_flags if getattr(config, name)]
+    if config.loss != 'auto':
+      given.append('loss')
     if given:
       return (f'--{given[0]} is for --task=custom; --task={config.task} reads '
-              'its own data and model.')
+              'its own data and model, with its own loss.')
     return None
   for name in ('data_path', 'model'):
     if not getattr(config, name):
@@ -196,6 +214,7 @@ def build_task_or_exit(config: run_config.RunConfig) -> tasks.FederatedTask:
       test_data_path=config.test_data_path,
       feature_key=config.feature_key,
       label_key=config.label_key,
+      loss=config.loss,
   )
   if config.silos is not None:
     error = _silos_error(config)

@@ -35,7 +35,7 @@ class TaskOptions:
     data_source: where the data is (femnist, shakespeare, cifar10). seed: of
     every split. silos: femnist: pool the writers' training examples into
     this many IID clients. data_path / model / test_data_path /
-    feature_key / label_key: the custom task's files and keys
+    feature_key / label_key / loss: the custom task's files, keys and loss
     (`dp_fedavg.tasks.custom`).
   """
 
@@ -51,6 +51,7 @@ class TaskOptions:
   test_data_path: Optional[str] = None
   feature_key: str = 'x'
   label_key: str = 'y'
+  loss: str = 'auto'
 
 
 def _split_num_clients(options: TaskOptions) -> int:
@@ -74,7 +75,7 @@ _BUILDERS: dict[str, Callable[[TaskOptions], base.FederatedTask]] = {
     'custom': lambda o: custom.build_task(
         data_path=o.data_path, model=o.model,
         test_data_path=o.test_data_path, feature_key=o.feature_key,
-        label_key=o.label_key, seed=o.seed,
+        label_key=o.label_key, seed=o.seed, loss=o.loss,
     ),
     'shakespeare': lambda o: shakespeare.build_task(
         data_dir=o.data_dir, num_clients=o.num_clients,

@@ -71,6 +71,8 @@ class FederatedTask:
       clients, or each client's held-out examples; same elements.
     data_files: the files the data was read from, when a run's config
       records their fingerprint (the custom task).
+    regression: the model predicts values and the loss is their mean squared
+      error: evaluation reports no accuracy, and studies compare the loss.
   """
 
   name: str
@@ -80,6 +82,7 @@ class FederatedTask:
   train_data: tff.simulation.datasets.ClientData
   eval_data: tff.simulation.datasets.ClientData
   data_files: tuple[str, ...] = ()
+  regression: bool = False
 
   def preprocess(
       self, dataset: tf.data.Dataset, local_epochs: int, batch_size: int, seed: int
@@ -156,6 +159,15 @@ class FederatedTask:
     ]
 
 
+def unreduced_loss(task: FederatedTask) -> Callable:
+  """(labels, outputs) -> the task's training loss without its reduction:
+  one value per leading position of the labels (users, batch, time)."""
+  loss = task.loss_fn()
+  config = loss.get_config()
+  config['reduction'] = tf.keras.losses.Reduction.NONE
+  return type(loss).from_config(config)
+
+
 def classification_task(
     name: str,
     keras_model_fn: Callable[[], tf.keras.Model],
@@ -174,4 +186,23 @@ def classification_task(
       ],
       train_data=train_data,
       eval_data=eval_data,
+  )
+
+
+def regression_task(
+    name: str,
+    keras_model_fn: Callable[[], tf.keras.Model],
+    train_data: tff.simulation.datasets.ClientData,
+    eval_data: tff.simulation.datasets.ClientData,
+) -> FederatedTask:
+  """A task whose model predicts float labels (as many as it has outputs);
+  the loss is their mean squared error, and evaluation reports it."""
+  return FederatedTask(
+      name=name,
+      keras_model_fn=keras_model_fn,
+      loss_fn=tf.keras.losses.MeanSquaredError,
+      metrics_fn=list,
+      train_data=train_data,
+      eval_data=eval_data,
+      regression=True,
   )

@@ -30,7 +30,8 @@ _HOW_TO_GET = (
 
 def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   """One pickled CIFAR-10 batch: (uint8 images [n, 32, 32, 3], int32 labels)."""
-  with open(client_data.require_file(path, _HOW_TO_GET), 'rb') as f:
+  with client_data.reading(path, 'a pickled CIFAR-10 batch'), open(
+      client_data.require_file(path, _HOW_TO_GET), 'rb') as f:
     batch = pickle.load(f, encoding='bytes')
   try:
     data, labels = batch[b'data'], batch[b'labels']

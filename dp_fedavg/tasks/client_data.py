@@ -5,8 +5,11 @@ Every task keeps its examples in a few numpy arrays and exposes them as a
 client is asked for, so memory does not grow with the clients sampled.
 """
 
+import contextlib
 import os
-from typing import Any, Callable, Optional
+import pickle
+from typing import Any, Callable, Iterator, Optional
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -30,6 +33,44 @@ class DataNotFoundError(FileNotFoundError):
   def __init__(self, path: str, how_to_get: str):
     super().__init__(f'no data at {path}; {how_to_get}')
     self.path = path
+
+
+class DataCorruptError(ValueError):
+  """A task's data file exists but does not read as what the task expects."""
+
+  def __init__(self, path: str, expected: str, cause: BaseException):
+    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    super().__init__(f'{path} is not {expected}: {reason}')
+    self.path = path
+
+
+# What reading a damaged file raises: h5py and numpy an OSError or a
+# ValueError, a damaged .npz (a zip) BadZipFile, a damaged pickle
+# UnpicklingError or EOFError, a file without the expected structure KeyError.
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError,
+                pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+@contextlib.contextmanager
+def reading(path: str, expected: str) -> Iterator[None]:
+  """Turns a failure to read `path` into a one-line `DataCorruptError`
+  naming the file and what was `expected` of it."""
+  try:
+    yield
+  except (DataNotFoundError, DataCorruptError):
+    raise
+  except _READ_ERRORS as e:
+    raise DataCorruptError(path, expected, e) from e
+
+
+def load_npz(path: str, expected: str) -> dict[str, np.ndarray]:
+  """Every array of an .npz file (no pickles); a file that is not one is a
+  `DataCorruptError` (numpy would say it holds pickled data)."""
+  if not zipfile.is_zipfile(path):
+    raise DataCorruptError(path, expected, ValueError(
+        'not a zip archive, as .npz files are (damaged or truncated?)'))
+  with reading(path, expected), np.load(path, allow_pickle=False) as arrays:
+    return {name: arrays[name] for name in arrays.files}
 
 
 def check_source_and_count(data_source: str, num_clients: Optional[int]) -> None:

@@ -11,11 +11,16 @@ Data (`data_path`, and optionally `test_data_path`), one example per row:
   every other column a feature, in order).
 
 Features are float32 in the model's input shape (a stored example's values
-are reshaped to it); labels are integer classes in [0, C) for a model with C
-outputs, or one-hot rows of length C. The model (`model`) is a Keras file
-(`.keras`, its saved weights are the initial ones) or `module:function`
-returning an uncompiled Keras model; its outputs are logits (a final softmax
-is refused: the loss and the vectorized engine take logits).
+are reshaped to it). The loss (`loss`) follows from the labels or is named:
+* `crossentropy` (what `auto` picks for integer or one-hot labels): labels
+  are integer classes in [0, C) for a model with C outputs, or one-hot rows
+  of length C; the outputs are logits (a final softmax is refused: the loss
+  and the vectorized engine take logits); evaluation reports accuracy;
+* `mse` (regression, never picked by `auto`): labels are numbers, as many
+  per example as the model has outputs; the loss is their mean squared
+  error, and evaluation reports it (no accuracy).
+The model (`model`) is a Keras file (`.keras`, its saved weights are the
+initial ones) or `module:function` returning an uncompiled Keras model.
 
 Clients are ordered by id, in every format (TFF's SQLite client data lists
 them so); the sampler's indices follow that order.
@@ -45,6 +50,7 @@ CLIENT_ID = 'client_id'
 SQLITE_SUFFIXES = ('.sqlite', '.db')
 TABLE_SUFFIXES = ('.npz', '.csv')
 EVAL_FRACTION = 0.1
+LOSSES = ('auto', 'crossentropy', 'mse')
 
 
 class CustomTaskError(ValueError):
@@ -55,8 +61,8 @@ def load_model_fn(model: str) -> Callable[[], tf.keras.Model]:
   """A function building the model `model` names; checked once now.
 
   Raises:
-    CustomTaskError: the file does not load, the function is missing or does
-      not return a Keras model, or the model ends in a softmax.
+    CustomTaskError: the file does not load, or the function is missing or
+      does not return a Keras model.
   """
   if model.endswith('.keras'):
     if not os.path.isfile(model):
@@ -82,12 +88,15 @@ def load_model_fn(model: str) -> Callable[[], tf.keras.Model]:
   if not isinstance(built, tf.keras.Model):
     raise CustomTaskError(
         f'--model={model} gave a {type(built).__name__}, not a Keras model.')
+  return build
+
+
+def _check_logits(model: str, built: tf.keras.Model) -> None:
   last = built.layers[-1] if built.layers else None
   if getattr(last, 'activation', None) is tf.keras.activations.softmax:
     raise CustomTaskError(
         f'--model={model} ends in a softmax: give logits (drop the last '
         'activation); the loss and the vectorized engine take logits.')
-  return build
 
 
 def _read_sqlite(path: str, feature_key: str, label_key: str,
@@ -144,21 +153,18 @@ def _read_table(path: str, feature_key: str,
                 label_key: str) -> tuple[np.ndarray, ...]:
   """(client id, features, labels) of an .npz or .csv table."""
   if path.endswith('.npz'):
-    try:
-      with np.load(path, allow_pickle=False) as arrays:
-        missing = [k for k in (CLIENT_ID, feature_key, label_key)
-                   if k not in arrays]
-        if missing:
-          raise CustomTaskError(
-              f'{path}: no array {", ".join(map(repr, missing))}; it has '
-              f'{", ".join(sorted(arrays))} (expected {CLIENT_ID!r}, '
-              '--feature_key, --label_key).')
-        return (arrays[CLIENT_ID].astype(str), arrays[feature_key],
-                arrays[label_key])
-    except (OSError, ValueError) as e:
-      if isinstance(e, CustomTaskError):
-        raise
-      raise CustomTaskError(f'{path}: not a readable .npz file: {e}') from e
+    arrays = client_data.load_npz(
+        path, f'an .npz file with arrays {CLIENT_ID}, {feature_key} and '
+        f'{label_key}')
+    missing = [k for k in (CLIENT_ID, feature_key, label_key)
+               if k not in arrays]
+    if missing:
+      raise CustomTaskError(
+          f'{path}: no array {", ".join(map(repr, missing))}; it has '
+          f'{", ".join(sorted(arrays))} (expected {CLIENT_ID!r}, '
+          '--feature_key, --label_key).')
+    return (arrays[CLIENT_ID].astype(str), arrays[feature_key],
+            arrays[label_key])
   with open(path, newline='') as f:
     rows = list(csv.reader(f))
   if not rows:
@@ -203,10 +209,35 @@ def read_examples(path: str, feature_key: str, label_key: str,
       f'{", ".join(SQLITE_SUFFIXES + TABLE_SUFFIXES)}.')
 
 
+def _is_classes(labels: np.ndarray) -> bool:
+  """Integer labels, or one-hot rows (of any dtype)."""
+  if labels.ndim == 2:
+    return bool(np.all(np.isin(labels, (0, 1)))
+                and np.all(labels.sum(axis=1) == 1))
+  return np.issubdtype(labels.dtype, np.integer)
+
+
+def _regression_labels(path: str, labels: np.ndarray,
+                       num_outputs: int) -> np.ndarray:
+  """Float32 labels [examples, num_outputs], or a one-line error."""
+  if not np.issubdtype(labels.dtype, np.number):
+    raise CustomTaskError(
+        f'{path}: --loss=mse needs numeric labels, got {labels.dtype}.')
+  labels = labels.reshape((len(labels), -1)).astype(np.float32)
+  if labels.shape[1] != num_outputs:
+    raise CustomTaskError(
+        f'{path}: an example has {labels.shape[1]} label values; the model '
+        f'has {num_outputs} outputs (--loss=mse needs one per output).')
+  if not np.all(np.isfinite(labels)):
+    raise CustomTaskError(f'{path}: labels must be finite numbers.')
+  return labels
+
+
 def _checked(path: str, ids, features, labels, feature_shape: tuple,
-             num_classes: int) -> tuple[np.ndarray, ...]:
+             num_classes: int, loss: str) -> tuple[np.ndarray, ...]:
   """The examples as (ids, float32 features in the model's shape, int32
-  class labels), or a one-line error naming `path`."""
+  class labels or float32 regression labels), or a one-line error naming
+  `path`. `loss` is `crossentropy` or `mse`."""
   if not len(ids):
     raise CustomTaskError(f'{path}: holds no examples.')
   if not len(ids) == len(features) == len(labels):
@@ -221,6 +252,9 @@ def _checked(path: str, ids, features, labels, feature_shape: tuple,
         f'{feature_shape} takes {int(np.prod(feature_shape))}.')
   features = features.reshape((len(features), *feature_shape))
   labels = np.asarray(labels)
+  if loss == 'mse':
+    return (np.asarray(ids).astype(str), features,
+            _regression_labels(path, labels, num_classes))
   if labels.ndim == 2:  # One-hot rows.
     if labels.shape[1] != num_classes or not np.all(
         np.isin(labels, (0, 1))) or not np.all(labels.sum(axis=1) == 1):
@@ -231,7 +265,7 @@ def _checked(path: str, ids, features, labels, feature_shape: tuple,
   if not np.issubdtype(labels.dtype, np.integer):
     raise CustomTaskError(
         f'{path}: labels must be integer classes or one-hot rows, got '
-        f'{labels.dtype} values.')
+        f'{labels.dtype} values (regression: --loss=mse).')
   if labels.min() < 0 or labels.max() >= num_classes:
     raise CustomTaskError(
         f'{path}: labels span [{labels.min()}, {labels.max()}]; the model '
@@ -257,12 +291,16 @@ def build_task(
     feature_key: str = 'x',
     label_key: str = 'y',
     seed: int = 0,
+    loss: str = 'auto',
 ) -> base.FederatedTask:
   """The custom task (module docstring).
 
   Raises:
     CustomTaskError: a file that does not load or does not fit the model.
   """
+  if loss not in LOSSES:
+    raise CustomTaskError(
+        f'--loss={loss}: expected one of {", ".join(LOSSES)}.')
   keras_model_fn = load_model_fn(model)
   probe = keras_model_fn()
   feature_shape = tuple(probe.input_shape[1:])
@@ -271,13 +309,20 @@ def build_task(
     raise CustomTaskError(
         f'--model={model}: its input shape {probe.input_shape} must be fixed '
         'but for the batch.')
-  train = _checked(data_path, *read_examples(
-      data_path, feature_key, label_key, feature_shape), feature_shape,
-                   num_classes)
+  examples = read_examples(data_path, feature_key, label_key, feature_shape)
+  if loss == 'auto':
+    if not _is_classes(np.asarray(examples[2])):
+      raise CustomTaskError(
+          f'{data_path}: labels are not integer classes or one-hot rows; for '
+          'regression pass --loss=mse.')
+    loss = 'crossentropy'
+  if loss == 'crossentropy':
+    _check_logits(model, probe)
+  train = _checked(data_path, *examples, feature_shape, num_classes, loss)
   if test_data_path:
     test = _checked(test_data_path, *read_examples(
         test_data_path, feature_key, label_key, feature_shape), feature_shape,
-                    num_classes)
+                    num_classes, loss)
   else:
     clients = np.unique(train[0])
     if len(clients) < 2:
@@ -289,7 +334,9 @@ def build_task(
     in_test = np.isin(train[0], held_out)
     test = tuple(array[in_test] for array in train)
     train = tuple(array[~in_test] for array in train)
-  task = base.classification_task(
+  make_task = (base.regression_task if loss == 'mse'
+               else base.classification_task)
+  task = make_task(
       'custom', keras_model_fn, _client_data(*train), _client_data(*test))
   return dataclasses.replace(task, data_files=tuple(
       path for path in (data_path, test_data_path) if path))

@@ -110,7 +110,9 @@ def build_task(
                    FILE_NAME),
       _HOW_TO_GET,
   )
-  with np.load(path) as arrays:
+  expected = 'an .npz file with arrays pixels, labels and writer'
+  arrays = client_data.load_npz(path, expected)
+  with client_data.reading(path, expected):
     pixels, labels, writers = arrays['pixels'], arrays['labels'], arrays['writer']
   if num_clients is not None:
     available = len(np.unique(writers))

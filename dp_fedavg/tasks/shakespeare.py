@@ -33,6 +33,7 @@ from dp_fedavg.tasks import client_data
 SEQUENCE_LENGTH = 80
 PAD, OOV, BOS, EOS = tff_preprocessing.get_special_tokens()
 VOCAB_SIZE = EOS + 1
+_EXPECTED = 'an HDF5 file in TFF\'s shakespeare layout (examples/<role>/snippets)'
 _HOW_TO_GET = (
     'pass --data_dir=DIR where DIR holds shakespeare_train.h5 and '
     'shakespeare_test.h5 (TFF\'s HDF5 layout), or --data_source=tff to download '
@@ -67,7 +68,7 @@ def tokenize(snippet: bytes) -> np.ndarray:
 
 def _read_h5(path: str, client_ids: Optional[list[str]]):
   """(client ids, per-client [pieces, 81] token arrays) of one h5 file."""
-  with h5py.File(path, 'r') as f:
+  with client_data.reading(path, _EXPECTED), h5py.File(path, 'r') as f:
     examples = f['examples']
     ids = client_ids if client_ids is not None else sorted(examples.keys())
     pieces = []
@@ -155,7 +156,8 @@ def build_task(
         )
         for split in ('train', 'test')
     )
-    with h5py.File(train_path, 'r') as f:
+    with client_data.reading(train_path, _EXPECTED), h5py.File(
+        train_path, 'r') as f:
       all_ids = sorted(f['examples'].keys())
     if num_clients is not None and num_clients > len(all_ids):
       raise ValueError(

@@ -2,8 +2,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -41,6 +43,85 @@ def _add_one(x):
   return x + 1
 
 
+def _children(pid: int) -> set[int]:
+  """Every descendant of `pid`."""
+  found = set()
+  try:
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+      for child in map(int, f.read().split()):
+        found |= {child} | _children(child)
+  except FileNotFoundError:
+    pass
+  return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+  inodes = set()
+  for fd in os.listdir(f'/proc/{pid}/fd'):
+    try:
+      target = os.readlink(f'/proc/{pid}/fd/{fd}')
+    except OSError:
+      continue
+    if target.startswith('socket:['):
+      inodes.add(target[len('socket:['):-1])
+  return inodes
+
+
+def _listening_off_loopback(pids: set[int]) -> list[str]:
+  """Local addresses of the TCP sockets of `pids` listening, in this
+  network namespace, on an address other than loopback (read from
+  /proc/net/tcp and tcp6; nothing is sent)."""
+  inodes = set().union(*(_socket_inodes(pid) for pid in pids))
+  loopback = ('0100007F', '00000000000000000000000001000000')
+  found = []
+  for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+    with open(table) as f:
+      for line in f.readlines()[1:]:
+        fields = line.split()
+        address, state, inode = fields[1], fields[3], fields[9]
+        if (state == '0A' and inode in inodes
+            and address.split(':')[0] not in loopback):
+          found.append(address)
+  return found
+
+
+class IsolationTest(absltest.TestCase):
+
+  def test_local_worker_listens_on_no_network_address(self):
+    if not execution.isolation_available():
+      self.skipTest('this kernel allows no user and network namespace')
+    with execution.local_execution() as worker:
+      self.assertEqual(_add_one(41), 42)
+      self.assertTrue(worker.isolated)
+      run = {os.getpid(), worker.pid, *_children(worker.pid)}
+      binary = worker.binary_pid
+      self.assertIn('worker_binary', os.readlink(f'/proc/{binary}/exe'))
+      self.assertEmpty(_listening_off_loopback(run))
+      # The worker's network namespace is not ours, and holds loopback only.
+      self.assertNotEqual(os.readlink(f'/proc/{binary}/ns/net'),
+                          os.readlink('/proc/self/ns/net'))
+      with open(f'/proc/{binary}/net/dev') as f:
+        interfaces = [line.split(':')[0].strip()
+                      for line in f.readlines()[2:]]
+      self.assertEqual(interfaces, ['lo'])
+    self.assertTrue(_wait_until_dead(binary))
+    self.assertFalse(os.path.exists(worker.socket_path))
+
+  def test_without_namespaces_the_open_port_is_warned_once(self):
+    execution._warn_open_port_once.cache_clear()  # pylint: disable=protected-access
+    with mock.patch.object(execution, 'isolation_available',
+                           return_value=False):
+      with self.assertLogs(level='WARNING') as logs:
+        with execution.local_execution() as worker:
+          self.assertEqual(_add_one(1), 2)
+          # The check above sees this one.
+          self.assertNotEmpty(_listening_off_loopback({worker.pid}))
+        with execution.local_execution():
+          self.assertEqual(_add_one(2), 3)
+    warnings = [line for line in logs.output if 'without authentication' in line]
+    self.assertLen(warnings, 1)
+
+
 class LocalExecutionTest(absltest.TestCase):
 
   def test_nested_block_runs_and_stops_its_worker(self):
@@ -70,9 +151,12 @@ class LocalExecutionTest(absltest.TestCase):
     try:
       worker_pid = int(parent.stdout.readline())
       self.assertTrue(_alive(worker_pid))
+      # With isolation, worker_pid relays to the worker_binary it started.
+      descendants = _children(worker_pid)
       parent.send_signal(signal.SIGKILL)
       parent.wait()
-      self.assertTrue(_wait_until_dead(worker_pid), 'worker outlived parent')
+      for pid in {worker_pid, *descendants}:
+        self.assertTrue(_wait_until_dead(pid), 'worker outlived parent')
     finally:
       parent.kill()
       parent.wait()
@@ -84,16 +168,25 @@ if __name__ == '__main__':
 
 
 def _start_workers(count):
-  """`python -m dp_fedavg.worker` processes on free ports; (addresses, procs)."""
-  ports = [portpicker.pick_unused_port() for _ in range(count)]
+  """`python -m dp_fedavg.worker` processes; (addresses, procs). Each on a
+  Unix socket in a namespace of its own where the kernel allows it (else
+  on a free port): the setting the README recommends across hosts."""
+  if execution.isolation_available():
+    directory = tempfile.mkdtemp(prefix='dpfw_', dir='/tmp')
+    where = [f'--socket={directory}/{i}.sock' for i in range(count)]
+    addresses = [f'unix:{directory}/{i}.sock' for i in range(count)]
+  else:
+    ports = [portpicker.pick_unused_port() for _ in range(count)]
+    where = [f'--port={port}' for port in ports]
+    addresses = [f'localhost:{port}' for port in ports]
   procs = [
       subprocess.Popen(
-          [sys.executable, '-m', 'dp_fedavg.worker', f'--port={port}'],
+          [sys.executable, '-m', 'dp_fedavg.worker', flag],
           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
       )
-      for port in ports
+      for flag in where
   ]
-  return [f'localhost:{port}' for port in ports], procs
+  return addresses, procs
 
 
 def _stop(procs):

@@ -105,7 +105,7 @@ class SweepEpsilonTest(absltest.TestCase):
         '--target_epsilons=4,16',
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertIn('no-DP accuracy', result.stdout)
+    self.assertIn('no-DP test accuracy', result.stdout)
     rows = _rows(os.path.join(output_dir, 'results.csv'))
     self.assertLen(rows, 2)
     for row, target in zip(rows, (4.0, 16.0)):

@@ -150,6 +150,8 @@ class FlagValidationTest(parameterized.TestCase):
        '--task=custom needs --model'),
       ('data_path_of_a_built_in_task', dict(data_path='data.npz'),
        '--data_path is for --task=custom'),
+      ('loss_of_a_built_in_task', dict(loss='mse'),
+       '--loss is for --task=custom'),
       ('custom_with_num_clients',
        dict(task='custom', data_path='data.npz', model='m:f', num_clients=5),
        'drop --num_clients'),

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -15,6 +16,7 @@ from dp_fedavg.tasks import base
 from dp_fedavg.tasks import custom
 from experiments import runner
 from experiments import training_flags
+from tests.experiments import binaries
 
 _MODEL = 'tests.dp_fedavg.tasks.custom_test:small_model'
 
@@ -34,6 +36,29 @@ def softmax_model():
       tf.keras.layers.Flatten(),
       tf.keras.layers.Dense(3, activation='softmax'),
   ])
+
+
+_REGRESSION_MODEL = 'tests.dp_fedavg.tasks.custom_test:regression_model'
+
+
+def regression_model():
+  """4 features, 2 predicted values: Dense layers only (the vectorized
+  engine's shared-GEMM path)."""
+  return tf.keras.Sequential([
+      tf.keras.layers.InputLayer(input_shape=(4,)),
+      tf.keras.layers.Dense(8, activation='relu'),
+      tf.keras.layers.Dense(2),
+  ])
+
+
+def _regression_examples(count=240, clients=30, seed=0):
+  """y = x W + noise: a linear target the model can fit."""
+  rng = np.random.default_rng(seed)
+  ids = np.array([f'c{i % clients:02d}' for i in range(count)])
+  features = rng.normal(size=(count, 4)).astype(np.float32)
+  weights = rng.normal(size=(4, 2))
+  labels = features @ weights + 0.1 * rng.normal(size=(count, 2))
+  return ids, features, labels.astype(np.float32)
 
 
 def _examples(count=60, clients=12, seed=0):
@@ -119,7 +144,7 @@ class CustomTaskTest(parameterized.TestCase):
       ('empty', lambda i, x, y: (i[:0], x[:0], y[:0]), 'npz',
        'holds no examples'),
       ('float_labels', lambda i, x, y: (i, x, y + 0.5), 'npz',
-       'labels must be integer classes or one-hot'),
+       'not integer classes or one-hot rows; for regression pass --loss=mse'),
   )
   def test_data_that_does_not_fit_the_model_is_one_line(self, change, kind,
                                                         message):
@@ -185,6 +210,149 @@ class CustomTaskTest(parameterized.TestCase):
       custom.build_task(path, _MODEL)
     with self.assertRaisesRegex(custom.CustomTaskError, 'no such file'):
       custom.build_task('/no/such/data.npz', _MODEL)
+
+
+class _Interrupted(Exception):
+  pass
+
+
+class RegressionTest(parameterized.TestCase):
+  """--loss=mse: float labels, a mean squared error, no accuracy; on every
+  engine, resumed, in a study and in privacy_report."""
+
+  _path = None
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._directory = absltest.get_default_test_tmpdir() + '/regression'
+    os.makedirs(cls._directory, exist_ok=True)
+    cls._path = os.path.join(cls._directory, 'train.sqlite')
+    custom.write_client_data(cls._path, *_regression_examples(),
+                             overwrite=True)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls._directory)
+    super().tearDownClass()
+
+  def _config(self, **values):
+    settings = dict(
+        task='custom', data_path=self._path, model=_REGRESSION_MODEL,
+        loss='mse', rounds=4, clients_per_round=8, noise_multiplier=0.1,
+        clip=1.0, client_lr=0.1, eval_every=1, engine='inprocess', seed=1)
+    settings.update(values)
+    return run_config.with_defaults(**settings)
+
+  def _run(self, config, output_dir, **run_args):
+    task = training_flags.build_task_or_exit(config)
+    plan = runner.PrivacyPlan.build(
+        config, len(task.train_data.client_ids), task.update_dimension)
+    with runner.execution_context(config):
+      return runner.Runner(task).run(plan, output_dir, {}, **run_args)
+
+  def test_labels_are_float_rows_and_the_loss_their_squared_error(self):
+    task = custom.build_task(self._path, _REGRESSION_MODEL, loss='mse')
+    self.assertTrue(task.regression)
+    client = task.train_data.client_ids[0]
+    _, labels = base.all_examples(
+        task.train_data.create_tf_dataset_for_client(client))
+    self.assertEqual(labels.dtype, tf.float32)
+    self.assertEqual(labels.shape[1], 2)
+    self.assertIsInstance(task.loss_fn(), tf.keras.losses.MeanSquaredError)
+    with self.assertRaisesRegex(
+        custom.CustomTaskError, 'not integer classes .* --loss=mse'):
+      custom.build_task(self._path, _REGRESSION_MODEL)
+
+  def test_label_values_must_match_the_outputs(self):
+    ids, features, labels = _regression_examples()
+    path = os.path.join(self.create_tempdir().full_path, 'three.npz')
+    np.savez(path, client_id=ids, x=features, y=np.ones((len(ids), 3)))
+    with self.assertRaisesRegex(
+        custom.CustomTaskError,
+        '3 label values; the model has 2 outputs') as raised:
+      custom.build_task(path, _REGRESSION_MODEL, loss='mse')
+    self.assertIn(path, str(raised.exception))
+    del labels
+
+  def test_every_engine_trains_it_to_the_same_losses(self):
+    summaries = {
+        engine: self._run(self._config(engine=engine),
+                          self.create_tempdir().full_path)
+        for engine in ('inprocess', 'standard', 'vectorized')}
+    task = training_flags.build_task_or_exit(self._config())
+    model = task.keras_model_fn()
+    model.compile(loss=task.loss_fn())
+    initial_loss = np.mean([
+        model.evaluate(dataset, verbose=0)
+        for dataset in task.eval_client_datasets()])
+    reference = summaries['inprocess']
+    self.assertIsNone(reference.eval_accuracy)
+    self.assertLess(reference.eval_loss, initial_loss)
+    for engine, summary in summaries.items():
+      for a, b in zip(reference.results, summary.results):
+        self.assertAlmostEqual(a.train_loss, b.train_loss, places=4,
+                               msg=engine)
+        self.assertAlmostEqual(a.eval_loss, b.eval_loss, places=4, msg=engine)
+      self.assertEqual(reference.epsilon, summary.epsilon)
+
+  def test_an_interrupted_run_resumes_to_the_same_metrics(self):
+    whole, interrupted = (self.create_tempdir().full_path for _ in range(2))
+    self._run(self._config(), whole)
+
+    def interrupt(round_num, *unused):
+      if round_num == 3:
+        raise _Interrupted()
+
+    with self.assertRaises(_Interrupted):
+      self._run(self._config(), interrupted, checkpoint_every=1,
+                inspect_round=interrupt)
+    self._run(self._config(), interrupted, resume=True, checkpoint_every=1)
+
+    def metrics(output_dir):
+      with open(os.path.join(output_dir, 'metrics.csv')) as f:
+        return [(r['round'], r['train_loss'], r['eval_loss'], r['epsilon'])
+                for r in csv.DictReader(f)]
+
+    self.assertEqual(metrics(interrupted), metrics(whole))
+
+  def test_label_flip_is_refused(self):
+    config = self._config(robust_rule='median', attack='label_flip',
+                          byzantine_fraction=0.1)
+    task = training_flags.build_task_or_exit(config)
+    errors = []
+
+    def record(message):
+      errors.append(message)
+      raise _Interrupted()
+
+    with self.assertRaises(_Interrupted):
+      runner.plan_or_exit(config, task, record)
+    self.assertIn('--attack=label_flip flips class labels', errors[0])
+
+  def test_sweep_compares_the_loss_and_privacy_report_reads_the_population(
+      self):
+    output_dir = self.create_tempdir().full_path
+    task_flags = (f'--data_path={self._path}', '--task=custom',
+                  f'--model={_REGRESSION_MODEL}', '--loss=mse',
+                  '--clients_per_round=8', '--rounds=2')
+    swept = binaries.run(
+        'sweep_epsilon', *task_flags, '--noise_multipliers=0.5',
+        '--engine=inprocess', f'--output_dir={output_dir}')
+    self.assertEqual(swept.returncode, 0, swept.stderr[-3000:])
+    self.assertIn('no-DP test loss (mean squared error):', swept.stdout)
+    with open(os.path.join(output_dir, 'results.csv')) as f:
+      (row,) = list(csv.DictReader(f))
+    self.assertEqual(row['eval_accuracy'], '')
+    self.assertGreater(float(row['eval_loss']), 0)
+
+    report = binaries.run('privacy_report', *task_flags,
+                          '--noise_multiplier=0.5')
+    self.assertEqual(report.returncode, 0, report.stderr[-3000:])
+    population = len(custom.build_task(
+        self._path, _REGRESSION_MODEL, loss='mse').train_data.client_ids)
+    self.assertEqual(population, 27)  # 30 clients, a tenth held out.
+    self.assertIn(f'sampling of 8 of {population} clients', report.stdout)
 
 
 class SameAsBuiltInTest(absltest.TestCase):

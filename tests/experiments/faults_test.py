@@ -1,0 +1,225 @@
+"""Faults a user meets: unusable output directories, damaged data and
+checkpoints, interrupts, and extending a finished run."""
+
+import csv
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+from dp_fedavg import checkpoints
+from dp_fedavg import outputs
+from dp_fedavg.tasks import cifar10
+from dp_fedavg.tasks import client_data
+from dp_fedavg.tasks import custom
+from dp_fedavg.tasks import femnist
+from dp_fedavg.tasks import shakespeare
+from tests.experiments import binaries
+
+# Digits rounds on the standard engine (a TFF worker), eight of them.
+_RUN = ('--rounds=8', '--num_clients=40', '--clients_per_round=8',
+        '--eval_every=4', '--seed=5', '--engine=standard')
+
+
+def _metrics(output_dir):
+  with open(os.path.join(output_dir, 'metrics.csv')) as f:
+    return [(r['round'], r['train_loss'], r['epsilon'], r['eval_accuracy'])
+            for r in csv.DictReader(f)]
+
+
+def _garbage(path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(b'\x00not what it should be\xff' * 50)
+  return path
+
+
+class OutputDirTest(absltest.TestCase):
+
+  def test_a_directory_that_cannot_be_made_is_one_line(self):
+    blocker = self.create_tempfile('a_file').full_path
+    error = outputs.output_dir_error(os.path.join(blocker, 'run'))
+    self.assertStartsWith(error, f'--output_dir={blocker}/run cannot be '
+                          'created or written to: ')
+    self.assertNotIn('\n', error)
+    self.assertIsNone(outputs.output_dir_error(
+        os.path.join(self.create_tempdir().full_path, 'new', 'run')))
+
+  def test_train_exits_2_before_training(self):
+    blocker = self.create_tempfile('a_file').full_path
+    result = binaries.run('train', f'--output_dir={blocker}/run')
+    self.assertEqual(result.returncode, 2)
+    last = result.stderr.strip().splitlines()[-1]
+    self.assertIn(f'--output_dir={blocker}/run cannot be created', last)
+    self.assertNotIn('Traceback', result.stderr)
+
+
+class DamagedDataTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('femnist', lambda d: _garbage(os.path.join(d, femnist.FILE_NAME)),
+       lambda d: femnist.build_task(data_dir=d), 'is not an .npz file'),
+      ('shakespeare', lambda d: [
+          _garbage(os.path.join(d, f'shakespeare_{s}.h5'))
+          for s in ('train', 'test')][0],
+       lambda d: shakespeare.build_task(data_dir=d), 'is not an HDF5 file'),
+      ('cifar10', lambda d: _garbage(os.path.join(d, 'data_batch_1')),
+       lambda d: cifar10.read_batch(os.path.join(d, 'data_batch_1')),
+       'is not a pickled CIFAR-10 batch'),
+  )
+  def test_is_one_line_naming_the_file(self, damage, load, message):
+    directory = self.create_tempdir().full_path
+    path = damage(directory)
+    with self.assertRaisesRegex(client_data.DataCorruptError,
+                                message) as raised:
+      load(directory)
+    self.assertStartsWith(str(raised.exception), path)
+    self.assertNotIn('\n', str(raised.exception))
+
+  def test_custom_sqlite_and_npz(self):
+    directory = self.create_tempdir().full_path
+    model = 'tests.dp_fedavg.tasks.custom_test:small_model'
+    for name, error in (('data.sqlite', 'not TFF SQLite client data'),
+                        ('data.npz', 'not a zip archive')):
+      path = _garbage(os.path.join(directory, name))
+      with self.assertRaisesRegex(ValueError, error) as raised:
+        custom.build_task(path, model)
+      self.assertIn(path, str(raised.exception))
+
+  def test_train_exits_2_on_a_damaged_file(self):
+    directory = self.create_tempdir().full_path
+    path = _garbage(os.path.join(directory, femnist.FILE_NAME))
+    result = binaries.run(
+        'train', '--task=femnist', f'--data_dir={directory}',
+        f'--output_dir={self.create_tempdir().full_path}')
+    self.assertEqual(result.returncode, 2)
+    self.assertIn(f'{path} is not an .npz file',
+                  result.stderr.strip().splitlines()[-1])
+    self.assertNotIn('Traceback', result.stderr)
+
+  def test_no_checkpoint_that_loads_is_an_error(self):
+    output_dir = self.create_tempdir().full_path
+    _garbage(os.path.join(output_dir, checkpoints.CHECKPOINT_DIR,
+                          'program_state_3', 'saved_model.pb'))
+    with self.assertRaisesRegex(checkpoints.CorruptCheckpointError,
+                                'none of its 1 checkpoints loads'):
+      checkpoints.Checkpointer(output_dir).restore_latest(
+          {'weights': np.zeros(3, np.float32)}, ledger=None)
+
+
+class DivergenceTest(parameterized.TestCase):
+
+  @parameterized.parameters('standard', 'vectorized')
+  def test_every_client_diverging_stops_with_advice(self, engine):
+    output_dir = self.create_tempdir().full_path
+    result = binaries.run(
+        'train', '--client_lr=1e30', '--rounds=6', '--max_diverged_rounds=2',
+        f'--engine={engine}', f'--output_dir={output_dir}')
+    self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+    self.assertEndsWith(
+        result.stderr.strip().splitlines()[-1],
+        'every client\'s update was not finite in the last 2 rounds (training '
+        f'diverged); try a smaller --client_lr (now 1e+30). Metrics are in '
+        f'{output_dir}.')
+    self.assertIn('clients\' updates were not finite', result.stderr)
+    with open(os.path.join(output_dir, 'metrics.csv')) as f:
+      rows = list(csv.DictReader(f))
+    self.assertLen(rows, 2)
+    for row in rows:
+      self.assertEqual(row['diverged_clients'], row['cohort_size'])
+      self.assertEqual(row['train_loss'], 'nan')  # Not 0.0: nothing trained.
+
+
+class InterruptAndExtendTest(absltest.TestCase):
+  """One uninterrupted run of eight rounds against the same run stopped by
+  a signal and continued, and against a shorter run extended to eight."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._whole = absltest.get_default_test_tmpdir() + '/whole'
+    result = binaries.run('train', f'--output_dir={cls._whole}', '--overwrite',
+                          '--checkpoint_every=4', *_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  def _start_in_own_group(self, output_dir, stderr_path):
+    # Its own process group, signalled as a terminal's Ctrl-C would be: to
+    # every process of the group.
+    with open(stderr_path, 'w') as stderr:
+      return subprocess.Popen(
+          [sys.executable, '-m', 'experiments.train',
+           f'--output_dir={output_dir}', *_RUN],
+          cwd=binaries.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+          start_new_session=True)
+
+  def _stop_after_first_round(self, sig):
+    output_dir = self.create_tempdir().full_path
+    stderr_path = os.path.join(self.create_tempdir().full_path, 'stderr')
+    run = self._start_in_own_group(output_dir, stderr_path)
+    metrics = os.path.join(output_dir, 'metrics.csv')
+    deadline = time.monotonic() + 240
+    while not os.path.exists(metrics) and time.monotonic() < deadline:
+      time.sleep(0.02)
+    os.killpg(run.pid, sig)
+    run.wait(timeout=120)
+    with open(stderr_path) as f:
+      return output_dir, run.returncode, f.read()
+
+  def test_sigint_stops_cleanly_and_the_printed_command_continues_it(self):
+    output_dir, code, stderr = self._stop_after_first_round(signal.SIGINT)
+    self.assertEqual(code, 130, stderr[-3000:])
+    self.assertNotIn('Traceback', stderr)
+    last = stderr.strip().splitlines()[-1]
+    self.assertRegex(last, r'^train\.py: SIGINT: stopped after round \d; last '
+                     'checkpoint in ')
+    rounds_done = len(_metrics(output_dir))
+    self.assertLess(rounds_done, 8)
+    self.assertFalse(os.path.exists(os.path.join(output_dir, outputs.MODEL_FILE)))
+    command = shlex.split(last.split('continue with: ')[1])
+    self.assertEqual(command[:3], ['python', '-m', 'experiments.train'])
+    resumed = subprocess.run(
+        [sys.executable, *command[1:]], cwd=binaries.REPO_ROOT,
+        capture_output=True, text=True, timeout=300)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+    self.assertIn(f'resumed after round {rounds_done}', resumed.stderr)
+    self.assertEqual(_metrics(output_dir), _metrics(self._whole))
+
+  def test_sigterm_exits_143(self):
+    _, code, stderr = self._stop_after_first_round(signal.SIGTERM)
+    self.assertEqual(code, 143, stderr[-3000:])
+    self.assertIn('SIGTERM: stopped after round',
+                  stderr.strip().splitlines()[-1])
+
+  def test_a_shorter_run_extends_past_a_damaged_checkpoint(self):
+    output_dir = self.create_tempdir().full_path
+    short = [arg for arg in _RUN if not arg.startswith('--rounds')]
+    first = binaries.run('train', f'--output_dir={output_dir}', '--rounds=6',
+                         '--checkpoint_every=3', *short)
+    self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+    # The latest checkpoint (round 6) is damaged: round 3's is used.
+    latest = os.path.join(output_dir, checkpoints.CHECKPOINT_DIR,
+                          'program_state_6')
+    for name in os.listdir(latest):
+      if os.path.isfile(os.path.join(latest, name)):
+        _garbage(os.path.join(latest, name))
+    below = binaries.run('train', f'--output_dir={output_dir}', '--resume',
+                         '--rounds=2', '--checkpoint_every=3', *short)
+    self.assertEqual(below.returncode, 2)
+    self.assertIn('--rounds=2 is below the 6 rounds',
+                  below.stderr.strip().splitlines()[-1])
+    extended = binaries.run('train', f'--output_dir={output_dir}', '--resume',
+                            '--rounds=8', '--checkpoint_every=3', *short)
+    self.assertEqual(extended.returncode, 0, extended.stderr[-3000:])
+    self.assertIn('program_state_6 does not load', extended.stderr)
+    self.assertIn('resumed after round 3', extended.stderr)
+    self.assertEqual(_metrics(output_dir), _metrics(self._whole))
+
+
+if __name__ == '__main__':
+  absltest.main()

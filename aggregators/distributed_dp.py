@@ -48,11 +48,16 @@ n of N clients with the general RDP bound of Wang, Balle & Kasiviswanathan
 modular wrapping costs no privacy (above).
 
 Trust: the server is honest but curious and follows the protocol; secure
-aggregation shows it only the modular sum. The guarantee needs all n noise
-shares: if clients drop out after being sampled, or if some are colluding
-with the server (and so reveal their shares), the noise that remains is that
-of the others, and the epsilon above no longer holds. Deployments add a
-margin of noise for the dropouts they tolerate; this simulation has none.
+aggregation shows it only the modular sum. The guarantee needs the noise
+shares: a client that drops out after being sampled (`--dropout_rate`)
+sends no share, and neither do clients colluding with the server (they
+reveal theirs). With dropout tolerance t each share has variance
+(z c s)^2 / (n (1 - t)), so that any m >= (1 - t) n shares still sum to at
+least the stated variance (z c s)^2. The round's event is that of the
+shares that did arrive: total variance m v, and tau over those m clients
+(`dp_event_from_state(state, reporting=m)`); with fewer than (1 - t) n of
+them it is weaker than stated, and that weaker event is what the ledger
+composes. Collusion is not modelled.
 """
 
 import collections
@@ -266,6 +271,7 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
       modclip_prob: float = 1e-6,
       rotation_seed: Optional[int] = None,
       stacked_users: bool = False,
+      dropout_tolerance: float = 0.0,
   ):
     """Initializes the factory.
 
@@ -283,6 +289,9 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
       rotation_seed: seed of the public rotations; None draws one.
       stacked_users: refused (True): each user must round and noise its own
         update inside the secure sum.
+      dropout_tolerance: t in [0, 1): each client adds variance
+        (z c s)^2 / (n (1 - t)), so that with up to t n of the n clients
+        missing the sum still holds (z c s)^2 (see the module docstring).
 
     Raises:
       TypeError, checks.ArgumentError: an argument outside its type or range.
@@ -310,6 +319,13 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
         strict_maximum=True,
     )
     self._rotation_seed = checks.check_seed(rotation_seed)
+    self._dropout_tolerance = checks.check_number(
+        dropout_tolerance, 'dropout_tolerance', 0, strict=False, maximum=1,
+        strict_maximum=True)
+    # The noise on the sum when every client reports, in units of the clip:
+    # what sizes the modular sum.
+    self._full_noise_multiplier = self._noise_multiplier / math.sqrt(
+        1 - self._dropout_tolerance)
     if checks.check_bool(stacked_users, 'stacked_users'):
       raise checks.UnsupportedError(
           'a secure sum cannot aggregate stacked users: each user rounds and '
@@ -325,17 +341,18 @@ class DistributedDpFactory(tff.aggregators.UnweightedAggregationFactory):
         `check_bits`).
     """
     check_bits(
-        self._bits, self._clip, self._noise_multiplier, self._clients,
+        self._bits, self._clip, self._full_noise_multiplier, self._clients,
         dimension, self._modclip_prob,
     )
     padded = _padded_dimension(dimension)
     scale = scale_for_bits(
-        self._bits, self._clip, self._noise_multiplier, self._clients, padded,
-        self._modclip_prob,
+        self._bits, self._clip, self._full_noise_multiplier, self._clients,
+        padded, self._modclip_prob,
     )
     l2 = inflated_l2_bound(self._clip, scale, self._beta, padded)
     local_stddev = (
-        self._noise_multiplier * self._clip * scale / math.sqrt(self._clients)
+        self._full_noise_multiplier * self._clip * scale
+        / math.sqrt(self._clients)
     )
     if self._mechanism == 'ddgauss':
       # tensorflow-privacy's exact sampler takes integer scales; rounding up
@@ -482,17 +499,27 @@ def round_dp_event(
     mechanism: str = 'ddgauss',
     beta: float = math.exp(-0.5),
     modclip_prob: float = 1e-6,
+    dropout_tolerance: float = 0.0,
 ) -> DistributedDpEvent:
-  """The per-round event of a factory with these arguments, before sampling."""
+  """The per-round event of a factory with these arguments, before sampling:
+  the one it states, with the fewest clients its dropout tolerance allows
+  reporting (all of them without tolerance)."""
   params = DistributedDpFactory(
       noise_multiplier, clip, expected_clients_per_round, bits, mechanism,
-      beta, modclip_prob,
+      beta, modclip_prob, dropout_tolerance=dropout_tolerance,
   ).parameters(dimension)
   return _event(
       mechanism, params['l2_sensitivity'], params['l1_sensitivity'],
-      params['local_variance'], expected_clients_per_round,
+      params['local_variance'],
+      fewest_reporting(expected_clients_per_round, dropout_tolerance),
       params['padded_dimension'],
   )
+
+
+def fewest_reporting(clients: int, dropout_tolerance: float) -> int:
+  """The fewest of `clients` sampled whose noise shares keep the stated
+  epsilon: ceil((1 - t) n)."""
+  return math.ceil(round(clients * (1 - dropout_tolerance), 9))
 
 
 def _event(mechanism, l2, l1, variance, clients, dimension) -> DistributedDpEvent:
@@ -503,13 +530,18 @@ def _event(mechanism, l2, l1, variance, clients, dimension) -> DistributedDpEven
   )
 
 
-def dp_event_from_state(state) -> DistributedDpEvent:
-  """The per-round event of a `DistributedDpFactory` process state."""
+def dp_event_from_state(
+    state, reporting: Optional[int] = None) -> DistributedDpEvent:
+  """The per-round event of a `DistributedDpFactory` process state: of its n
+  clients' noise shares, or of the `reporting` ones that arrived."""
+  clients = round(float(state['num_clients'])) if reporting is None else reporting
+  # With no share there is no update either: the release depends on no data,
+  # and one client's event bounds it.
+  clients = max(clients, 1)
   return _event(
       'skellam' if float(state['skellam']) else 'ddgauss',
       state['l2_sensitivity'], state['l1_sensitivity'],
-      state['local_variance'], round(float(state['num_clients'])),
-      round(float(state['dimension'])),
+      state['local_variance'], clients, round(float(state['dimension'])),
   )
 
 
@@ -531,6 +563,10 @@ class DistributedDpParams:
   ddp_modclip_prob: float = registry.parameter(
       1e-6, 'Per-coordinate probability that the sum overflows the bit width; '
       'sets the scaling.')
+  ddp_dropout_tolerance: float = registry.parameter(
+      0.0, 'Fraction t in [0, 1) of the sampled clients that may drop out '
+      '(--dropout_rate) with the stated epsilon kept: each adds variance '
+      '1 / (1 - t) times its share.')
 
 
 def _arguments(params, setting: registry.Setting) -> dict:
@@ -539,6 +575,7 @@ def _arguments(params, setting: registry.Setting) -> dict:
       expected_clients_per_round=int(setting.expected_clients_per_round),
       bits=params.bits, mechanism=params.ddp_mechanism, beta=params.ddp_beta,
       modclip_prob=params.ddp_modclip_prob,
+      dropout_tolerance=params.ddp_dropout_tolerance,
   )
 
 
@@ -553,6 +590,7 @@ def _ledger(params, setting: registry.Setting) -> accounting.SampledRounds:
           dimension=setting.model_dimension, **_arguments(params, setting)
       ),
       dp_event_from_state,
+      event_of_reporting=dp_event_from_state,
   )
 
 

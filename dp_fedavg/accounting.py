@@ -793,6 +793,11 @@ class SampledRounds:
 
   planned_event: dp_accounting.DpEvent
   event_of_state: Callable[[Any], dp_accounting.DpEvent]
+  # For noise added by the clients (distributed DP): the round's event when
+  # only some of the sampled clients report, given the state and how many
+  # did; None: dropouts do not change the round's event.
+  event_of_reporting: Optional[
+      Callable[[Any, int], dp_accounting.DpEvent]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -910,12 +915,22 @@ class PrivacyLedger:
       )
     return str(self._events.round_event(self.ledger.planned_event))
 
-  def record_round(self, aggregator_state, cohort) -> None:
-    """Adds a round that ran from `aggregator_state` with `cohort`."""
+  def _round_event(self, aggregator_state, reporting: Optional[int]):
+    if (reporting is not None and isinstance(self.ledger, SampledRounds)
+        and self.ledger.event_of_reporting is not None):
+      return self.ledger.event_of_reporting(aggregator_state, reporting)
+    return self.ledger.event_of_state(aggregator_state)
+
+  def record_round(self, aggregator_state, cohort,
+                   reporting: Optional[int] = None) -> None:
+    """Adds a round that ran from `aggregator_state` with `cohort` sampled,
+    of whom `reporting` reported (None: all). A sampled client that dropped
+    out counts as taking part: its absence only removes data."""
     if isinstance(self.ledger, RunLevel):
       self._participation = self._participation.with_round(cohort)
     else:
-      self._events.compose_round(self.ledger.event_of_state(aggregator_state))
+      self._events.compose_round(
+          self._round_event(aggregator_state, reporting))
 
   def record_planned_round(self, cohort) -> None:
     """Adds a round as the mechanism's parameters plan it (no state: the
@@ -925,14 +940,15 @@ class PrivacyLedger:
     else:
       self._events.compose_round(self.ledger.planned_event)
 
-  def epsilon_if_round(self, aggregator_state, cohort) -> float:
-    """Epsilon if a round from `aggregator_state` with `cohort` ran next."""
+  def epsilon_if_round(self, aggregator_state, cohort,
+                       reporting: Optional[int] = None) -> float:
+    """Epsilon if a round from `aggregator_state` with `cohort` (of whom
+    `reporting` report) ran next."""
     if isinstance(self.ledger, RunLevel):
       return _tightest(self._run_level_epsilons(
           self._participation.with_round(cohort)))[0]
     return self._events.epsilon_after_round(
-        self.ledger.event_of_state(aggregator_state)
-    )
+        self._round_event(aggregator_state, reporting))
 
   def rounds_within_budget(
       self, target_epsilon: float, max_rounds: int, planned_cohorts=()

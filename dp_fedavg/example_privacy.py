@@ -188,8 +188,11 @@ class ExampleLedger:
         worst_epsilons, worst_value = epsilons, value
     return worst_epsilons
 
-  def record_round(self, aggregator_state, cohort) -> None:
-    del aggregator_state  # The clients' DP-SGD does not depend on it.
+  def record_round(self, aggregator_state, cohort,
+                   reporting: Optional[int] = None) -> None:
+    # The clients' DP-SGD depends on neither; a sampled client that dropped
+    # out ran no step, and counting its participation is conservative.
+    del aggregator_state, reporting
     self.record_planned_round(cohort)
 
   def record_planned_round(self, cohort) -> None:
@@ -202,8 +205,9 @@ class ExampleLedger:
       np.add.at(participations, np.asarray(cohort, np.int64), 1)
     return participations
 
-  def epsilon_if_round(self, aggregator_state, cohort) -> float:
-    del aggregator_state
+  def epsilon_if_round(self, aggregator_state, cohort,
+                       reporting: Optional[int] = None) -> float:
+    del aggregator_state, reporting
     return min(self._worst(self._with([cohort])).values())
 
   def rounds_within_budget(

@@ -36,12 +36,14 @@ class RoundResult:
   privacy spent by all rounds so far, at `delta`, by the named `accountant`
   ('rdp' or 'pld'), for neighbouring datasets as `adjacency` says (see
   `dp_fedavg.accounting.Adjacency`).
-  `eval_*` are None on rounds without evaluation.
+  `eval_*` are None on rounds without evaluation. `cohort_size` counts the
+  clients that reported; `dropped_clients` those sampled that dropped out.
   """
 
   round: int
   cohort_size: int
   train_loss: float
+  dropped_clients: int
   diverged_clients: Optional[int]
   eval_loss: Optional[float]
   eval_accuracy: Optional[float]
@@ -152,6 +154,8 @@ def run_training(
     byzantine: Optional[byzantine_lib.ByzantineClients] = None,
     stop_requested: Callable[[], bool] = lambda: False,
     max_diverged_rounds: int = 0,
+    dropout_rate: float = 0.0,
+    fewest_reporting: Optional[Callable[[int], int]] = None,
 ) -> TrainingOutcome:
   """Trains for `rounds` rounds, or until the privacy budget would run out.
 
@@ -192,6 +196,12 @@ def run_training(
     max_diverged_rounds: stop after this many consecutive rounds in which
       every client's update was not finite (nothing was trained); 0 never
       stops. A round with any such client logs a warning.
+    dropout_rate: each sampled client fails to report with this probability
+      (`sampling.reporting_clients`); the ledger counts it as sampled.
+    fewest_reporting: for noise added by the clients (distributed DP), the
+      fewest of n sampled clients whose noise keeps the stated epsilon; a
+      round with fewer is logged, and the ledger composes the event of the
+      clients that reported.
 
   Raises:
     ValueError: `resume` without a checkpoint to resume from.
@@ -215,14 +225,26 @@ def run_training(
   elapsed = 0.0
   diverged_streak = 0
   for round_num in range(first_round, rounds + 1):
-    cohort = sampler.sample(round_num)
+    sampled = sampler.sample(round_num)
+    cohort = sampling.reporting_clients(sampled, dropout_rate, seed, round_num)
+    # Without dropouts every sampled client reports (None: the ledger's
+    # event as before).
+    reporting = len(cohort) if dropout_rate else None
+    if fewest_reporting is not None and dropout_rate and len(
+        cohort) < fewest_reporting(len(sampled)):
+      logging.warning(
+          'round %d: %d of %d sampled clients dropped out, more than the '
+          'tolerance allows: the noise shares that arrived are below the '
+          'stated level, and this round is accounted with them', round_num,
+          len(sampled) - len(cohort), len(sampled))
     byzantine_count = 0
     if byzantine is not None:
       cohort, byzantine_count = byzantine.arrange(cohort)
       state = byzantine.with_count(state, byzantine_count)
     if target_epsilon is not None:
       # The aggregator's state before the round fixes the round's privacy.
-      next_epsilon = ledger.epsilon_if_round(state.aggregator, cohort)
+      next_epsilon = ledger.epsilon_if_round(
+          state.aggregator, sampled, reporting)
       if next_epsilon > target_epsilon:
         reason = (
             f'stopped before round {round_num}: it would take epsilon to '
@@ -240,7 +262,7 @@ def run_training(
     if inspect_round is not None:
       inspect_round(round_num, process.get_model_weights(state), client_data)
     output = process.next(state, client_data)
-    ledger.record_round(state.aggregator, cohort)
+    ledger.record_round(state.aggregator, sampled, reporting)
     state = output.state
     aggregator_measurements = _scalar_measurements(output.metrics['aggregator'])
     evaluation = {}
@@ -267,6 +289,7 @@ def run_training(
         round=round_num,
         cohort_size=len(cohort),
         train_loss=train_loss,
+        dropped_clients=len(sampled) - len(cohort),
         diverged_clients=diverged,
         eval_loss=evaluation.get('loss'),
         eval_accuracy=evaluation.get('accuracy'),

@@ -68,6 +68,7 @@ class RunConfig:
   server_momentum: float = 0.9
   eval_every: int = 1
   max_diverged_rounds: int = 3
+  dropout_rate: float = 0.0
   engine: str = 'auto'
   users_per_worker_client: Optional[int] = None
   user_data_dir: Optional[str] = None

@@ -10,6 +10,10 @@ import enum
 import numpy as np
 
 
+# Keeps the dropout draws apart from the sampler's (seed, round) stream.
+_DROPOUT_STREAM = 0xD40F
+
+
 class SamplingScheme(enum.Enum):
   """How a round's cohort is drawn from the population."""
 
@@ -137,3 +141,14 @@ class ClientSampler:
           rng.random(self.num_clients) < self.sampling_probability
       )
     return np.sort(cohort)
+
+
+def reporting_clients(cohort: np.ndarray, dropout_rate: float, seed: int,
+                      round_num: int) -> np.ndarray:
+  """The clients of round `round_num`'s `cohort` that report: each drops out
+  with probability `dropout_rate`, independently, as devices that go offline
+  do (seeded by the run's seed and the round, apart from the sampling)."""
+  if not dropout_rate:
+    return cohort
+  rng = np.random.default_rng([seed, round_num, _DROPOUT_STREAM])
+  return cohort[rng.random(len(cohort)) >= dropout_rate]

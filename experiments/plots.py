@@ -66,14 +66,16 @@ def layer_norm_boxes(
 def accuracy_vs_fraction(
     series: dict[str, list[tuple[float, float]]], path: str, title: str,
     ylabel: str = 'test accuracy',
+    xlabel: str = 'fraction of Byzantine clients',
 ) -> None:
-  """Final accuracy (or what `ylabel` names) against the fraction of
-  Byzantine clients, one line per series (label -> [(fraction, accuracy)])."""
+  """Final accuracy (or what `ylabel` names) against a fraction of the
+  clients (`xlabel`: Byzantine, dropped out), one line per series
+  (label -> [(fraction, accuracy)])."""
   figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
   for label, points in sorted(series.items()):
     points = sorted(points)
     axes.plot([f for f, _ in points], [a for _, a in points], 'o-', label=label)
-  axes.set_xlabel('fraction of Byzantine clients')
+  axes.set_xlabel(xlabel)
   axes.set_ylabel(ylabel)
   if ylabel == 'test accuracy':
     axes.set_ylim(0, 1)

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from aggregators import attacks
+from aggregators import distributed_dp
 from aggregators import registry
 from dp_fedavg import accounting
 from dp_fedavg import byzantine as byzantine_lib
@@ -337,6 +338,15 @@ class Runner:
       logging.warning('engine: running on TFF\'s worker instead: %s', e)
       return learning_process, client_data_fn, False
 
+  @staticmethod
+  def _fewest_reporting(plan) -> Optional[Callable[[int], int]]:
+    """For noise added by the clients: the fewest reporting clients that
+    keep the stated epsilon (`distributed_dp`'s dropout tolerance)."""
+    if plan.config.aggregator != 'distributed_dp':
+      return None
+    tolerance = plan.params.ddp_dropout_tolerance
+    return lambda sampled: distributed_dp.fewest_reporting(sampled, tolerance)
+
   def _stacked_users_engine(self, plan, byzantine, wrap_client_work=None,
                             canaries=None):
     """The vectorized process and its groups of users (`pack_cohort`)."""
@@ -527,6 +537,8 @@ class Runner:
         batch_size=config.batch_size,
         eval_every=config.eval_every,
         max_diverged_rounds=config.max_diverged_rounds,
+        dropout_rate=config.dropout_rate,
+        fewest_reporting=self._fewest_reporting(plan),
         seed=seed,
         target_epsilon=config.target_epsilon,
         on_round=release,

@@ -74,6 +74,12 @@ MAX_DIVERGED_ROUNDS = flags.DEFINE_integer(
     'Stop (exit 1) after this many consecutive rounds in which every '
     'client\'s update was not finite, suggesting a smaller --client_lr; 0: '
     'never stop.')
+DROPOUT_RATE = flags.DEFINE_float(
+    'dropout_rate', 0.0,
+    'Each sampled client fails to report with this probability (seeded), as '
+    'devices going offline do; the mean keeps its constant denominator. '
+    'Central DP: epsilon unchanged. distributed_dp: see '
+    '--ddp_dropout_tolerance.')
 WORKERS = flags.DEFINE_list(
     'workers', [],
     'host:port (or unix:/PATH) of TFF workers (`python -m dp_fedavg.worker`, '
@@ -105,7 +111,7 @@ _TRAINING_FLAGS = (
     TASK, DATA_DIR, DATA_SOURCE, PARTITION, DIRICHLET_ALPHA, SILOS, DATA_PATH,
     MODEL, TEST_DATA_PATH, FEATURE_KEY, LABEL_KEY, LOSS, LOCAL_EPOCHS,
     BATCH_SIZE, CLIENT_LR, SERVER_LR, SERVER_MOMENTUM, EVAL_EVERY,
-    MAX_DIVERGED_ROUNDS, WORKERS,
+    MAX_DIVERGED_ROUNDS, DROPOUT_RATE, WORKERS,
     ENGINE, USERS_PER_WORKER_CLIENT, USER_DATA_DIR, SEED,
 ) + robust_flags.FLAGS
 
@@ -124,6 +130,7 @@ RANGE_CHECKS = (
     (SERVER_MOMENTUM, lambda v: 0 <= v < 1, 'in [0, 1)'),
     (EVAL_EVERY, lambda v: v >= 1, 'an integer >= 1'),
     (MAX_DIVERGED_ROUNDS, lambda v: v >= 0, 'an integer >= 0'),
+    (DROPOUT_RATE, lambda v: 0 <= v < 1, 'in [0, 1)'),
     (USERS_PER_WORKER_CLIENT, lambda v: v is None or v >= 1,
      'an integer >= 1'),
 )

@@ -255,6 +255,61 @@ class DistributedDpAccountingTest(parameterized.TestCase):
     restored.restore_history(accountant.history_json())
     self.assertEqual(restored.epsilon(), accountant.epsilon())
 
+  def test_dropout_tolerance_keeps_the_stated_round_for_the_fewest_shares(self):
+    # With 30 bits rounding vanishes, and so does the discrete correction:
+    # m shares of variance v are the Gaussian mechanism with noise
+    # sqrt(m v) / s on the sum, for add/remove sensitivity c. Each share is
+    # sized for the fewest, 15 of 20, so that 15 give noise z c.
+    z, clip, clients, dimension, tolerance = 1.0, 1.0, 20, 1000, 0.25
+    self.assertEqual(distributed_dp.fewest_reporting(clients, tolerance), 15)
+    params = distributed_dp.DistributedDpFactory(
+        z, clip, clients, bits=30, dropout_tolerance=tolerance,
+    ).parameters(dimension)
+    state = collections.OrderedDict(
+        l2_sensitivity=params['l2_sensitivity'],
+        l1_sensitivity=params['l1_sensitivity'],
+        local_variance=params['local_variance'], num_clients=clients,
+        dimension=params['padded_dimension'], skellam=0.0)
+    stated = distributed_dp.round_dp_event(
+        z, clip, clients, dimension, bits=30, dropout_tolerance=tolerance)
+    self.assertEqual(stated, distributed_dp.dp_event_from_state(state, 15))
+    for reporting in (20, 15, 10):
+      noise = math.sqrt(reporting * params['local_variance']) / params['scale']
+      gaussian_rdp = 8 * clip**2 / (2 * noise**2)  # Order 8.
+      event = distributed_dp.dp_event_from_state(state, reporting)
+      self.assertAlmostEqual(event.rdp(8) / gaussian_rdp, 1.0, delta=0.01)
+    # The stated round is the z one: more shares only add noise, fewer than
+    # the tolerance allows take the round past it.
+    plain = 8 / (2 * z**2)
+    self.assertAlmostEqual(stated.rdp(8) / plain, 1.0, delta=0.01)
+    self.assertGreater(distributed_dp.dp_event_from_state(state, 10).rdp(8),
+                       1.4 * plain)
+
+  def test_ledger_composes_the_rounds_of_the_shares_that_arrived(self):
+    factory = distributed_dp.DistributedDpFactory(
+        1.0, 1.0, 20, bits=20, dropout_tolerance=0.2)
+    state = factory.create(_STRUCT).initialize()
+    planned = distributed_dp.dp_event_from_state(state, 16)
+    ledger = accounting.PrivacyLedger(
+        accounting.SampledRounds(
+            planned, distributed_dp.dp_event_from_state,
+            event_of_reporting=distributed_dp.dp_event_from_state),
+        sampling.SamplingScheme.UNIFORM, 100, 20, 1e-5)
+    direct = accounting.PrivacyAccountant(
+        sampling.SamplingScheme.UNIFORM, 100, 20, 1e-5)
+    cohort = np.arange(20)
+    for reporting in (20, 17, 9):
+      ledger.record_round(state, cohort, reporting)
+      direct.compose_round(distributed_dp.dp_event_from_state(state, reporting))
+    self.assertEqual(ledger.epsilon(), direct.epsilon())
+    # The round with 9 of 20 (below the 16 tolerated) costs more than a
+    # round as stated.
+    as_stated = accounting.PrivacyAccountant(
+        sampling.SamplingScheme.UNIFORM, 100, 20, 1e-5)
+    for _ in range(3):
+      as_stated.compose_round(planned)
+    self.assertGreater(ledger.epsilon(), as_stated.epsilon())
+
   @parameterized.parameters(
       sampling.SamplingScheme.POISSON, sampling.SamplingScheme.FULL
   )

@@ -96,6 +96,28 @@ class CompareClippingTest(absltest.TestCase):
     self.assertIn('--clippings=flat,per_unit is out of range', result.stderr)
 
 
+class DropoutStudyTest(absltest.TestCase):
+
+  def test_central_epsilon_holds_and_distributed_pays_past_its_tolerance(self):
+    output_dir = self.create_tempdir().full_path
+    result = binaries.run(
+        'dropouts', f'--output_dir={output_dir}', '--rounds=2',
+        '--clients_per_round=10', '--eval_every=2', '--dropout_rates=0,0.6',
+        '--ddp_dropout_tolerance=0.1')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    rows = {(r['noise_placement'], float(r['dropout_rate'])): r
+            for r in _rows(os.path.join(output_dir, 'results.csv'))}
+    self.assertLen(rows, 4)
+    self.assertEqual(rows['central', 0.0]['epsilon'],
+                     rows['central', 0.6]['epsilon'])
+    self.assertGreater(float(rows['central', 0.6]['mean_dropped']), 0)
+    self.assertGreater(float(rows['distributed', 0.6]['epsilon']),
+                       float(rows['distributed', 0.0]['epsilon']))
+    self.assertIn('more than the tolerance allows', result.stderr)
+    self.assertTrue(os.path.getsize(
+        os.path.join(output_dir, 'accuracy_vs_dropout.png')))
+
+
 class SweepEpsilonTest(absltest.TestCase):
 
   def test_calibrated_points_and_baseline(self):

@@ -7,6 +7,7 @@ import shutil
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -216,16 +217,37 @@ class _Interrupted(Exception):
   pass
 
 
-class RegressionTest(parameterized.TestCase):
-  """--loss=mse: float labels, a mean squared error, no accuracy; on every
-  engine, resumed, in a study and in privacy_report."""
+
+# Every mechanism trains the custom regression task. Those with an engine or
+# accounting of their own run in `make test`; the aggregators that only
+# clip and noise differently are slow (`pytest -m slow`).
+# (gaussian_fixed trains it on every engine in RegressionTest.)
+_MECHANISMS_WITH_OWN_ENGINES = (
+    ('dp_ftrl_tree', 'dp_ftrl_tree', {'sampling': 'full'}),
+    ('banded_mf', 'banded_mf', {'sampling': 'full'}),
+    ('secure_gaussian', 'secure_gaussian', {}),
+    ('distributed_dp', 'distributed_dp', {'sampling': 'uniform'}),
+)
+_MECHANISMS_CLIPPING_AND_NOISE = (
+    ('per_layer', 'gaussian_fixed', {'clipping': 'per_layer_uniform'}),
+    ('client_noise', 'gaussian_fixed', {'noise_placement': 'client'}),
+    ('adaptive', 'gaussian_adaptive', {}),
+    ('laplace', 'laplace', {}),
+    ('centered_clipping', 'gaussian_fixed',
+     {'robust_rule': 'centered_clipping'}),
+)
+
+
+class _RegressionData(parameterized.TestCase):
+  """A class's regression data file, its run configs and runs."""
 
   _path = None
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls._directory = absltest.get_default_test_tmpdir() + '/regression'
+    cls._directory = os.path.join(absltest.get_default_test_tmpdir(),
+                                  cls.__name__)
     os.makedirs(cls._directory, exist_ok=True)
     cls._path = os.path.join(cls._directory, 'train.sqlite')
     custom.write_client_data(cls._path, *_regression_examples(),
@@ -239,7 +261,7 @@ class RegressionTest(parameterized.TestCase):
   def _config(self, **values):
     settings = dict(
         task='custom', data_path=self._path, model=_REGRESSION_MODEL,
-        loss='mse', rounds=4, clients_per_round=8, noise_multiplier=0.1,
+        loss='mse', rounds=2, clients_per_round=8, noise_multiplier=0.1,
         clip=1.0, client_lr=0.1, eval_every=1, engine='inprocess', seed=1)
     settings.update(values)
     return run_config.with_defaults(**settings)
@@ -250,6 +272,19 @@ class RegressionTest(parameterized.TestCase):
         config, len(task.train_data.client_ids), task.update_dimension)
     with runner.execution_context(config):
       return runner.Runner(task).run(plan, output_dir, {}, **run_args)
+
+  def _check_trains(self, aggregator, extra):
+    summary = self._run(
+        self._config(aggregator=aggregator, engine='auto', **extra),
+        self.create_tempdir().full_path)
+    self.assertEqual(summary.rounds_completed, 2)
+    self.assertTrue(np.isfinite(summary.eval_loss))
+    self.assertBetween(summary.epsilon, 0.0, 1e6)
+
+
+class RegressionTest(_RegressionData):
+  """--loss=mse: float labels, a mean squared error, no accuracy; on every
+  engine, resumed, in a study and in privacy_report."""
 
   def test_labels_are_float_rows_and_the_loss_their_squared_error(self):
     task = custom.build_task(self._path, _REGRESSION_MODEL, loss='mse')
@@ -296,18 +331,24 @@ class RegressionTest(parameterized.TestCase):
         self.assertAlmostEqual(a.eval_loss, b.eval_loss, places=4, msg=engine)
       self.assertEqual(reference.epsilon, summary.epsilon)
 
+  @parameterized.named_parameters(*_MECHANISMS_WITH_OWN_ENGINES)
+  def test_mechanisms_with_their_own_engine_or_accounting(self, aggregator,
+                                                          extra):
+    self._check_trains(aggregator, extra)
+
   def test_an_interrupted_run_resumes_to_the_same_metrics(self):
     whole, interrupted = (self.create_tempdir().full_path for _ in range(2))
-    self._run(self._config(), whole)
+    config = self._config(engine='standard')
+    self._run(config, whole)
 
     def interrupt(round_num, *unused):
-      if round_num == 3:
+      if round_num == 2:
         raise _Interrupted()
 
     with self.assertRaises(_Interrupted):
-      self._run(self._config(), interrupted, checkpoint_every=1,
+      self._run(config, interrupted, checkpoint_every=1,
                 inspect_round=interrupt)
-    self._run(self._config(), interrupted, resume=True, checkpoint_every=1)
+    self._run(config, interrupted, resume=True, checkpoint_every=1)
 
     def metrics(output_dir):
       with open(os.path.join(output_dir, 'metrics.csv')) as f:
@@ -353,6 +394,15 @@ class RegressionTest(parameterized.TestCase):
         self._path, _REGRESSION_MODEL, loss='mse').train_data.client_ids)
     self.assertEqual(population, 27)  # 30 clients, a tenth held out.
     self.assertIn(f'sampling of 8 of {population} clients', report.stdout)
+
+
+@pytest.mark.slow
+class RegressionMechanismsTest(_RegressionData):
+  """The rest of the mechanisms on the custom regression task."""
+
+  @parameterized.named_parameters(*_MECHANISMS_CLIPPING_AND_NOISE)
+  def test_mechanism_trains_it(self, aggregator, extra):
+    self._check_trains(aggregator, extra)
 
 
 class SameAsBuiltInTest(absltest.TestCase):

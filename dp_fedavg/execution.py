@@ -111,14 +111,14 @@ class LocalWorker:
     self.isolated = isolation_available()
     self.log_path = os.path.join(
         tempfile.gettempdir(), f'dp_fedavg_worker_{os.getpid()}_{id(self)}.log')
-    # A directory of the user's only; short, as a Unix socket's path must be
-    # (108 bytes), even where TMPDIR is long.
-    base = tempfile.gettempdir()
-    self._socket_dir = tempfile.mkdtemp(
-        prefix='dp_fedavg_', dir=base if len(base) <= 64 else '/tmp')
-    self.socket_path = os.path.join(self._socket_dir, 'worker.sock')
-    self.port = None
+    self.port = self._socket_dir = self.socket_path = None
     if self.isolated:
+      # A directory of the user's only; short, as a Unix socket's path must
+      # be (108 bytes), even where TMPDIR is long.
+      base = tempfile.gettempdir()
+      self._socket_dir = tempfile.mkdtemp(
+          prefix='dp_fedavg_', dir=base if len(base) <= 64 else '/tmp')
+      self.socket_path = os.path.join(self._socket_dir, 'worker.sock')
       command = isolated_worker_command(self.socket_path, worker)
       address = f'unix:{self.socket_path}'
     else:
@@ -174,7 +174,8 @@ class LocalWorker:
         self._process.kill()
         self._process.wait()
     atexit.unregister(self.stop)
-    shutil.rmtree(self._socket_dir, ignore_errors=True)
+    if self._socket_dir:
+      shutil.rmtree(self._socket_dir, ignore_errors=True)
     if not keep_log and os.path.exists(self.log_path):
       os.remove(self.log_path)
 

@@ -256,8 +256,7 @@ def _checked(path: str, ids, features, labels, feature_shape: tuple,
     return (np.asarray(ids).astype(str), features,
             _regression_labels(path, labels, num_classes))
   if labels.ndim == 2:  # One-hot rows.
-    if labels.shape[1] != num_classes or not np.all(
-        np.isin(labels, (0, 1))) or not np.all(labels.sum(axis=1) == 1):
+    if labels.shape[1] != num_classes or not _is_classes(labels):
       raise CustomTaskError(
           f'{path}: label rows must be one-hot of length {num_classes} (the '
           'model\'s outputs).')

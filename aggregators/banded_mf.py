@@ -378,8 +378,9 @@ class BandedLedger:
     # Row-cumulative squares: entry [t - 1, j] is ||C[:t, j]||^2.
     self._cumulative = np.cumsum(np.square(strategy), axis=0)
 
-  def event(self, noise_multiplier: float, cohorts) -> dp_accounting.DpEvent:
-    rounds = len(cohorts)
+  def event(self, noise_multiplier: float,
+            participation: accounting.Participation) -> dp_accounting.DpEvent:
+    rounds = participation.rounds
     if rounds > self._cumulative.shape[0]:
       raise ValueError(
           f'{rounds} rounds, but the strategy covers '
@@ -387,7 +388,7 @@ class BandedLedger:
     try:
       return correlated_noise.banded_event(
           noise_multiplier, self._cumulative[rounds - 1, :rounds],
-          self._bands, correlated_noise.realised_schedule(cohorts))
+          self._bands, participation.schedule())
     except ValueError as e:
       raise ValueError(
           f'{e} Use --sampling=cyclic with num_clients // clients_per_round '
@@ -492,7 +493,7 @@ def _ledger(params: BandedMfParams, setting: registry.Setting):
     ledger = BandedLedger(strategy, bands)
     return accounting.RunLevel(
         lambda participation: ledger.event(
-            params.noise_multiplier, participation.cohorts))
+            params.noise_multiplier, participation))
   groups = setting.sampling_groups
   if bands > groups:
     raise ValueError(
@@ -503,7 +504,7 @@ def _ledger(params: BandedMfParams, setting: registry.Setting):
       setting.population // groups)
   return accounting.RunLevel(
       lambda participation: amplified_event(
-          params.noise_multiplier, strategy, len(participation.cohorts),
+          params.noise_multiplier, strategy, participation.rounds,
           groups, probability),
       adjacency=accounting.Adjacency.ADD_OR_REMOVE_ONE)
 
@@ -512,7 +513,7 @@ def _utility_notes(params: BandedMfParams, setting: registry.Setting,
                    planned: accounting.Participation) -> list[str]:
   """The strategy's expected error beside DP-SGD's at the same privacy."""
   strategy, bands = strategy_of(params, setting), bands_of(params, setting)
-  schedule = correlated_noise.realised_schedule(planned.cohorts)
+  schedule = planned.schedule()
   rounds = schedule.rounds
   sensitivity = correlated_noise.banded_sensitivity_squared(
       np.sum(np.square(strategy[:rounds, :rounds]), axis=0), bands, schedule)

@@ -289,23 +289,20 @@ def default_count_stddev(noise_multiplier: float,
   return max(0.05 * expected_clients_per_round, 5.0 * noise_multiplier)
 
 
-def _tree_schedules(cohorts, restart_period: Optional[int]) -> list:
+def _tree_schedules(participation: accounting.Participation,
+                    restart_period: Optional[int]) -> list:
   """The realised schedule of each tree: the whole run, or each restart
   period's rounds."""
   if restart_period is None:
-    return [correlated_noise.realised_schedule(cohorts)]
-  return [
-      correlated_noise.realised_schedule(
-          cohorts[start:start + restart_period])
-      for start in range(0, len(cohorts), restart_period)
-  ]
+    return [participation.schedule()]
+  return participation.period_schedules(restart_period)
 
 
 def run_event(noise_multiplier: float, restart_period: Optional[int],
-              cohorts, clipped_count_stddev: float = 0.0
-              ) -> dp_accounting.DpEvent:
-  """The privacy of the rounds `cohorts` ran (module docstring)."""
-  schedules = _tree_schedules(cohorts, restart_period)
+              participation: accounting.Participation,
+              clipped_count_stddev: float = 0.0) -> dp_accounting.DpEvent:
+  """The privacy of the rounds `participation` ran (module docstring)."""
+  schedules = _tree_schedules(participation, restart_period)
   if clipped_count_stddev > 0:
     if noise_multiplier == 0:
       return dp_accounting.NonPrivateDpEvent()
@@ -313,8 +310,8 @@ def run_event(noise_multiplier: float, restart_period: Optional[int],
     # sensitivity^2 / noise^2 summed over both, each bounded by its worst.
     tree_part = sum(correlated_noise.tree_sensitivity_squared(s)
                     for s in schedules) / noise_multiplier**2
-    count_part = correlated_noise.realised_schedule(
-        cohorts).max_participations / (2.0 * clipped_count_stddev)**2
+    count_part = participation.max_participations() / (
+        2.0 * clipped_count_stddev)**2
     return dp_accounting.GaussianDpEvent((tree_part + count_part) ** -0.5)
   if restart_period is None:
     return correlated_noise.tree_event(noise_multiplier, schedules[0])
@@ -397,7 +394,7 @@ registry.register(registry.Mechanism(
     build_ledger=lambda params, setting: accounting.RunLevel(
         lambda participation: run_event(
             params.noise_multiplier, _restart_period(params, setting),
-            participation.cohorts, _count_stddev(params, setting))),
+            participation, _count_stddev(params, setting))),
     noise=registry.NoiseParameter('noise_multiplier'),
     argument_names=lambda params: {
         'clip': 'initial_clip' if params.adaptive_clip else 'clip',

@@ -46,6 +46,7 @@ are those of the rounds so far.
 
 import collections
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -109,8 +110,11 @@ def realised_schedule(cohorts: Sequence[Sequence[int]]) -> Schedule:
   )
 
 
+@functools.lru_cache(maxsize=64)
 def tree_sensitivity_squared(schedule: Schedule) -> float:
   """The tree's sens^2 (in units of S^2) for the worst allowed pattern.
+
+  Cached: the budget stop and the round's epsilon ask for the same schedule.
 
   tensorflow-privacy's zCDP of the tree is rho = sens^2 / (2 sigma^2); at
   sigma = 1 that is sens^2 / 2.

@@ -127,12 +127,15 @@ def main(argv):
   print(f'per-round event: {ledger.describe()}')
   print(f'{"rounds":>8}{"epsilon_rdp":>12}{"epsilon_pld":>12}')
   budget = config.target_epsilon
-  # The report plans the same cohorts training would draw.
-  sampler = sampling.ClientSampler(
-      ledger.scheme, ledger.num_clients, ledger.clients_per_round, config.seed,
-      config.sampling_groups,
-  )
-  cohorts = [sampler.sample(r) for r in range(1, rounds + 1)]
+  # The report plans the same cohorts training would draw (the plan drew
+  # them already for a run-level mechanism).
+  cohorts = plan.planned_cohorts
+  if not cohorts:
+    sampler = sampling.ClientSampler(
+        ledger.scheme, ledger.num_clients, ledger.clients_per_round,
+        config.seed, config.sampling_groups,
+    )
+    cohorts = [sampler.sample(r) for r in range(1, rounds + 1)]
   if budget is not None:
     rounds_within_budget = ledger.rounds_within_budget(budget, rounds, cohorts)
   for round_num, cohort in enumerate(cohorts, start=1):
@@ -142,7 +145,7 @@ def main(argv):
     ):
       epsilons = ledger.epsilons()
       print(f'{round_num:8d}{_format(epsilons, "rdp")}{_format(epsilons, "pld")}')
-  for line in plan.utility_notes(cohorts):
+  for line in plan.utility_notes():
     print(line)
   if budget is not None:
     epsilon, name = ledger.epsilon_and_accountant()

@@ -75,14 +75,18 @@ class PrivacyPlan:
   ledger: Union[accounting.PrivacyLedger, example_privacy.ExampleLedger]
   # What the factory was built for (None at the example level).
   setting: Optional[registry.Setting] = None
+  # Run-level mechanisms: the seeded cohorts of the planned rounds, drawn
+  # once here (the loop draws the same ones); empty otherwise.
+  planned_cohorts: tuple[tuple[int, ...], ...] = ()
 
-  def utility_notes(self, cohorts) -> list[str]:
-    """The mechanism's lines on its expected error for these cohorts."""
-    if self.setting is None or not len(cohorts):
+  def utility_notes(self) -> list[str]:
+    """The mechanism's lines on its expected error for the planned
+    cohorts."""
+    if self.setting is None or not self.planned_cohorts:
       return []
     return self.config.mechanism.utility_notes(
-        self.params, self.setting, accounting.Participation(tuple(
-            tuple(int(c) for c in cohort) for cohort in cohorts)))
+        self.params, self.setting,
+        accounting.Participation(self.planned_cohorts))
 
   @classmethod
   def build(
@@ -129,15 +133,14 @@ class PrivacyPlan:
     if isinstance(ledger.ledger, accounting.RunLevel):
       sampler = sampling.ClientSampler(scheme, num_clients, expected,
                                        config.seed, config.sampling_groups)
-      planned_cohorts = [
-          sampler.sample(r) for r in range(1, config.rounds + 1)
-      ]
+      planned_cohorts = tuple(
+          tuple(int(c) for c in sampler.sample(r))
+          for r in range(1, config.rounds + 1))
       # The cohorts are seeded: a schedule the mechanism refuses (matrix
       # factorization's participations closer than its bands) is refused
       # before training, not at the round that breaks it.
       ledger.ledger.event_of_participation(
-          accounting.Participation(tuple(
-              tuple(int(c) for c in cohort) for cohort in planned_cohorts)))
+          accounting.Participation(planned_cohorts))
     if config.calibrate == 'noise':
       noise = accounting.calibrate_noise(
           lambda z: mechanism.build_ledger(mechanism.with_noise(params, z), setting),
@@ -154,7 +157,7 @@ class PrivacyPlan:
       )
     return cls(
         config, params, mechanism.noise_of(params),
-        mechanism.factory(params, setting), ledger, setting,
+        mechanism.factory(params, setting), ledger, setting, planned_cohorts,
     )
 
 
@@ -467,10 +470,10 @@ class Runner:
           ledger.adjacency.name, ledger.composition.replace('_', ' '),
           ledger.kind.value,
       )
-      sampler = sampling.ClientSampler(
-          ledger.scheme, ledger.num_clients, ledger.clients_per_round, seed,
-          config.sampling_groups)
       if ledger.scheme in sampling.CYCLIC_SCHEMES:
+        sampler = sampling.ClientSampler(
+            ledger.scheme, ledger.num_clients, ledger.clients_per_round, seed,
+            config.sampling_groups)
         logging.info(
             '%s participation: %d groups of %d take turns (each member taking '
             'part with probability %.4g), each client at most every %d '
@@ -480,8 +483,7 @@ class Runner:
             sampling.SamplingScheme.CYCLIC_POISSON else 1.0, sampler.period,
             math.ceil(config.rounds / sampler.period), config.rounds,
             sampler.left_out)
-      for line in plan.utility_notes(
-          [sampler.sample(r) for r in range(1, config.rounds + 1)]):
+      for line in plan.utility_notes():
         logging.info('%s', line)
     # Model initialization draws from the global seed.
     tf.keras.utils.set_random_seed(seed)

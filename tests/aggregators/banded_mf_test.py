@@ -283,7 +283,7 @@ class BandedLedgerTest(parameterized.TestCase):
   def test_column_norms_are_those_of_the_rounds_so_far(self):
     strategy = banded_mf.sqrt_toeplitz_strategy(6, 3)
     ledger = banded_mf.BandedLedger(strategy, 3)
-    cohorts = [(0,), (1,), (2,), (0,)]
+    cohorts = accounting.Participation([(0,), (1,), (2,), (0,)])
     expected = correlated_noise.banded_event(
         1.0, np.sum(strategy[:4, :4]**2, axis=0), 3,
         correlated_noise.Schedule(4, 2, 3))
@@ -292,7 +292,7 @@ class BandedLedgerTest(parameterized.TestCase):
   def test_participations_closer_than_the_bands_are_refused(self):
     ledger = banded_mf.BandedLedger(banded_mf.sqrt_toeplitz_strategy(6, 3), 3)
     with self.assertRaisesRegex(ValueError, '--sampling=cyclic'):
-      ledger.event(1.0, [(0,), (1,), (0,)])
+      ledger.event(1.0, accounting.Participation([(0,), (1,), (0,)]))
 
   def test_amplified_banded_mf_is_dp_sgd_over_the_turns(self):
     """Poisson sampling within 5 groups (Choquette-Choo et al. 2023, Thm 4;

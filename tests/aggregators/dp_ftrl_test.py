@@ -190,7 +190,7 @@ class AdaptiveTreeTest(tf.test.TestCase):
   def test_ledger_adds_the_counts_to_the_trees(self):
     """Trees of 4, 4, 2 rounds (depths 3, 3, 2), the most-used client in 3
     rounds: z_eff^-2 = 8 / z^2 + 3 / (2 sigma_b)^2."""
-    cohorts = [(r % 4,) for r in range(10)]
+    cohorts = accounting.Participation([(r % 4,) for r in range(10)])
     event = dp_ftrl.run_event(2.0, 4, cohorts, clipped_count_stddev=5.0)
     self.assertAlmostEqual(event.noise_multiplier,
                            (8 / 4.0 + 3 / 100.0) ** -0.5)
@@ -215,7 +215,7 @@ class AdaptiveTreeTest(tf.test.TestCase):
 class TreeLedgerTest(parameterized.TestCase):
 
   def _cyclic(self, rounds, groups):
-    return [(r % groups,) for r in range(rounds)]
+    return accounting.Participation([(r % groups,) for r in range(rounds)])
 
   def test_no_restart_is_the_realised_tree(self):
     cohorts = self._cyclic(20, 4)  # k = 5, gap 4
@@ -247,7 +247,7 @@ class TreeLedgerTest(parameterized.TestCase):
     """The ledger reports PLD beside RDP for restarts: the Gaussian of
     z / sqrt(sum of depths), never above the RDP bound."""
     ledger = accounting.PrivacyLedger(
-        accounting.RunLevel(lambda p: dp_ftrl.run_event(3.0, 4, p.cohorts)),
+        accounting.RunLevel(lambda p: dp_ftrl.run_event(3.0, 4, p)),
         'cyclic', 40, 10, 1e-5)
     for r in range(10):
       ledger.record_round(None, range(10 * (r % 4), 10 * (r % 4) + 10))

@@ -7,6 +7,7 @@ import numpy as np
 
 from aggregators import distributed_dp
 from dp_fedavg import accounting
+from dp_fedavg import correlated_noise
 from dp_fedavg import sampling
 
 _POISSON = sampling.SamplingScheme.POISSON
@@ -450,6 +451,74 @@ class PldEpsilonTest(parameterized.TestCase):
     self.assertEqual(accounting.pld_epsilon(pld, 1 - 1e-12),
                      pld.get_epsilon_for_delta(1 - 1e-12))
     self.assertEqual(accounting.pld_epsilon(pld, 0.0), math.inf)
+
+
+
+class GaussianEpsilonTest(parameterized.TestCase):
+  """The exact epsilon of one Gaussian against dp-accounting's discretised
+  PLD, which bounds it from above and converges to it."""
+
+  @parameterized.product(noise_multiplier=(0.3, 1.0, 4.26, 20.0),
+                         delta=(1e-10, 1e-5))
+  def test_matches_dp_accountings_pld(self, noise_multiplier, delta):
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(dp_accounting.GaussianDpEvent(noise_multiplier))
+    discretised = pld.get_epsilon(delta)
+    exact = accounting.gaussian_epsilon(noise_multiplier, delta)
+    self.assertLessEqual(exact, discretised + 1e-9)
+    self.assertAlmostEqual(exact, discretised, delta=1e-5 * discretised)
+
+  def test_meets_delta_by_the_closed_form(self):
+    """Balle & Wang 2018: delta(eps) = Phi(1/(2z) - eps z)
+    - e^eps Phi(-1/(2z) - eps z)."""
+    z, delta = 1.3, 1e-6
+    epsilon = accounting.gaussian_epsilon(z, delta)
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))
+    delta_of = lambda e: phi(0.5 / z - e * z) - math.exp(e) * phi(-0.5 / z - e * z)
+    self.assertLessEqual(delta_of(epsilon), delta)
+    self.assertGreater(delta_of(epsilon - 1e-6), delta)
+
+  def test_no_noise_is_infinite(self):
+    self.assertEqual(accounting.gaussian_epsilon(0.0, 1e-5), math.inf)
+
+
+class ParticipationTest(parameterized.TestCase):
+  """The incrementally kept schedule is the one recounted from the cohorts."""
+
+  def _cohorts(self, rounds, seed):
+    rng = np.random.default_rng(seed)
+    return [tuple(rng.choice(30, size=4, replace=False)) for _ in range(rounds)]
+
+  @parameterized.parameters(0, 1, 2)
+  def test_schedule_as_recounted(self, seed):
+    cohorts = self._cohorts(25, seed)
+    participation = accounting.Participation(cohorts[:10]).with_rounds(
+        cohorts[10:20])
+    for cohort in cohorts[20:]:
+      participation = participation.with_round(cohort)
+    self.assertEqual(participation.schedule(),
+                     correlated_noise.realised_schedule(cohorts))
+    self.assertEqual(participation.max_participations(),
+                     participation.schedule().max_participations)
+    self.assertEqual(
+        participation.period_schedules(7),
+        [correlated_noise.realised_schedule(cohorts[s:s + 7])
+         for s in range(0, 25, 7)])
+
+  def test_extending_leaves_the_original_as_it_was(self):
+    base = accounting.Participation([(0,), (1,)])
+    base.period_schedules(2)
+    extended = base.with_rounds([(0,), (2,), (0,)])
+    self.assertEqual(base.schedule(), correlated_noise.Schedule(2, 1, 2))
+    self.assertEqual(base.cohorts, ((0,), (1,)))
+    self.assertEqual(extended.schedule(), correlated_noise.Schedule(5, 3, 2))
+    self.assertEqual(extended.period_schedules(2), [
+        correlated_noise.Schedule(2, 1, 2), correlated_noise.Schedule(2, 1, 2),
+        correlated_noise.Schedule(1, 1, 1)])
+
+  def test_no_rounds_has_no_schedule(self):
+    with self.assertRaisesRegex(ValueError, 'no rounds'):
+      accounting.Participation().schedule()
 
 
 if __name__ == '__main__':

@@ -24,17 +24,19 @@ def _rows(path):
 
 class RobustnessStudyTest(absltest.TestCase):
 
-  def test_every_rule_runs_three_rounds_in_each_dp_mode(self):
+  def test_rules_run_three_rounds_in_each_dp_mode(self):
+    # Each rule's own behaviour is tested in tests/aggregators; the study
+    # needs one that central DP refuses (median) and one it takes.
     output_dir = self.create_tempdir().full_path
+    rules = ('none', 'median', 'multi_krum', 'centered_clipping')
     result = binaries.run(
         'robustness', f'--output_dir={output_dir}', *_TINY,
-        '--attacks=alie', '--byzantine_fractions=0.2', timeout=1200,
+        '--attacks=alie', '--byzantine_fractions=0.2',
+        f'--robust_rules={",".join(rules)}', timeout=1200,
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     rows = _rows(os.path.join(output_dir, 'results.csv'))
     runs = {(r['dp_mode'], r['robust_rule']) for r in rows}
-    rules = ('none', 'median', 'trimmed_mean', 'krum', 'multi_krum',
-             'geometric_median', 'centered_clipping')
     expected = {(mode, rule) for mode in ('none', 'local') for rule in rules} | {
         ('central', 'none'), ('central', 'centered_clipping')}
     self.assertEqual(runs, expected)

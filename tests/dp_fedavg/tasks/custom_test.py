@@ -336,27 +336,6 @@ class RegressionTest(_RegressionData):
                                                           extra):
     self._check_trains(aggregator, extra)
 
-  def test_an_interrupted_run_resumes_to_the_same_metrics(self):
-    whole, interrupted = (self.create_tempdir().full_path for _ in range(2))
-    config = self._config(engine='standard')
-    self._run(config, whole)
-
-    def interrupt(round_num, *unused):
-      if round_num == 2:
-        raise _Interrupted()
-
-    with self.assertRaises(_Interrupted):
-      self._run(config, interrupted, checkpoint_every=1,
-                inspect_round=interrupt)
-    self._run(config, interrupted, resume=True, checkpoint_every=1)
-
-    def metrics(output_dir):
-      with open(os.path.join(output_dir, 'metrics.csv')) as f:
-        return [(r['round'], r['train_loss'], r['eval_loss'], r['epsilon'])
-                for r in csv.DictReader(f)]
-
-    self.assertEqual(metrics(interrupted), metrics(whole))
-
   def test_label_flip_is_refused(self):
     config = self._config(robust_rule='median', attack='label_flip',
                           byzantine_fraction=0.1)
@@ -398,11 +377,33 @@ class RegressionTest(_RegressionData):
 
 @pytest.mark.slow
 class RegressionMechanismsTest(_RegressionData):
-  """The rest of the mechanisms on the custom regression task."""
+  """The rest of the mechanisms on the custom regression task, and its
+  resumption (which tests/experiments/train_test.py checks on digits)."""
 
   @parameterized.named_parameters(*_MECHANISMS_CLIPPING_AND_NOISE)
   def test_mechanism_trains_it(self, aggregator, extra):
     self._check_trains(aggregator, extra)
+
+  def test_an_interrupted_run_resumes_to_the_same_metrics(self):
+    whole, interrupted = (self.create_tempdir().full_path for _ in range(2))
+    config = self._config(engine='standard')
+    self._run(config, whole)
+
+    def interrupt(round_num, *unused):
+      if round_num == 2:
+        raise _Interrupted()
+
+    with self.assertRaises(_Interrupted):
+      self._run(config, interrupted, checkpoint_every=1,
+                inspect_round=interrupt)
+    self._run(config, interrupted, resume=True, checkpoint_every=1)
+
+    def metrics(output_dir):
+      with open(os.path.join(output_dir, 'metrics.csv')) as f:
+        return [(r['round'], r['train_loss'], r['eval_loss'], r['epsilon'])
+                for r in csv.DictReader(f)]
+
+    self.assertEqual(metrics(interrupted), metrics(whole))
 
 
 class SameAsBuiltInTest(absltest.TestCase):

@@ -591,6 +591,8 @@ def _ledger(params, setting: registry.Setting) -> accounting.SampledRounds:
       ),
       dp_event_from_state,
       event_of_reporting=dp_event_from_state,
+      fewest_reporting=lambda sampled: fewest_reporting(
+          sampled, params.ddp_dropout_tolerance),
   )
 
 

@@ -900,6 +900,9 @@ class SampledRounds:
   # did; None: dropouts do not change the round's event.
   event_of_reporting: Optional[
       Callable[[Any, int], dp_accounting.DpEvent]] = None
+  # With `event_of_reporting`: the fewest of n sampled clients whose
+  # reports keep `planned_event`'s privacy (the loop logs rounds below it).
+  fewest_reporting: Optional[Callable[[int], int]] = None
 
 
 @dataclasses.dataclass(frozen=True)

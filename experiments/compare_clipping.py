@@ -102,10 +102,12 @@ def main(argv):
   output_dir = _OUTPUT_DIR.value
   study_values = studies.write_flags(output_dir, sys.modules[__name__])
   noise_levels = studies.parse_floats(_NOISE_MULTIPLIERS)
-  progress = studies.Progress(len(_CLIPPINGS.value) * len(noise_levels))
+  progress = studies.Progress(
+      len(_CLIPPINGS.value) * len(noise_levels), output_dir)
   utility = studies.utility(task)
   rows = []
-  with runner.execution_context(config):
+  with (progress.stopping_on_signals('compare_clipping.py'),
+        runner.execution_context(config)):
     study = runner.Runner(task)
     for clipping in _CLIPPINGS.value:
       for noise in noise_levels:
@@ -127,8 +129,8 @@ def main(argv):
         ))
         progress.run_finished(
             f'{clipping} z={noise:g}: epsilon {summary.epsilon:.4g}, '
-            f'{utility.label} {getattr(summary, utility.key)}'
-        )
+            f'{utility.label} {getattr(summary, utility.key)}',
+          rows)
   results = studies.write_results(output_dir, rows)
   figure = os.path.join(output_dir, 'accuracy_vs_epsilon.png')
   plots.accuracy_vs_epsilon(

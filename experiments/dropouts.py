@@ -85,9 +85,10 @@ def main(argv):
   ]
   output_dir = _OUTPUT_DIR.value
   study_values = studies.write_flags(output_dir, sys.modules[__name__])
-  progress = studies.Progress(len(runs))
+  progress = studies.Progress(len(runs), output_dir)
   rows = []
-  with runner.execution_context(config):
+  with (progress.stopping_on_signals('dropouts.py'),
+        runner.execution_context(config)):
     study = runner.Runner(task)
     for (name, aggregator, rate), plan in zip(runs, plans):
       summary = study.run(
@@ -106,7 +107,8 @@ def main(argv):
       })
       progress.run_finished(
           f'{name} DP, dropout {rate:g}: epsilon {summary.epsilon:.4g}, '
-          f'{utility.label} {getattr(summary, utility.key)}')
+          f'{utility.label} {getattr(summary, utility.key)}',
+          rows)
   results = studies.write_results(output_dir, rows)
   figure = os.path.join(output_dir, 'accuracy_vs_dropout.png')
   plots.accuracy_vs_fraction(

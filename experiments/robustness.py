@@ -217,10 +217,11 @@ def main(argv):
   runs, skipped = study_runs(config)
   for reason in skipped:
     logging.info('skipped %s', reason)
-  progress = studies.Progress(len(runs))
+  progress = studies.Progress(len(runs), output_dir)
   utility = studies.utility(task)
   rows = []
-  with runner.execution_context(config):
+  with (progress.stopping_on_signals('robustness.py'),
+        runner.execution_context(config)):
     study = runner.Runner(task)
     for run in runs:
       settings = {k: v for k, v in run.items() if k != 'dp_mode'}
@@ -242,7 +243,8 @@ def main(argv):
       ))
       progress.run_finished(
           f'{_run_name(run)}: {utility.label} '
-          f'{getattr(summary, utility.key)}, epsilon {summary.epsilon:.4g}')
+          f'{getattr(summary, utility.key)}, epsilon {summary.epsilon:.4g}',
+          rows)
   results = studies.write_results(output_dir, rows)
   worst = worst_cases(rows, utility)
   if worst:

@@ -19,7 +19,6 @@ import numpy as np
 import tensorflow as tf
 
 from aggregators import attacks
-from aggregators import distributed_dp
 from aggregators import registry
 from dp_fedavg import accounting
 from dp_fedavg import byzantine as byzantine_lib
@@ -344,11 +343,11 @@ class Runner:
   @staticmethod
   def _fewest_reporting(plan) -> Optional[Callable[[int], int]]:
     """For noise added by the clients: the fewest reporting clients that
-    keep the stated epsilon (`distributed_dp`'s dropout tolerance)."""
-    if plan.config.aggregator != 'distributed_dp':
-      return None
-    tolerance = plan.params.ddp_dropout_tolerance
-    return lambda sampled: distributed_dp.fewest_reporting(sampled, tolerance)
+    keep the stated epsilon, as the mechanism's ledger states it."""
+    mechanism_ledger = getattr(plan.ledger, 'ledger', None)
+    if isinstance(mechanism_ledger, accounting.SampledRounds):
+      return mechanism_ledger.fewest_reporting
+    return None
 
   def _stacked_users_engine(self, plan, byzantine, wrap_client_work=None,
                             canaries=None):

@@ -5,16 +5,20 @@ A study builds its runs' configurations from the one its binary built
 (`RunConfig.replace`); it never changes flag values.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
+import signal
+import sys
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from absl import flags
 from absl import logging
 
+from dp_fedavg import interrupts
 from dp_fedavg import outputs
 from dp_fedavg import tasks
 from experiments import training_flags
@@ -66,14 +70,45 @@ def write_results(
 
 
 class Progress:
-  """Logs each finished run with the time the remaining runs should take."""
+  """Logs each finished run with the time the remaining runs should take,
+  and keeps results.csv holding every finished run's row."""
 
-  def __init__(self, total_runs: int):
+  def __init__(self, total_runs: int, output_dir: str):
     self._total = total_runs
+    self._output_dir = output_dir
     self._done = 0
     self._start = time.monotonic()
 
-  def run_finished(self, description: str) -> None:
+  @contextlib.contextmanager
+  def stopping_on_signals(self, binary: str) -> Iterator[None]:
+    """SIGINT or SIGTERM stops the study at once: the run in progress is
+    abandoned (its worker stopped as the execution context unwinds), the
+    finished runs keep their outputs and rows, and one line says so; exit
+    128 + the signal. Studies have no --resume: their runs are short, and
+    a rerun with the finished points left out continues one."""
+    received = []
+
+    def handle(signum, unused_frame):
+      received.append(signal.Signals(signum))
+      raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handle) for s in interrupts.SIGNALS}
+    try:
+      yield
+    except KeyboardInterrupt:
+      stopped_by = received[0] if received else signal.SIGINT
+      print(f'{binary}: {stopped_by.name}: stopped with {self._done} of '
+            f'{self._total} runs finished; their rows are in '
+            f'{os.path.join(self._output_dir, RESULTS_FILE)}', file=sys.stderr)
+      sys.exit(128 + int(stopped_by))
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+
+  def run_finished(self, description: str, rows: list[dict[str, Any]]) -> None:
+    """Logs a run that finished; `rows`: the study's rows so far, written to
+    results.csv at once (nothing finished is lost if the study stops)."""
+    write_results(self._output_dir, rows)
     self._done += 1
     elapsed = time.monotonic() - self._start
     eta = elapsed / self._done * (self._total - self._done)

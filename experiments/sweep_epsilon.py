@@ -119,10 +119,11 @@ def main(argv):
   ]
   output_dir = _OUTPUT_DIR.value
   study_values = studies.write_flags(output_dir, sys.modules[__name__])
-  progress = studies.Progress(len(values) + int(_BASELINE.value))
+  progress = studies.Progress(len(values) + int(_BASELINE.value), output_dir)
   rows = []
   baseline = None
-  with runner.execution_context(config):
+  with (progress.stopping_on_signals('sweep_epsilon.py'),
+        runner.execution_context(config)):
     study = runner.Runner(task)
     for value, plan in zip(values, plans):
       summary = study.run(
@@ -137,8 +138,8 @@ def main(argv):
       })
       progress.run_finished(
           f'{run_value}={value:g}: epsilon {summary.epsilon:.4g}, '
-          f'{utility.label} {getattr(summary, utility.key)}'
-      )
+          f'{utility.label} {getattr(summary, utility.key)}',
+          rows)
     if _BASELINE.value:
       # Plain FedAvg, whatever the privacy unit.
       no_dp = dict(aggregator='none', privacy_unit='user',
@@ -151,7 +152,7 @@ def main(argv):
           {**study_values, **no_dp}, overwrite=True,
       )
       baseline = getattr(summary, utility.key)
-      progress.run_finished(f'no DP: {utility.label} {baseline}')
+      progress.run_finished(f'no DP: {utility.label} {baseline}', rows)
   results = studies.write_results(output_dir, rows)
   figure = os.path.join(output_dir, 'accuracy_vs_epsilon.png')
   plots.accuracy_vs_epsilon(

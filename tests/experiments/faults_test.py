@@ -299,5 +299,39 @@ class InterruptAndExtendTest(absltest.TestCase):
     self.assertEqual(_metrics(output_dir), _metrics(self._whole))
 
 
+class StudyInterruptTest(absltest.TestCase):
+
+  def test_sigterm_keeps_the_finished_runs_rows(self):
+    output_dir = self.create_tempdir().full_path
+    results = os.path.join(output_dir, 'results.csv')
+    stderr_path = os.path.join(self.create_tempdir().full_path, 'stderr')
+    with open(stderr_path, 'w') as stderr:
+      study = subprocess.Popen(
+          [sys.executable, '-m', 'experiments.sweep_epsilon',
+           f'--output_dir={output_dir}', '--task=digits', '--num_clients=6',
+           '--sampling=full', '--rounds=2', '--eval_every=2',
+           '--noise_multipliers=0.5,1,2,4'],
+          cwd=binaries.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+          start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not os.path.exists(results) and time.monotonic() < deadline:
+      time.sleep(0.02)
+    os.killpg(study.pid, signal.SIGTERM)
+    study.wait(timeout=120)
+    with open(stderr_path) as f:
+      stderr = f.read()
+    self.assertEqual(study.returncode, 143, stderr[-3000:])
+    self.assertNotIn('Traceback', stderr)
+    last = stderr.strip().splitlines()[-1]
+    self.assertRegex(last, r'^sweep_epsilon\.py: SIGTERM: stopped with \d of 5 '
+                     'runs finished; their rows are in ')
+    finished = int(last.split('stopped with ')[1].split()[0])
+    self.assertBetween(finished, 1, 4)
+    with open(results) as f:
+      rows = list(csv.DictReader(f))
+    self.assertLen(rows, finished)
+    self.assertEqual(float(rows[0]['noise_multiplier']), 0.5)
+
+
 if __name__ == '__main__':
   absltest.main()

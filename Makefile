@@ -31,8 +31,10 @@ $(INSTALLED): $(LOCK) setup.cfg pyproject.toml | $(UV)
 demo: $(INSTALLED)
 	$(PY) -m experiments.train --output_dir=runs/demo --overwrite
 
+# One pytest worker per core, at most 4 (each imports TensorFlow and TFF);
+# a test class stays on one worker, so its shared setup runs once.
 test: $(INSTALLED)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses=4 --dist=loadscope
 
 bench: $(INSTALLED)
 	$(PY) -m benchmarks.run --output=BENCHMARKS.md --json=benchmarks/results.json --repeats=5

@@ -1,5 +1,6 @@
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -186,7 +187,20 @@ def _start_workers(count):
       )
       for flag in where
   ]
+  # Each worker imports TensorFlow and TFF before it listens: under a
+  # loaded machine (pytest-xdist) that alone can pass the connection's 30 s.
+  deadline = time.monotonic() + 300
+  for address in addresses:
+    while not _listening(address) and time.monotonic() < deadline:
+      time.sleep(0.1)
   return addresses, procs
+
+
+def _listening(address: str) -> bool:
+  if address.startswith('unix:'):
+    return os.path.exists(address[len('unix:'):])
+  with socket.socket() as probe:
+    return probe.connect_ex(('localhost', int(address.split(':')[1]))) == 0
 
 
 def _stop(procs):

@@ -227,12 +227,12 @@ class TrainBinaryTest(absltest.TestCase):
 
   def test_run_writes_metrics_config_and_exact_epsilon(self):
     output_dir = self.create_tempdir().full_path
-    workers_before = binaries.worker_pids()
-    result = _run_train(
-        f'--output_dir={output_dir}', '--rounds=3', '--eval_every=2',
+    label = self.id()
+    result = binaries.run(
+        'train', f'--output_dir={output_dir}', '--rounds=3', '--eval_every=2',
         '--num_clients=50', '--clients_per_round=10', '--noise_multiplier=1.1',
         '--clip=0.5', '--sampling=poisson', '--delta=1e-4', '--seed=5',
-        '--accountant=rdp',
+        '--accountant=rdp', label=label,
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertLen(re.findall(r'round \d/3 ', result.stderr), 3, result.stderr)
@@ -277,7 +277,7 @@ class TrainBinaryTest(absltest.TestCase):
     # Without --checkpoint_every nothing is saved, so --resume has nothing.
     self.assertFalse(os.path.exists(os.path.join(output_dir, 'checkpoints')))
     # The run stopped its TFF worker before exiting.
-    self.assertEmpty(binaries.worker_pids() - workers_before)
+    self.assertEmpty(binaries.worker_pids(label))
 
     rerun = _run_train(f'--output_dir={output_dir}', '--rounds=1')
     self.assertEqual(rerun.returncode, 2)

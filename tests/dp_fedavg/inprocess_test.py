@@ -192,13 +192,17 @@ class NoiseTest(tf.test.TestCase):
     # has standard error sigma / sqrt(2 d).
     noise, clip = 2.0, 0.1
     models = {}
+    initial_weights = None
     for z in (noise, 0.0):
-      # The initial weights' seeds are fixed when the process is traced.
-      tf.keras.utils.set_random_seed(5)
       learning_process = _process(
           'gaussian_fixed', z, True, server_momentum=0.0, clip=clip)
       in_process = inprocess.InProcessLearningProcess(learning_process)
       state = in_process.initialize()
+      # Both rounds start from the same model, whatever the random state
+      # each process was traced in.
+      if initial_weights is None:
+        initial_weights = in_process.get_model_weights(state)
+      state = in_process.set_model_weights(state, initial_weights)
       data = _client_data(True, 1, self.create_tempdir().full_path)
       models[z] = _flat_weights(in_process, in_process.next(state, data).state)
     difference = models[noise] - models[0.0]

@@ -43,6 +43,18 @@ def _metrics(output_dir):
             for r in csv.DictReader(f)]
 
 
+def _signal_group_once_written(process, path, signum, stderr_path) -> str:
+  """Signals `process`'s group (as a terminal would) once `path` exists,
+  waits for it to end and returns its stderr."""
+  deadline = time.monotonic() + 240
+  while not os.path.exists(path) and time.monotonic() < deadline:
+    time.sleep(0.02)
+  os.killpg(process.pid, signum)
+  process.wait(timeout=120)
+  with open(stderr_path) as f:
+    return f.read()
+
+
 def _garbage(path):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'wb') as f:
@@ -242,14 +254,10 @@ class InterruptAndExtendTest(absltest.TestCase):
     output_dir = self.create_tempdir().full_path
     stderr_path = os.path.join(self.create_tempdir().full_path, 'stderr')
     run = self._start_in_own_group(output_dir, stderr_path)
-    metrics = os.path.join(output_dir, 'metrics.csv')
-    deadline = time.monotonic() + 240
-    while not os.path.exists(metrics) and time.monotonic() < deadline:
-      time.sleep(0.02)
-    os.killpg(run.pid, signal.SIGINT)
-    run.wait(timeout=120)
-    with open(stderr_path) as f:
-      return output_dir, run.returncode, f.read()
+    stderr = _signal_group_once_written(
+        run, os.path.join(output_dir, 'metrics.csv'), signal.SIGINT,
+        stderr_path)
+    return output_dir, run.returncode, stderr
 
   def test_sigint_stops_cleanly_and_the_printed_command_continues_it(self):
     output_dir, code, stderr = self._stop_after_first_round()
@@ -313,13 +321,8 @@ class StudyInterruptTest(absltest.TestCase):
            '--noise_multipliers=0.5,1,2,4'],
           cwd=binaries.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
           start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not os.path.exists(results) and time.monotonic() < deadline:
-      time.sleep(0.02)
-    os.killpg(study.pid, signal.SIGTERM)
-    study.wait(timeout=120)
-    with open(stderr_path) as f:
-      stderr = f.read()
+    stderr = _signal_group_once_written(
+        study, results, signal.SIGTERM, stderr_path)
     self.assertEqual(study.returncode, 143, stderr[-3000:])
     self.assertNotIn('Traceback', stderr)
     last = stderr.strip().splitlines()[-1]

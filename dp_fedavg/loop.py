@@ -5,6 +5,7 @@ round's `RoundResult` to a callback (see `dp_fedavg.outputs`).
 """
 
 import collections.abc
+import concurrent.futures
 import dataclasses
 import datetime
 import math
@@ -101,6 +102,18 @@ def _log_round(result: RoundResult, total_rounds: int, eta_seconds: float):
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class _RoundPlan:
+  """What a round's client data depends on, known before it runs: the
+  sampled clients, those that report (Byzantine ones first), how many are
+  Byzantine, and the clients' shuffle seed."""
+
+  sampled: np.ndarray
+  cohort: list[int]
+  byzantine_count: int
+  shuffle_seed: int
+
+
 def round_shuffle_seed(seed: int, round_num: int) -> int:
   """The seed of every client's local example order in a round."""
   return seed * 1_000_003 + round_num
@@ -187,7 +200,9 @@ def run_training(
     client_data_fn: the process's client data for a cohort (indices into
       `task.train_data.client_ids`), the round's shuffle seed and how many of
       the cohort's first clients are Byzantine; None builds one preprocessed
-      dataset per client (the standard engine).
+      dataset per client (the standard engine). It is called for the next
+      round while a round trains, from another thread: its result must
+      depend on its arguments alone.
     byzantine: the simulated Byzantine clients: each round they come first
       in the cohort, and the aggregator is told how many were sampled.
     stop_requested: asked after each round; when true, training stops there
@@ -222,101 +237,124 @@ def run_training(
         'resumed after round %d from %s; epsilon so far %.4g',
         restored.round, checkpointer.directory, ledger.epsilon(),
     )
-  elapsed = 0.0
-  diverged_streak = 0
-  for round_num in range(first_round, rounds + 1):
+
+  def round_plan(round_num: int) -> _RoundPlan:
     sampled = sampler.sample(round_num)
     cohort = sampling.reporting_clients(sampled, dropout_rate, seed, round_num)
-    # Without dropouts every sampled client reports (None: the ledger's
-    # event as before).
-    reporting = len(cohort) if dropout_rate else None
-    if fewest_reporting is not None and dropout_rate and len(
-        cohort) < fewest_reporting(len(sampled)):
-      logging.warning(
-          'round %d: %d of %d sampled clients dropped out, more than the '
-          'tolerance allows: the noise shares that arrived are below the '
-          'stated level, and this round is accounted with them', round_num,
-          len(sampled) - len(cohort), len(sampled))
     byzantine_count = 0
     if byzantine is not None:
       cohort, byzantine_count = byzantine.arrange(cohort)
-      state = byzantine.with_count(state, byzantine_count)
-    if target_epsilon is not None:
-      # The aggregator's state before the round fixes the round's privacy.
-      next_epsilon = ledger.epsilon_if_round(
-          state.aggregator, sampled, reporting)
-      if next_epsilon > target_epsilon:
-        reason = (
-            f'stopped before round {round_num}: it would take epsilon to '
-            f'{next_epsilon:.4g}, above the target {target_epsilon:g}'
-        )
-        logging.info('%s', reason)
-        last_round = round_num - 1
-        if (checkpoint_every and last_round >= first_round
-            and last_round % checkpoint_every):
-          checkpointer.save(last_round, state, ledger)
-        return TrainingOutcome(state, last_round, reason)
-    start = time.monotonic()
-    shuffle_seed = round_shuffle_seed(seed, round_num)
-    client_data = client_data_fn(list(cohort), shuffle_seed, byzantine_count)
-    if inspect_round is not None:
-      inspect_round(round_num, process.get_model_weights(state), client_data)
-    output = process.next(state, client_data)
-    ledger.record_round(state.aggregator, sampled, reporting)
-    state = output.state
-    aggregator_measurements = _scalar_measurements(output.metrics['aggregator'])
-    evaluation = {}
-    if round_num % eval_every == 0 or round_num == rounds:
-      evaluation = evaluate(process.get_model_weights(state))
-    seconds = time.monotonic() - start
-    elapsed += seconds
-    epsilon, accountant_name = ledger.epsilon_and_accountant()
-    train_metrics = output.metrics['client_work']['train']
-    train_loss = float(train_metrics['loss']) if len(cohort) else math.nan
-    diverged = train_metrics.get(process_lib.NONFINITE_CLIENTS)
-    if diverged is not None:
-      diverged = int(diverged)
-      all_diverged = bool(len(cohort)) and diverged == len(cohort)
-      diverged_streak = diverged_streak + 1 if all_diverged else 0
-      if all_diverged:  # Nothing was trained: TFF would report 0.
-        train_loss = math.nan
-      if diverged:
+    return _RoundPlan(sampled, list(cohort), byzantine_count,
+                      round_shuffle_seed(seed, round_num))
+
+  def client_data_of(plan: _RoundPlan) -> list:
+    return client_data_fn(plan.cohort, plan.shuffle_seed, plan.byzantine_count)
+
+  elapsed = 0.0
+  diverged_streak = 0
+  next_data = None
+  # A round's cohort, shuffling and Byzantine count depend only on the seeds,
+  # so `ahead` builds the next round's client data (first-seen users' files,
+  # `dp_fedavg.vectorized`) while a round trains, and computes the round's
+  # epsilon meanwhile: TensorFlow releases the GIL while it runs a graph.
+  # That thread only reads the ledger, and only until the round's record.
+  with concurrent.futures.ThreadPoolExecutor(
+      max_workers=2, thread_name_prefix='round_ahead') as ahead:
+    for round_num in range(first_round, rounds + 1):
+      plan = round_plan(round_num)
+      sampled, cohort = plan.sampled, plan.cohort
+      # Without dropouts every sampled client reports (None: the ledger's
+      # event as before).
+      reporting = len(cohort) if dropout_rate else None
+      if fewest_reporting is not None and dropout_rate and len(
+          cohort) < fewest_reporting(len(sampled)):
         logging.warning(
-            'round %d: %d of %d clients\' updates were not finite (training '
-            'diverged there); they sent zeros', round_num, diverged,
-            len(cohort))
-    result = RoundResult(
-        round=round_num,
-        cohort_size=len(cohort),
-        train_loss=train_loss,
-        dropped_clients=len(sampled) - len(cohort),
-        diverged_clients=diverged,
-        eval_loss=evaluation.get('loss'),
-        eval_accuracy=evaluation.get('accuracy'),
-        epsilon=epsilon,
-        accountant=accountant_name,
-        delta=ledger.delta,
-        adjacency=ledger.adjacency.value,
-        seconds=seconds,
-        aggregator=aggregator_measurements,
-    )
-    rounds_run = round_num - first_round + 1
-    _log_round(result, rounds, elapsed / rounds_run * (rounds - round_num))
-    on_round(result)
-    saved = checkpoint_every and (
-        round_num % checkpoint_every == 0 or round_num == rounds)
-    if saved:
-      checkpointer.save(round_num, state, ledger)
-    if max_diverged_rounds and diverged_streak >= max_diverged_rounds:
-      return TrainingOutcome(
-          state, round_num,
-          f'stopped after round {round_num}: every client\'s update was not '
-          f'finite in the last {diverged_streak} rounds (training diverged)',
-          diverged=True)
-    if stop_requested() and round_num < rounds:
-      if checkpointer is not None and not saved:
+            'round %d: %d of %d sampled clients dropped out, more than the '
+            'tolerance allows: the noise shares that arrived are below the '
+            'stated level, and this round is accounted with them', round_num,
+            len(sampled) - len(cohort), len(sampled))
+      if byzantine is not None:
+        state = byzantine.with_count(state, plan.byzantine_count)
+      # The aggregator's state before the round fixes the round's privacy.
+      epsilon_after = ahead.submit(
+          ledger.epsilon_if_round, state.aggregator, sampled, reporting)
+      if target_epsilon is not None:
+        next_epsilon = epsilon_after.result()
+        if next_epsilon > target_epsilon:
+          reason = (
+              f'stopped before round {round_num}: it would take epsilon to '
+              f'{next_epsilon:.4g}, above the target {target_epsilon:g}'
+          )
+          logging.info('%s', reason)
+          last_round = round_num - 1
+          if (checkpoint_every and last_round >= first_round
+              and last_round % checkpoint_every):
+            checkpointer.save(last_round, state, ledger)
+          return TrainingOutcome(state, last_round, reason)
+      start = time.monotonic()
+      client_data = (client_data_of(plan) if next_data is None
+                     else next_data.result())
+      next_data = (ahead.submit(client_data_of, round_plan(round_num + 1))
+                   if round_num < rounds else None)
+      if inspect_round is not None:
+        inspect_round(round_num, process.get_model_weights(state), client_data)
+      output = process.next(state, client_data)
+      epsilon_after.result()
+      ledger.record_round(state.aggregator, sampled, reporting)
+      state = output.state
+      aggregator_measurements = _scalar_measurements(output.metrics['aggregator'])
+      evaluation = {}
+      if round_num % eval_every == 0 or round_num == rounds:
+        evaluation = evaluate(process.get_model_weights(state))
+      seconds = time.monotonic() - start
+      elapsed += seconds
+      epsilon, accountant_name = ledger.epsilon_and_accountant()
+      train_metrics = output.metrics['client_work']['train']
+      train_loss = float(train_metrics['loss']) if len(cohort) else math.nan
+      diverged = train_metrics.get(process_lib.NONFINITE_CLIENTS)
+      if diverged is not None:
+        diverged = int(diverged)
+        all_diverged = bool(len(cohort)) and diverged == len(cohort)
+        diverged_streak = diverged_streak + 1 if all_diverged else 0
+        if all_diverged:  # Nothing was trained: TFF would report 0.
+          train_loss = math.nan
+        if diverged:
+          logging.warning(
+              'round %d: %d of %d clients\' updates were not finite (training '
+              'diverged there); they sent zeros', round_num, diverged,
+              len(cohort))
+      result = RoundResult(
+          round=round_num,
+          cohort_size=len(cohort),
+          train_loss=train_loss,
+          dropped_clients=len(sampled) - len(cohort),
+          diverged_clients=diverged,
+          eval_loss=evaluation.get('loss'),
+          eval_accuracy=evaluation.get('accuracy'),
+          epsilon=epsilon,
+          accountant=accountant_name,
+          delta=ledger.delta,
+          adjacency=ledger.adjacency.value,
+          seconds=seconds,
+          aggregator=aggregator_measurements,
+      )
+      rounds_run = round_num - first_round + 1
+      _log_round(result, rounds, elapsed / rounds_run * (rounds - round_num))
+      on_round(result)
+      saved = checkpoint_every and (
+          round_num % checkpoint_every == 0 or round_num == rounds)
+      if saved:
         checkpointer.save(round_num, state, ledger)
-      return TrainingOutcome(
-          state, round_num, f'interrupted after round {round_num}',
-          interrupted=True)
+      if max_diverged_rounds and diverged_streak >= max_diverged_rounds:
+        return TrainingOutcome(
+            state, round_num,
+            f'stopped after round {round_num}: every client\'s update was not '
+            f'finite in the last {diverged_streak} rounds (training diverged)',
+            diverged=True)
+      if stop_requested() and round_num < rounds:
+        if checkpointer is not None and not saved:
+          checkpointer.save(round_num, state, ledger)
+        return TrainingOutcome(
+            state, round_num, f'interrupted after round {round_num}',
+            interrupted=True)
   return TrainingOutcome(state, rounds, 'all rounds completed')

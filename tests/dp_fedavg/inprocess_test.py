@@ -264,7 +264,7 @@ class SecureSumBoundsTest(tf.test.TestCase):
         in_process.next(state, data)
 
 
-class WithoutWorkerTest(tf.test.TestCase):
+class WithoutWorkerTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_rounds_and_evaluation_run_without_tff_runtime(self):
     learning_process = _process('gaussian_fixed', 1.0, True)
@@ -282,16 +282,19 @@ class WithoutWorkerTest(tf.test.TestCase):
       metrics = evaluate(in_process.get_model_weights(state))
     self.assertBetween(metrics['accuracy'], 0.0, 1.0)
 
-  def test_evaluation_is_tffs_federated_evaluation(self):
+  # 7: batches that cross the two held-out clients' boundary (30 + 20).
+  @parameterized.parameters(512, 7)
+  def test_evaluation_is_tffs_federated_evaluation(self, batch_size):
     weights = tff.learning.models.ModelWeights.from_model(_keras_model())
     federated = process.FederatedEvaluator(
         _TASK.model_fn, _TASK.eval_client_datasets())(weights)
     here = inprocess.InProcessEvaluator(
-        _TASK.model_fn, _TASK.eval_client_datasets())(weights)
-    self.assertEqual(here.keys(), federated.keys())
+        _TASK.model_fn, _TASK.eval_client_datasets(), batch_size)(weights)
+    # Rebatched, it counts no batches (the evaluator's docstring).
+    self.assertEqual(here.keys(), federated.keys() - {'num_batches'})
     self.assertEqual(here['num_examples'], 50)
-    for name, value in federated.items():
-      self.assertAllClose(here[name], value, rtol=1e-6, msg=name)
+    for name, value in here.items():
+      self.assertAllClose(value, federated[name], rtol=1e-6, msg=name)
 
 
 class RefusalTest(tf.test.TestCase):

@@ -61,6 +61,38 @@ class DpFedAvgProcessTest(tf.test.TestCase):
     self.assertTrue(all(r.cohort_size == _COHORT for r in results))
     self.assertEqual(results[-1].epsilon, float('inf'))  # Noise 0.
 
+  def test_each_rounds_client_data_is_built_once_from_its_plan(self):
+    # The loop builds round r + 1's client data while round r trains; each
+    # round must still get the data of its own cohort and shuffle seed.
+    calls = []
+    standard = loop.standard_client_data(self.task, 1, 8)
+
+    def client_data(cohort, shuffle_seed, byzantine_count):
+      calls.append((list(cohort), shuffle_seed, byzantine_count))
+      return standard(cohort, shuffle_seed, byzantine_count)
+
+    sampler = sampling.ClientSampler('poisson', _NUM_CLIENTS, _COHORT, seed=3)
+    ledger = accounting.PrivacyLedger(
+        accounting.SampledRounds(
+            gaussian.round_dp_event(1.0), gaussian.dp_event_from_state),
+        sampling.SamplingScheme.POISSON, _NUM_CLIENTS, _COHORT, 1e-5,
+    )
+    results = []
+    loop.run_training(
+        self.process, self.task, sampler, ledger,
+        lambda weights: {'loss': 0.0, 'accuracy': 0.0},
+        rounds=4, local_epochs=1, batch_size=8, eval_every=4, seed=5,
+        on_round=results.append, client_data_fn=client_data,
+    )
+    self.assertEqual(calls, [
+        (sampler.sample(r).tolist(), loop.round_shuffle_seed(5, r), 0)
+        for r in range(1, 5)
+    ])
+    self.assertEqual([r.cohort_size for r in results],
+                     [len(sampler.sample(r)) for r in range(1, 5)])
+    # The epsilon computed while each round trained is the ledger's.
+    self.assertEqual(results[-1].epsilon, ledger.epsilon())
+
   def test_nonfinite_client_update_does_not_poison_model(self):
     state = self.process.initialize()
     before = self.process.get_model_weights(state).trainable

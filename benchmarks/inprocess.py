@@ -3,8 +3,8 @@ r"""The in-process engine against TFF's worker, the compute floor and stock TFF.
   python -m benchmarks.inprocess --report=BENCHMARKS.md --timed_rounds=5
 
 Side by side in one process, rounds alternating between systems (round 1 of
-each, then round 2 of each, ...), medians of `--timed_rounds` rounds after a
-warm-up:
+each, then round 2 of each, ..., each round starting with the next system),
+medians of `--timed_rounds` rounds after a warm-up:
 * stock TFF: `build_unweighted_fed_avg` with TFF's own
   `DifferentiallyPrivateFactory.gaussian_fixed`, on TFF's worker;
 * our standard and vectorized engines (TFF's worker);
@@ -111,8 +111,13 @@ def _bench(name, task, n, repeats, gflops, rng, results) -> None:
     data = groups if stacked else datasets
     states[label] = learning_process.next(
         learning_process.initialize(), data[0]).state
+  labels = list(systems)
   for round_index in range(1, repeats + 1):
-    for label, (learning_process, stacked) in systems.items():
+    # Each round starts with another system, so that none always runs right
+    # after the same one (a worker's threads still winding down).
+    shift = round_index % len(labels)
+    for label in labels[shift:] + labels[:shift]:
+      learning_process, stacked = systems[label]
       data = groups if stacked else datasets
       start = time.perf_counter()
       states[label] = learning_process.next(
@@ -209,7 +214,8 @@ def _ratio(results, task, n, numerator, denominator):
 def section(results, loop_round, demo, command) -> str:
   lines = [
       BEGIN, '## In-process engine', '',
-      f'Produced by `{command}`. Rounds of every system alternate; medians of '
+      f'Produced by `{command}`. Rounds of every system alternate, each round '
+      'starting with the next system; medians of '
       f'{len(results[0]["round_seconds"])} rounds after a warm-up. The '
       'in-process engine runs the vectorized process\'s MapReduce form '
       '(`dp_fedavg.inprocess`) on the same groups of users as the vectorized '

@@ -151,6 +151,23 @@ class SameComputationTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(
         type(state_here), type(state), 'the state keeps TFF\'s containers')
 
+  def test_clients_in_parallel_give_the_sequential_model(self):
+    # Three TFF clients of stacked users (no variables): they run at once,
+    # and the sum is still taken in the clients' order.
+    learning_process = _process('gaussian_fixed', 1.0, True)
+    parallel = inprocess.InProcessLearningProcess(learning_process)
+    sequential = inprocess.InProcessLearningProcess(
+        learning_process, parallel_clients=1)
+    directory = self.create_tempdir().full_path
+    state = state_sequential = parallel.initialize()
+    for round_num in (1, 2):
+      data = _client_data(True, round_num, directory)
+      self.assertLen(data, 3)
+      state = parallel.next(state, data).state
+      state_sequential = sequential.next(state_sequential, data).state
+      self.assertAllEqual(_flat_weights(parallel, state),
+                          _flat_weights(sequential, state_sequential))
+
   def test_distributed_dp_within_its_rounding_error(self):
     # Its stochastic rounding draws an unseeded seed, so two runs on TFF's
     # worker differ too. Each client's rounding error has L2 norm below

@@ -87,9 +87,11 @@ from dp_accounting import mechanism_calibration
 from dp_accounting.pld import common as pld_common
 from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.pld import privacy_loss_mechanism
 from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
+from scipy import fft as scipy_fft
 from scipy import special
 
 from dp_fedavg import correlated_noise
@@ -312,6 +314,73 @@ def _dense_epsilon_for_delta(pmf, delta: float) -> float:
   return math.log((upper - delta) / lower)
 
 
+class _DenseSelfComposition:
+  """dp-accounting's `DensePLDPmf.self_compose(count)` of one PMF, any count.
+
+  The training loop composes the same round's PMF once more every round.
+  dp-accounting 0.4.3 then recomputes the PMF's log moment-generating
+  function at 40 orders (its Chernoff truncation bounds; 20 ms of a 60 ms
+  epsilon at round 20) and transforms the real PMF with a complex FFT. Here
+  the log-MGFs are computed once, and the FFT is a real one (half the
+  work): the same bounds, the same truncation, the same PMF up to float64
+  rounding (tested against the library's).
+  """
+
+  _TAIL_MASS_TRUNCATION = 1e-15  # DensePLDPmf.self_compose's default.
+
+  def __init__(self, pmf: pld_pmf.DensePLDPmf):
+    # pylint: disable=protected-access
+    self._pmf = pmf
+    probs = pmf._probs
+    # pld_common.compute_self_convolve_bounds's orders.
+    self._orders = np.concatenate(
+        (np.arange(-20, 0), np.arange(1, 21))) / len(probs)
+    self._log_mgfs = [
+        special.logsumexp(np.arange(len(probs)) * order, b=probs)
+        for order in self._orders
+    ]
+
+  def _bounds(self, count: int) -> tuple[int, int]:
+    """pld_common.compute_self_convolve_bounds with the cached log-MGFs."""
+    lower, upper = 0, (len(self._pmf._probs) - 1) * count  # pylint: disable=protected-access
+    for order, log_mgf in zip(self._orders, self._log_mgfs):
+      bound = (count * log_mgf
+               + math.log(2 / self._TAIL_MASS_TRUNCATION)) / order
+      if order > 0:
+        upper = min(upper, math.ceil(bound))
+      else:
+        lower = max(lower, math.floor(bound))
+    return lower, upper
+
+  def __call__(self, count: int) -> pld_pmf.DensePLDPmf:
+    # pylint: disable=protected-access
+    pmf = self._pmf
+    lower, upper = self._bounds(count)
+    output_len = upper - lower + 1
+    fast_len = scipy_fft.next_fast_len(
+        max(output_len, len(pmf._probs)), real=True)
+    convolution = scipy_fft.irfft(
+        scipy_fft.rfft(pmf._probs, fast_len) ** count, fast_len)
+    probs = np.roll(convolution, -lower)[:output_len]
+    infinity_mass = (self._TAIL_MASS_TRUNCATION
+                     - math.expm1(count * math.log1p(-pmf._infinity_mass)))
+    return pld_pmf.DensePLDPmf(
+        pmf._discretization, pmf._lower_loss * count + lower, probs,
+        infinity_mass, pmf._pessimistic_estimate)
+
+
+def _self_composition(pld) -> Callable[[int], Any]:
+  """count -> `pld.self_compose(count)`, by `_DenseSelfComposition` where
+  the PMFs are dense."""
+  # pylint: disable=protected-access
+  pmfs = [pld._pmf_remove] + ([] if pld._symmetric else [pld._pmf_add])
+  if not all(isinstance(pmf, pld_pmf.DensePLDPmf) for pmf in pmfs):
+    return pld.self_compose
+  composers = [_DenseSelfComposition(pmf) for pmf in pmfs]
+  return lambda count: privacy_loss_distribution.PrivacyLossDistribution(
+      *(compose(count) for compose in composers))
+
+
 def pld_epsilon(pld, delta: float) -> float:
   """`pld.get_epsilon_for_delta(delta)`, dense PMFs by the vectorized scan."""
   # pylint: disable=protected-access
@@ -471,13 +540,14 @@ class PrivacyAccountant:
       self._rdp_of_event[key] = single._rdp  # pylint: disable=protected-access
     return self._rdp_of_event[key]
 
-  def _single_round_pld(self, key: str, round_event):
+  def _single_round_pld(self, key: str, round_event) -> Callable[[int], Any]:
+    """count -> the PLD of `count` rounds of `round_event`."""
     if key not in self._pld_of_event:
       single = self._new_accountant(AccountantKind.PLD)
       single.compose(_for_pld(round_event))
       # As above: the accountant's PrivacyLossDistribution is private; its
       # self_compose(count) is what compose(event, count) does.
-      self._pld_of_event[key] = single._pld  # pylint: disable=protected-access
+      self._pld_of_event[key] = _self_composition(single._pld)  # pylint: disable=protected-access
     return self._pld_of_event[key]
 
   def _epsilons_of(self, history: dict[str, list]) -> dict[str, float]:
@@ -520,7 +590,7 @@ class PrivacyAccountant:
     if AccountantKind.PLD in kinds:
       pld = None
       for k, (event, count) in history.items():
-        part = self._single_round_pld(k, event).self_compose(count)
+        part = self._single_round_pld(k, event)(count)
         pld = part if pld is None else pld.compose(part)
       result[AccountantKind.PLD.value] = (
           0.0 if pld is None else float(pld_epsilon(pld, self.delta))

@@ -14,7 +14,8 @@ the round with the worker still serving it.
 
 import contextlib
 import signal
-from typing import Iterator, Optional
+import sys
+from typing import Callable, Iterator, Optional
 
 from absl import logging
 
@@ -54,6 +55,34 @@ def stop_on_signals() -> Iterator[StopRequest]:
   previous = {s: signal.signal(s, handle) for s in SIGNALS}
   try:
     yield request
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def exit_on_signals(binary: str, stopped: Callable[[], str]) -> Iterator[None]:
+  """Within the block, SIGINT or SIGTERM abandons the work at once.
+
+  The KeyboardInterrupt it raises unwinds the block (a local worker stops as
+  its execution context exits), then one line, `<binary>: <SIGNAL>:
+  <stopped()>` (what was kept and where), goes to stderr and the program
+  exits with 128 + the signal's number. For work that cannot stop at a
+  round's end and continue later (studies, audits).
+  """
+  received = []
+
+  def handle(signum, unused_frame):
+    received.append(signal.Signals(signum))
+    raise KeyboardInterrupt
+
+  previous = {s: signal.signal(s, handle) for s in SIGNALS}
+  try:
+    yield
+  except KeyboardInterrupt:
+    stopped_by = received[0] if received else signal.SIGINT
+    print(f'{binary}: {stopped_by.name}: {stopped()}', file=sys.stderr)
+    sys.exit(128 + int(stopped_by))
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)

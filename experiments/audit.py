@@ -35,6 +35,7 @@ from absl import flags
 import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
 from dp_fedavg import execution
+from dp_fedavg import interrupts
 from dp_fedavg import outputs
 from dp_fedavg import run_config
 from experiments import auditing
@@ -79,11 +80,15 @@ def main(argv):
   except ValueError as e:
     privacy_flags.exit_with_usage_error(str(e))
   try:
-    result = auditing.run_audit(
-        task, plan, canaries, _CONFIDENCE.value, _OUTPUT_DIR.value,
-        training_flags.flag_values(sys.modules[__name__]),
-        overwrite=_OVERWRITE.value,
-    )
+    # An audit's statistics need its whole run: a signal abandons it.
+    with interrupts.exit_on_signals('audit.py', lambda: (
+        'stopped before the run ended, so nothing was audited; the rounds '
+        f'done are in {_OUTPUT_DIR.value}')):
+      result = auditing.run_audit(
+          task, plan, canaries, _CONFIDENCE.value, _OUTPUT_DIR.value,
+          training_flags.flag_values(sys.modules[__name__]),
+          overwrite=_OVERWRITE.value,
+      )
   except auditing.NothingToAuditError as e:
     privacy_flags.exit_with_usage_error(str(e))
   except execution.WorkerUnavailableError as e:

@@ -22,6 +22,7 @@ from absl import flags
 import tensorflow as tf  # noqa: F401  # pylint: disable=unused-import  # Before absl starts: Keras breaks when TF is first imported inside main.
 
 from dp_fedavg import diagnostics
+from dp_fedavg import interrupts
 from dp_fedavg import outputs
 from dp_fedavg import run_config
 from experiments import plots
@@ -74,34 +75,52 @@ def main(argv):
   output_dir = _OUTPUT_DIR.value
   study_values = studies.write_flags(output_dir, sys.modules[__name__])
   rows = []
-  with runner.execution_context(config):
-    probe = diagnostics.UpdateNormProbe(task.model_fn, config.client_lr)
+  # A signal stops training after the round in progress (a second one at
+  # once); the norms of the rounds done are written all the same.
+  with interrupts.stop_on_signals() as stop:
+    try:
+      with runner.execution_context(config):
+        probe = diagnostics.UpdateNormProbe(task.model_fn, config.client_lr)
 
-    def record_norms(round_num, model_weights, client_datasets):
-      for client, norms in enumerate(probe(model_weights, client_datasets)):
-        rows.extend(
-            (round_num, client, layer, float(norm))
-            for layer, norm in zip(probe.layer_names, norms)
-        )
+        def record_norms(round_num, model_weights, client_datasets):
+          norms = probe(model_weights, client_datasets)
+          rows.extend(
+              (round_num, client, layer, float(norm))
+              for client, client_norms in enumerate(norms)
+              for layer, norm in zip(probe.layer_names, client_norms)
+          )
 
-    runner.Runner(task).run(
-        plan, os.path.join(output_dir, 'run'), study_values,
-        overwrite=True, inspect_round=record_norms,
-    )
+        interrupted = runner.Runner(task).run(
+            plan, os.path.join(output_dir, 'run'), study_values,
+            overwrite=True, inspect_round=record_norms,
+            stop_requested=stop.requested,
+        ).interrupted
+    except KeyboardInterrupt:  # A second signal.
+      interrupted = True
+  if not rows:
+    reason = (f'{stop.signal.name}: stopped before the first round'
+              if interrupted else 'no round ran (the privacy budget allows none)')
+    print(f'layer_norms.py: {reason}; no norms were measured', file=sys.stderr)
+    sys.exit(stop.exit_code if interrupted else 1)
   norms_path = os.path.join(output_dir, NORMS_FILE)
   with open(norms_path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(('round', 'client', 'layer', 'norm'))
     writer.writerows(rows)
+  rounds = len({row[0] for row in rows})
   by_layer = {name: [] for name in probe.layer_names}
   for _, _, layer, norm in rows:
     by_layer[layer].append(norm)
   figure = os.path.join(output_dir, 'layer_norms.png')
   plots.layer_norm_boxes(
       by_layer, figure,
-      f'{task.name}: per-layer client update norms, '
-      f'{config.rounds} rounds',
+      f'{task.name}: per-layer client update norms, {rounds} rounds',
   )
+  if interrupted:
+    print(f'layer_norms.py: {stop.signal.name}: stopped with the norms of '
+          f'{rounds} of {config.rounds} rounds: {norms_path}, figure: '
+          f'{figure}', file=sys.stderr)
+    sys.exit(stop.exit_code)
   print(f'norms: {norms_path}\nfigure: {figure}')
 
 

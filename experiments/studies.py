@@ -5,15 +5,12 @@ A study builds its runs' configurations from the one its binary built
 (`RunConfig.replace`); it never changes flag values.
 """
 
-import contextlib
 import dataclasses
 import datetime
 import json
 import os
-import signal
-import sys
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from absl import flags
 from absl import logging
@@ -79,31 +76,15 @@ class Progress:
     self._done = 0
     self._start = time.monotonic()
 
-  @contextlib.contextmanager
-  def stopping_on_signals(self, binary: str) -> Iterator[None]:
+  def stopping_on_signals(self, binary: str):
     """SIGINT or SIGTERM stops the study at once: the run in progress is
     abandoned (its worker stopped as the execution context unwinds), the
     finished runs keep their outputs and rows, and one line says so; exit
     128 + the signal. Studies have no --resume: their runs are short, and
     a rerun with the finished points left out continues one."""
-    received = []
-
-    def handle(signum, unused_frame):
-      received.append(signal.Signals(signum))
-      raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, handle) for s in interrupts.SIGNALS}
-    try:
-      yield
-    except KeyboardInterrupt:
-      stopped_by = received[0] if received else signal.SIGINT
-      print(f'{binary}: {stopped_by.name}: stopped with {self._done} of '
-            f'{self._total} runs finished; their rows are in '
-            f'{os.path.join(self._output_dir, RESULTS_FILE)}', file=sys.stderr)
-      sys.exit(128 + int(stopped_by))
-    finally:
-      for s, handler in previous.items():
-        signal.signal(s, handler)
+    return interrupts.exit_on_signals(binary, lambda: (
+        f'stopped with {self._done} of {self._total} runs finished; their '
+        f'rows are in {os.path.join(self._output_dir, RESULTS_FILE)}'))
 
   def run_finished(self, description: str, rows: list[dict[str, Any]]) -> None:
     """Logs a run that finished; `rows`: the study's rows so far, written to

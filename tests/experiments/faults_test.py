@@ -3,6 +3,7 @@ checkpoints, interrupts, and extending a finished run."""
 
 import csv
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -334,6 +335,48 @@ class StudyInterruptTest(absltest.TestCase):
       rows = list(csv.DictReader(f))
     self.assertLen(rows, finished)
     self.assertEqual(float(rows[0]['noise_multiplier']), 0.5)
+
+
+class BinaryInterruptTest(absltest.TestCase):
+  """A signal to the binaries that have no --resume: one line, exit 128 +
+  the signal, and what was done kept."""
+
+  def _signalled(self, binary, output_dir, written, signum, *args):
+    stderr_path = os.path.join(self.create_tempdir().full_path, 'stderr')
+    with open(stderr_path, 'w') as stderr:
+      process = subprocess.Popen(
+          [sys.executable, '-m', f'experiments.{binary}',
+           f'--output_dir={output_dir}', '--task=digits', '--num_clients=6',
+           '--sampling=full', '--rounds=400', '--eval_every=400', *args],
+          cwd=binaries.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+          start_new_session=True)
+    stderr = _signal_group_once_written(process, written, signum, stderr_path)
+    self.assertEqual(process.returncode, 128 + signum, stderr[-3000:])
+    self.assertNotIn('Traceback', stderr)
+    return stderr.strip().splitlines()[-1]
+
+  def test_layer_norms_stops_after_the_round_and_writes_its_norms(self):
+    output_dir = self.create_tempdir().full_path
+    last = self._signalled(
+        'layer_norms', output_dir,
+        os.path.join(output_dir, 'run', 'metrics.csv'), signal.SIGINT)
+    match = re.match(r'^layer_norms\.py: SIGINT: stopped with the norms of '
+                     r'(\d+) of 400 rounds: ', last)
+    self.assertIsNotNone(match, last)
+    with open(os.path.join(output_dir, 'layer_norms.csv')) as f:
+      rounds = {int(row['round']) for row in csv.DictReader(f)}
+    self.assertEqual(rounds, set(range(1, int(match.group(1)) + 1)))
+    self.assertTrue(os.path.getsize(os.path.join(output_dir, 'layer_norms.png')))
+
+  def test_audit_stops_at_once_keeping_the_rounds_done(self):
+    output_dir = self.create_tempdir().full_path
+    metrics = os.path.join(output_dir, 'metrics.csv')
+    last = self._signalled('audit', output_dir, metrics, signal.SIGTERM,
+                           '--canaries=10', '--noise_multiplier=1.0')
+    self.assertEqual(
+        last, 'audit.py: SIGTERM: stopped before the run ended, so nothing '
+        f'was audited; the rounds done are in {output_dir}')
+    self.assertTrue(_metrics(output_dir))
 
 
 if __name__ == '__main__':

@@ -341,7 +341,10 @@ class BinaryInterruptTest(absltest.TestCase):
   """A signal to the binaries that have no --resume: one line, exit 128 +
   the signal, and what was done kept."""
 
-  def _signalled(self, binary, output_dir, written, signum, *args):
+  def _signalled(self, binary, output_dir, written, signum, *args,
+                 ready=lambda: True):
+    """Runs the binary on digits, signals it once `written` exists and
+    `ready()`; returns its last line of stderr."""
     stderr_path = os.path.join(self.create_tempdir().full_path, 'stderr')
     with open(stderr_path, 'w') as stderr:
       process = subprocess.Popen(
@@ -350,6 +353,10 @@ class BinaryInterruptTest(absltest.TestCase):
            '--sampling=full', '--rounds=400', '--eval_every=400', *args],
           cwd=binaries.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
           start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (os.path.exists(written) and ready()):
+      self.assertLess(time.monotonic(), deadline, f'{written} not ready')
+      time.sleep(0.02)
     stderr = _signal_group_once_written(process, written, signum, stderr_path)
     self.assertEqual(process.returncode, 128 + signum, stderr[-3000:])
     self.assertNotIn('Traceback', stderr)
@@ -372,7 +379,8 @@ class BinaryInterruptTest(absltest.TestCase):
     output_dir = self.create_tempdir().full_path
     metrics = os.path.join(output_dir, 'metrics.csv')
     last = self._signalled('audit', output_dir, metrics, signal.SIGTERM,
-                           '--canaries=10', '--noise_multiplier=1.0')
+                           '--canaries=10', '--noise_multiplier=1.0',
+                           ready=lambda: _metrics(output_dir))
     self.assertEqual(
         last, 'audit.py: SIGTERM: stopped before the run ended, so nothing '
         f'was audited; the rounds done are in {output_dir}')

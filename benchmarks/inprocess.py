@@ -3,7 +3,7 @@ r"""The in-process engine against TFF's worker, the compute floor and stock TFF.
   python -m benchmarks.inprocess --report=BENCHMARKS.md --timed_rounds=5
 
 Side by side in one process, rounds alternating between systems (round 1 of
-each, then round 2 of each, ..., each round starting with the next system),
+each, then round 2 of each, ..., each round in another seeded order),
 medians of `--timed_rounds` rounds after a warm-up:
 * stock TFF: `build_unweighted_fed_avg` with TFF's own
   `DifferentiallyPrivateFactory.gaussian_fixed`, on TFF's worker;
@@ -14,8 +14,10 @@ on the synthetic MLP (784-200-10, 64 examples per user) at 10 and 50 users,
 and at 50 users on the FEMNIST CNN and the Shakespeare GRU when the shared
 data is there. Noise multiplier 1, clip 1, one local epoch of batch 16.
 
-It also times a whole training-loop round on the in-process engine (sampling,
-packing, training, accounting, evaluation) against its `process.next`, and
+It also times, on the MLP, the in-process round with DP against without,
+the two alone; a whole training-loop round on the in-process engine
+(sampling, packing, training, accounting, evaluation) against its
+`process.next`, while users are first seen and once their files exist; and
 the `make demo` run's wall time on the standard engine and on the default
 (auto) engine, each in a fresh process. Writes its own section of
 BENCHMARKS.md (`benchmarks.report.replace_section`); `benchmarks.run` (make
@@ -61,12 +63,13 @@ BEGIN = '<!-- begin inprocess -->'
 END = '<!-- end inprocess -->'
 _NOISE, _CLIP, _LR = 1.0, 1.0, 0.1
 _EPOCHS, _BATCH = synthetic.LOCAL_EPOCHS, synthetic.BATCH
+# Rounds of the MLP's cheap measurements (DP against no DP alone, the loop
+# once users' files exist): more than --timed_rounds, for steadier medians.
+_MANY_ROUNDS = 21
 
 
 def _systems(task, n: int) -> dict:
   """Name -> (learning process, whether its data is the vectorized groups)."""
-  stacked = lambda noise: gaussian.GaussianFactory(  # noqa: E731
-      noise, _CLIP, n, noise_seed=0, stacked_users=True)
   systems = {
       'stock TFF gaussian_fixed': (tff.learning.algorithms.build_unweighted_fed_avg(
           task.model_fn,
@@ -78,14 +81,56 @@ def _systems(task, n: int) -> dict:
           task.model_fn, gaussian.GaussianFactory(_NOISE, _CLIP, n, noise_seed=0),
           _LR, 1.0, 0.0), False),
       'vectorized ours gaussian_fixed': (vectorized.build_process(
-          task, stacked(_NOISE), _LR, 1.0, 0.0, _EPOCHS, _BATCH), True),
+          task, gaussian.GaussianFactory(
+              _NOISE, _CLIP, n, noise_seed=0, stacked_users=True),
+          _LR, 1.0, 0.0, _EPOCHS, _BATCH), True),
   }
-  for label, factory in (('ours gaussian_fixed', stacked(_NOISE)),
-                         ('no DP', None)):
-    systems[f'inprocess {label}'] = (inprocess.InProcessLearningProcess(
-        vectorized.build_process(task, factory, _LR, 1.0, 0.0, _EPOCHS,
-                                 _BATCH)), True)
+  systems.update({label: (learning_process, True) for label, learning_process
+                  in _inprocess_systems(task, n).items()})
   return systems
+
+
+def _inprocess_systems(task, n: int) -> dict:
+  """The in-process engine with our gaussian_fixed and with no DP."""
+  return {
+      f'inprocess {label}': inprocess.InProcessLearningProcess(
+          vectorized.build_process(task, factory, _LR, 1.0, 0.0, _EPOCHS,
+                                   _BATCH))
+      for label, factory in (
+          ('ours gaussian_fixed', gaussian.GaussianFactory(
+              _NOISE, _CLIP, n, noise_seed=0, stacked_users=True)),
+          ('no DP', None))
+  }
+
+
+def _dp_overhead(task, n: int, rounds: int) -> dict[str, float]:
+  """Median seconds of the in-process round with our gaussian_fixed and with
+  no DP, the two alone, alternating which goes first, on the same groups of
+  users: what DP adds to the engine's round, without a TFF worker's threads
+  around (they slow whichever system runs next)."""
+  population = len(task.train_data.client_ids)
+  rng = np.random.default_rng(1)
+  files_dir = tempfile.TemporaryDirectory(prefix='bench_users_')
+  files = vectorized.UserFiles(task, files_dir.name)
+  groups = [
+      vectorized.pack_cohort(
+          files, sorted(rng.choice(population, n, replace=False).tolist()),
+          vectorized.default_users_per_client(n), 0)
+      for _ in range(rounds + 1)
+  ]
+  systems = _inprocess_systems(task, n)
+  states = {label: p.next(p.initialize(), groups[0]).state
+            for label, p in systems.items()}
+  seconds = {label: [] for label in systems}
+  for round_index in range(1, rounds + 1):
+    order = list(systems)[::1 if round_index % 2 else -1]
+    for label in order:
+      start = time.perf_counter()
+      states[label] = systems[label].next(
+          states[label], groups[round_index]).state
+      seconds[label].append(time.perf_counter() - start)
+  files_dir.cleanup()
+  return {label: statistics.median(times) for label, times in seconds.items()}
 
 
 def _bench(name, task, n, repeats, gflops, rng, results) -> None:
@@ -111,12 +156,10 @@ def _bench(name, task, n, repeats, gflops, rng, results) -> None:
     data = groups if stacked else datasets
     states[label] = learning_process.next(
         learning_process.initialize(), data[0]).state
-  labels = list(systems)
   for round_index in range(1, repeats + 1):
-    # Each round starts with another system, so that none always runs right
-    # after the same one (a worker's threads still winding down).
-    shift = round_index % len(labels)
-    for label in labels[shift:] + labels[:shift]:
+    # Each round in another (seeded) order, so that no system always runs
+    # right after the same one (a worker's threads still winding down).
+    for label in np.random.default_rng(round_index).permutation(list(systems)):
       learning_process, stacked = systems[label]
       data = groups if stacked else datasets
       start = time.perf_counter()
@@ -157,26 +200,26 @@ def _loop_round(task, repeats) -> dict[str, float]:
   pack = lambda cohort, seed: vectorized.pack_cohort(  # noqa: E731
       files, cohort, users_per_client, seed)
 
-  def loop_walls() -> np.ndarray:
+  def loop_walls(rounds: int) -> np.ndarray:
     ledger = accounting.PrivacyLedger(
         mechanism.build_ledger(params, setting),
         sampling.SamplingScheme.POISSON, num_clients, n, 1e-5)
     released = []
     loop.run_training(
         learning_process, task, sampler, ledger, evaluate,
-        rounds=repeats + 1, local_epochs=_EPOCHS, batch_size=_BATCH,
+        rounds=rounds + 1, local_epochs=_EPOCHS, batch_size=_BATCH,
         on_round=lambda result: released.append(time.perf_counter()),
         client_data_fn=lambda cohort, seed, _: pack(cohort, seed))
     # Round r's wall time: between the releases of rounds r - 1 and r.
     return np.diff(released)
 
-  first_seen = loop_walls()
+  first_seen = loop_walls(repeats)
   for user in range(num_clients):
     files.paths(user)
-  written = loop_walls()
+  written = loop_walls(_MANY_ROUNDS)
   state = learning_process.initialize()
   next_seconds = []
-  for round_num in range(1, repeats + 2):
+  for round_num in range(1, _MANY_ROUNDS + 2):
     data = pack(list(sampler.sample(round_num)),
                 loop.round_shuffle_seed(0, round_num))
     start = time.perf_counter()
@@ -211,11 +254,11 @@ def _ratio(results, task, n, numerator, denominator):
   return f'{values[numerator]["median"] / values[denominator]["median"]:.2f}'
 
 
-def section(results, loop_round, demo, command) -> str:
+def section(results, dp_overhead, loop_round, demo, command) -> str:
   lines = [
       BEGIN, '## In-process engine', '',
       f'Produced by `{command}`. Rounds of every system alternate, each round '
-      'starting with the next system; medians of '
+      'in another seeded order; medians of '
       f'{len(results[0]["round_seconds"])} rounds after a warm-up. The '
       'in-process engine runs the vectorized process\'s MapReduce form '
       '(`dp_fedavg.inprocess`) on the same groups of users as the vectorized '
@@ -263,16 +306,36 @@ def section(results, loop_round, demo, command) -> str:
         f'{f * 1000:.1f} ms' for f in floors) + ' |',
               '| in-process / floor (MLP targets: <= 5 at n=10, <= 3 at n=50) | '
               + ' | '.join(gaps) + ' |', '']
+  sizes = sorted(dp_overhead)
+  lines += [
+      '### DP against no DP on this engine, the two alone', '',
+      f'The MLP, the two in-process systems alternating (which goes first '
+      f'too), medians of {_MANY_ROUNDS} rounds: a TFF worker\'s threads, '
+      'still winding down after its round, slow whichever system runs next '
+      'in the tables above.', '',
+      '| measure | ' + ' | '.join(f'n={n}' for n in sizes) + ' |',
+      '| --- |' + ' --- |' * len(sizes),
+      '| inprocess ours gaussian_fixed | ' + ' | '.join(
+          f'{dp_overhead[n]["inprocess ours gaussian_fixed"]:.4f} s'
+          for n in sizes) + ' |',
+      '| inprocess no DP | ' + ' | '.join(
+          f'{dp_overhead[n]["inprocess no DP"]:.4f} s' for n in sizes) + ' |',
+      '| DP / no DP (target <= 1.05) | ' + ' | '.join(
+          f'{dp_overhead[n]["inprocess ours gaussian_fixed"] / dp_overhead[n]["inprocess no DP"]:.2f}'
+          for n in sizes) + ' |', '',
+  ]
   lines += [
       '### Whole loop and demo', '',
       '| measure | seconds |', '| --- | --- |',
       f'| training-loop round, in process (MLP, 50 Poisson users out of '
       f'1000: sampling, packing, training, accounting, evaluation every '
-      f'round), every user\'s files written | {loop_round["loop_round"]:.3f} |',
+      f'round), every user\'s files written (median of {_MANY_ROUNDS}) | '
+      f'{loop_round["loop_round"]:.3f} |',
       f'| the same while users are first seen (their data read and written '
       f'in the round that first samples them) | '
       f'{loop_round["loop_round_first_seen"]:.3f} |',
-      f'| its process.next alone | {loop_round["process_next"]:.3f} |',
+      f'| its process.next alone (median of {_MANY_ROUNDS}) | '
+      f'{loop_round["process_next"]:.3f} |',
       f'| ratio, files written (target <= 1.5) | '
       f'{loop_round["loop_round"] / loop_round["process_next"]:.2f} |',
       f'| ratio, users first seen | '
@@ -295,6 +358,7 @@ def run(output: str, json_path: str, repeats: int, gflops: float,
     mlp = synthetic.build_task(1000)
     for n in (10, 50):
       _bench('synthetic_mlp', mlp, n, repeats, gflops, rng, results)
+    dp_overhead = {n: _dp_overhead(mlp, n, _MANY_ROUNDS) for n in (10, 50)}
     for name, task_name in (('femnist_cnn', 'femnist'),
                             ('shakespeare_gru', 'shakespeare')):
       try:
@@ -305,11 +369,13 @@ def run(output: str, json_path: str, repeats: int, gflops: float,
       _bench(name, task, 50, repeats, gflops, rng, results)
   loop_round = _loop_round(mlp, repeats)
   demo = _demo_seconds()
-  report.replace_section(output, BEGIN, END,
-                         section(results, loop_round, demo, command))
+  report.replace_section(
+      output, BEGIN, END,
+      section(results, dp_overhead, loop_round, demo, command))
   with open(json_path, 'w') as f:
-    json.dump(dict(rounds=results, loop_round=loop_round, demo=demo,
-                   command=command), f, indent=1)
+    json.dump(dict(rounds=results, dp_overhead=dp_overhead,
+                   loop_round=loop_round, demo=demo, command=command),
+              f, indent=1)
 
 
 def main(argv):

@@ -14,7 +14,7 @@ def replace_section(path: str, begin: str, end: str, section: str) -> None:
     # One blank line between this section and the next.
     text = before + section.rstrip('\n') + '\n' + ('\n' + after if after else '')
   else:
-    text = text.rstrip('\n') + '\n\n' + section
+    text = (text.rstrip('\n') + '\n\n' if text.strip() else '') + section
   with open(path + '.partial', 'w') as f:
     f.write(text)
   os.replace(path + '.partial', path)

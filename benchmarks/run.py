@@ -40,6 +40,7 @@ from aggregators import registry
 from aggregators import secure_encoding
 from benchmarks import inprocess
 from benchmarks import peers
+from benchmarks import report
 from benchmarks import synthetic
 from dp_fedavg import accounting
 from dp_fedavg import execution
@@ -53,6 +54,9 @@ _JSON = flags.DEFINE_string('json', 'benchmarks/results.json', 'Raw numbers.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed rounds per setting.')
 _QUICK = flags.DEFINE_bool(
     'quick', False, 'Smallest settings only (checks the harness, not speed).')
+# This run's section of the report; the others come from their own commands.
+BEGIN = '<!-- make bench: begin -->'
+END = '<!-- make bench: end -->'
 
 _NOISE, _CLIP = 1.0, 1.0
 _LOCAL_EPOCHS, _BATCH = synthetic.LOCAL_EPOCHS, synthetic.BATCH
@@ -447,9 +451,13 @@ def main(argv):
   phases = _loop_phases(mlp, _REPEATS.value)
   memory = _memory((1_000,) if _QUICK.value else (1_000, 100_000))
   machine = _machine()
-  report = _report(machine, gflops, results, overhead, phases, memory, command)
-  with open(_OUTPUT.value, 'w') as f:
-    f.write(report)
+  # Only this run's section: the file's other sections come from their own
+  # commands (robust rules, DP-SGD step, correlated noise, ...).
+  report.replace_section(
+      _OUTPUT.value, BEGIN, END,
+      f'{BEGIN}\n'
+      f'{_report(machine, gflops, results, overhead, phases, memory, command)}'
+      f'{END}\n')
   os.makedirs(os.path.dirname(_JSON.value) or '.', exist_ok=True)
   with open(_JSON.value, 'w') as f:
     json.dump(dict(machine=machine, matmul_gflops=gflops, rounds=results,

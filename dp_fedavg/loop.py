@@ -252,7 +252,7 @@ def run_training(
 
   elapsed = 0.0
   diverged_streak = 0
-  next_data = None
+  next_plan = next_data = None
   # A round's cohort, shuffling and Byzantine count depend only on the seeds,
   # so `ahead` builds the next round's client data (first-seen users' files,
   # `dp_fedavg.vectorized`) while a round trains, and computes the round's
@@ -261,7 +261,7 @@ def run_training(
   with concurrent.futures.ThreadPoolExecutor(
       max_workers=2, thread_name_prefix='round_ahead') as ahead:
     for round_num in range(first_round, rounds + 1):
-      plan = round_plan(round_num)
+      plan = round_plan(round_num) if next_plan is None else next_plan
       sampled, cohort = plan.sampled, plan.cohort
       # Without dropouts every sampled client reports (None: the ledger's
       # event as before).
@@ -294,8 +294,9 @@ def run_training(
       start = time.monotonic()
       client_data = (client_data_of(plan) if next_data is None
                      else next_data.result())
-      next_data = (ahead.submit(client_data_of, round_plan(round_num + 1))
-                   if round_num < rounds else None)
+      next_plan = round_plan(round_num + 1) if round_num < rounds else None
+      next_data = (None if next_plan is None
+                   else ahead.submit(client_data_of, next_plan))
       if inspect_round is not None:
         inspect_round(round_num, process.get_model_weights(state), client_data)
       output = process.next(state, client_data)

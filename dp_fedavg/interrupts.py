@@ -52,12 +52,8 @@ def stop_on_signals() -> Iterator[StopRequest]:
         '%s: stopping after the round in progress (send it again to stop at '
         'once)', request.signal.name)
 
-  previous = {s: signal.signal(s, handle) for s in SIGNALS}
-  try:
+  with _handled_by(handle):
     yield request
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -76,13 +72,22 @@ def exit_on_signals(binary: str, stopped: Callable[[], str]) -> Iterator[None]:
     received.append(signal.Signals(signum))
     raise KeyboardInterrupt
 
-  previous = {s: signal.signal(s, handle) for s in SIGNALS}
   try:
-    yield
+    with _handled_by(handle):
+      yield
   except KeyboardInterrupt:
     stopped_by = received[0] if received else signal.SIGINT
     print(f'{binary}: {stopped_by.name}: {stopped()}', file=sys.stderr)
     sys.exit(128 + int(stopped_by))
+
+
+@contextlib.contextmanager
+def _handled_by(handle) -> Iterator[None]:
+  """Within the block, SIGINT and SIGTERM go to `handle`; the previous
+  handlers come back on leaving."""
+  previous = {s: signal.signal(s, handle) for s in SIGNALS}
+  try:
+    yield
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)

@@ -44,11 +44,15 @@ def _metrics(output_dir):
             for r in csv.DictReader(f)]
 
 
-def _signal_group_once_written(process, path, signum, stderr_path) -> str:
-  """Signals `process`'s group (as a terminal would) once `path` exists,
-  waits for it to end and returns its stderr."""
+def _signal_group_once_written(process, path, signum, stderr_path,
+                               ready=lambda: True) -> str:
+  """Signals `process`'s group (as a terminal would) once `path` exists and
+  `ready()`, waits for it to end and returns its stderr."""
   deadline = time.monotonic() + 240
-  while not os.path.exists(path) and time.monotonic() < deadline:
+  while not (os.path.exists(path) and ready()):
+    if time.monotonic() > deadline:
+      os.killpg(process.pid, signal.SIGKILL)
+      raise TimeoutError(f'{path} not written (or not ready) in 240 s')
     time.sleep(0.02)
   os.killpg(process.pid, signum)
   process.wait(timeout=120)
@@ -353,11 +357,8 @@ class BinaryInterruptTest(absltest.TestCase):
            '--sampling=full', '--rounds=400', '--eval_every=400', *args],
           cwd=binaries.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
           start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not (os.path.exists(written) and ready()):
-      self.assertLess(time.monotonic(), deadline, f'{written} not ready')
-      time.sleep(0.02)
-    stderr = _signal_group_once_written(process, written, signum, stderr_path)
+    stderr = _signal_group_once_written(
+        process, written, signum, stderr_path, ready)
     self.assertEqual(process.returncode, 128 + signum, stderr[-3000:])
     self.assertNotIn('Traceback', stderr)
     return stderr.strip().splitlines()[-1]

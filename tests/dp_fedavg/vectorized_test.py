@@ -386,5 +386,47 @@ class DenseStackTest(tf.test.TestCase):
         ])))
 
 
+class FiniteFromFactorsTest(tf.test.TestCase, parameterized.TestCase):
+  """The dense route's finiteness check, from the factors of the kernel
+  deltas, against checking the deltas themselves."""
+
+  @parameterized.named_parameters(
+      ('finite', None, 1.0, 0),
+      ('nan_input', ('input', 1, np.nan), 1.0, 1),
+      ('inf_gradient', ('gradient', 2, np.inf), 1.0, 1),
+      ('inf_times_zero_gradient', ('input', 0, np.inf), 0.0, 1),
+      ('nan_bias', ('bias', 3, np.nan), 1.0, 1),
+      # Finite factors whose products overflow float32, and large finite
+      # factors whose products do not.
+      ('products_overflow', ('input', 2, 1e30), 1e10, 1),
+      ('large_but_finite', ('input', 2, 1e30), 1e-10, 0),
+  )
+  def test_same_as_checking_the_deltas(self, corruption, gradient_scale,
+                                       nonfinite_users):
+    rng = np.random.default_rng(0)
+    users, rows = 5, 6
+    inputs = [rng.normal(size=(users, rows, 4)).astype(np.float32)]
+    output_grads = [(gradient_scale * rng.normal(size=(users, rows, 3)))
+                    .astype(np.float32)]
+    bias_deltas = [rng.normal(size=(users, 3)).astype(np.float32)]
+    if corruption is not None:
+      where, user, value = corruption
+      target = {'input': inputs, 'gradient': output_grads,
+                'bias': bias_deltas}[where][0]
+      target[user].flat[0] = value
+    kernel_deltas = [tf.matmul(inputs[0], 0.5 * output_grads[0],
+                               transpose_a=True)]
+    expected = np.all(np.isfinite(np.concatenate(
+        [kernel_deltas[0].numpy().reshape(users, -1), bias_deltas[0]],
+        axis=1)), axis=1)
+    self.assertAllEqual(
+        vectorized._users_finite_from_factors(
+            kernel_deltas, [tf.constant(b) for b in bias_deltas],
+            [tf.constant(i) for i in inputs],
+            [tf.constant(g) for g in output_grads], 0.5),
+        expected)
+    self.assertEqual(np.sum(~expected), nonfinite_users)
+
+
 if __name__ == '__main__':
   tf.test.main()

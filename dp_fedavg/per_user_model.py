@@ -94,23 +94,63 @@ def _group_normalization(layer: tf.keras.layers.GroupNormalization):
   if layer.axis not in (-1, 3) or not (layer.center and layer.scale):
     return None
   groups = layer.groups
+  epsilon = layer.epsilon
 
   def apply(weights, h):
     gamma, beta = weights
     shape = tf.shape(h)
-    channels = gamma.shape[-1]
-    grouped_shape = tf.concat([shape[:4], [groups, channels // groups]], 0)
-    grouped = tf.reshape(h, grouped_shape)
-    # Each example's statistics per group, over height, width and the
-    # group's channels, as the layer computes them.
-    mean, variance = tf.nn.moments(grouped, axes=[1, 2, 5], keepdims=True)
-    users = shape[3]
-    per_user = tf.stack([1, 1, 1, users, groups, channels // groups])
-    normalized = tf.nn.batch_normalization(
-        grouped, mean, variance,
-        offset=tf.reshape(beta, per_user), scale=tf.reshape(gamma, per_user),
-        variance_epsilon=layer.epsilon,
-    )
+    batch, users, channels = shape[0], shape[3], gamma.shape[-1]
+    per_group = channels // groups
+    # [batch, height * width, users * channels]: an example's group is a
+    # run of `per_group` channels at every position. Its statistics reduce
+    # the middle axis, then runs of the last: two fast reductions, where
+    # reducing axes (1, 2, 5) of [batch, height, width, users, groups,
+    # channels per group] at once cost 3.6x as much.
+    rows = tf.reshape(h, tf.stack([batch, -1, users * channels]))
+    count = tf.cast(tf.shape(rows)[1] * per_group, h.dtype)
+
+    def group_mean(t):
+      """[batch, users * groups]: each example's mean of `t` per group."""
+      sums = tf.reshape(tf.reduce_sum(t, axis=1),
+                        tf.stack([batch, users * groups, per_group]))
+      return tf.reduce_sum(sums, axis=2) / count
+
+    def broadcast(per_group_values):
+      """[batch, users * groups] -> [batch, 1, users * channels]."""
+      repeated = tf.repeat(per_group_values, per_group, axis=1)
+      return repeated[:, tf.newaxis]
+
+    @tf.custom_gradient
+    def normalize(rows, gamma, beta):
+      mean = group_mean(rows)
+      centered = rows - broadcast(mean)
+      # Biased variance about the mean, as tf.nn.moments in the layer.
+      inverse_std = tf.math.rsqrt(group_mean(tf.square(centered)) + epsilon)
+      standardized = centered * broadcast(inverse_std)
+      multiplier = broadcast(inverse_std) * gamma
+
+      def gradient(upstream):
+        # y = gamma x^ + beta, x^ = (x - mean) / std over a group's N
+        # values: dx = (g - mean(g) - x^ mean(g x^)) / std, g = dy gamma;
+        # its first term as autodiff's, dy * gamma / std.
+        scaled = upstream * gamma
+        rows_gradient = (
+            upstream * multiplier
+            - broadcast(inverse_std * group_mean(scaled))
+            - standardized * broadcast(
+                inverse_std * group_mean(scaled * standardized)))
+        return (rows_gradient,
+                tf.reduce_sum(upstream * standardized, axis=[0, 1],
+                              keepdims=True),
+                tf.reduce_sum(upstream, axis=[0, 1], keepdims=True))
+
+      # tf.nn.batch_normalization's arithmetic, as in the layer.
+      normalized = rows * multiplier + (beta - broadcast(mean) * multiplier)
+      return normalized, gradient
+
+    per_user = tf.stack([1, 1, users * channels])
+    normalized = normalize(rows, tf.reshape(gamma, per_user),
+                           tf.reshape(beta, per_user))
     return tf.reshape(normalized, shape)
 
   return apply, 2

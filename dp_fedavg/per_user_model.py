@@ -233,11 +233,14 @@ def _gru(layer: tf.keras.layers.GRU):
 
     def step(state, x):
       recurrent = tf.matmul(state, recurrent_kernel) + recurrent_bias
-      z = cell.recurrent_activation(x[..., :units] + recurrent[..., :units])
-      r = cell.recurrent_activation(
-          x[..., units:2 * units] + recurrent[..., units:2 * units])
-      candidate = cell.activation(
-          x[..., 2 * units:] + r * recurrent[..., 2 * units:])
+      # Split, not sliced: a slice's gradient is a zero tensor of the whole
+      # width, so three slices cost three times the gates' gradient and a sum
+      # (a fifth of the GRU's client work); a split's is one concatenation.
+      x_z, x_r, x_h = tf.split(x, 3, axis=-1)
+      recurrent_z, recurrent_r, recurrent_h = tf.split(recurrent, 3, axis=-1)
+      z = cell.recurrent_activation(x_z + recurrent_z)
+      r = cell.recurrent_activation(x_r + recurrent_r)
+      candidate = cell.activation(x_h + r * recurrent_h)
       return z * state + (1 - z) * candidate
 
     initial = tf.zeros(tf.stack([shape[0], shape[1], units]), h.dtype)

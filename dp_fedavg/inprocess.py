@@ -224,14 +224,22 @@ class TfComputation:
     else:
       value = args[0] if len(args) == 1 else list(args)
       flat = _flatten(value, parameter)
+    return self.pack(self.call_flat(flat))
+
+  def call_flat(self, flat: list) -> list:
+    """The result's tensors, in binding order, of the parameter's
+    (`_flatten`): what one computation's result passes to another's
+    parameter without Python containers in between."""
     if self._initialize is not None:
       # A pruned function declares no parameters, though it takes the feeds.
       self._initialize._call_flat(  # pylint: disable=protected-access
           [tf.convert_to_tensor(t) for t in flat],
           self._initialize.captured_inputs)
     outputs = self._function(*flat)
-    if not isinstance(outputs, (list, tuple)):
-      outputs = [outputs]
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+  def pack(self, outputs: list):
+    """The result, in TFF's Python containers, of its tensors."""
     packed = _pack(self._result_type, iter(outputs))
     return type_conversions.type_to_py_container(packed, self._result_type)
 
@@ -310,20 +318,31 @@ class InProcessLearningProcess:
 
   def next(self, state, client_data: Sequence[Any]):
     """One round: `client_data` holds one value per TFF client."""
-    client_input = self._prepare(state)
-    work = lambda data: self._work(data, client_input)[0]  # noqa: E731
+    # The parts pass tensors in binding order, as their parameter and result
+    # types line up in the MapReduce form; only the state and the data are
+    # flattened, and only the result is packed.
+    state = _flatten(state, self._prepare.type_signature.parameter)
+    client_input = self._prepare.call_flat(state)
+    data_type = self._work.type_signature.parameter[0]
+    # The work's result is <update, secure sums' inputs>, and the latter hold
+    # no tensors: they were replaced by plain sums.
+    update_leaves = len(_leaf_types(self._work.type_signature.result[0]))
+
+    def work(data):
+      return self._work.call_flat(
+          _flatten(data, data_type) + client_input)[:update_leaves]
+
     # As TFF's worker does, the clients' graphs run at once (TensorFlow
     # releases the GIL): this keeps the cores busy where one client's small
     # ops (a GRU's steps) would not.
     updates = (map(work, client_data) if self._client_threads is None
                else self._client_threads.map(work, client_data))
-    accumulator = self._zero()
+    accumulator = self._zero.call_flat([])
     # In the clients' order: the sum does not depend on which ends first.
     for update in updates:
-      accumulator = self._accumulate(accumulator, update)
-    aggregate = self._report(accumulator)
-    # The secure sums' places: empty, as they were replaced by plain sums.
-    return self._update(state, [aggregate, (), (), ()])
+      accumulator = self._accumulate.call_flat(accumulator + update)
+    aggregate = self._report.call_flat(accumulator)
+    return self._update.pack(self._update.call_flat(state + aggregate))
 
 
 @functools.cache

@@ -331,10 +331,10 @@ def _report(machine, gflops, results, overhead, phases, memory, command) -> str:
       f'ceil(n / {os.cpu_count()} cores) users per TFF client, each user\'s '
       'examples read from files inside the worker (written before the timed '
       'rounds). The MLP trains all users of a TFF client at once with the '
-      'low-rank SGD update (no per-user kernel); the CNN trains all users at '
-      'once on per-user weight copies (grouped convolutions, where TF has '
-      'their CPU gradient: with oneDNN; else user by user); the GRU trains '
-      'them one after another inside the worker.', '',
+      'low-rank SGD update (no per-user kernel); the CNN and the GRU train '
+      'all users at once on per-user weight copies (grouped convolutions, '
+      'where TF has their CPU gradient: with oneDNN, else the CNN trains user '
+      'by user; one batched matmul per GRU time step).', '',
   ]
   for task in dict.fromkeys(r['task'] for r in results):
     sizes = sorted({r['clients_per_round'] for r in results if r['task'] == task})

@@ -321,8 +321,8 @@ class InProcessLearningProcess:
     # The parts pass tensors in binding order, as their parameter and result
     # types line up in the MapReduce form; only the state and the data are
     # flattened, and only the result is packed.
-    state = _flatten(state, self._prepare.type_signature.parameter)
-    client_input = self._prepare.call_flat(state)
+    state_tensors = _flatten(state, self._prepare.type_signature.parameter)
+    client_input = self._prepare.call_flat(state_tensors)
     data_type = self._work.type_signature.parameter[0]
     # The work's result is <update, secure sums' inputs>, and the latter hold
     # no tensors: they were replaced by plain sums.
@@ -342,7 +342,8 @@ class InProcessLearningProcess:
     for update in updates:
       accumulator = self._accumulate.call_flat(accumulator + update)
     aggregate = self._report.call_flat(accumulator)
-    return self._update.pack(self._update.call_flat(state + aggregate))
+    return self._update.pack(
+        self._update.call_flat(state_tensors + aggregate))
 
 
 @functools.cache

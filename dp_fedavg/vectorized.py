@@ -403,28 +403,28 @@ def _users_finite_from_factors(kernel_deltas, bias_deltas, inputs,
   for 25 users of the MLP). Otherwise (a user diverged) it checks the
   deltas themselves.
   """
-  def per_user(tensors, check):
-    return tf.reduce_all(tf.stack([
-        check(tf.reshape(t, [tf.shape(t)[0], -1])) for t in tensors], axis=1),
-        axis=1)
-
   # Half the largest float32: the bound's own rounding cannot reach it.
   limit = np.finfo(np.float32).max / 2
-  bounded = per_user(
-      [learning_rate * tf.reduce_sum(
+  bounded = tf.reduce_all(tf.stack([
+      learning_rate * tf.reduce_sum(
           tf.math.reduce_euclidean_norm(i, axis=2)
-          * tf.math.reduce_euclidean_norm(g, axis=2), axis=1, keepdims=True)
-       for i, g in zip(inputs, output_grads)],
-      lambda bound: tf.reduce_all(bound < limit, axis=1))
-  small_finite = per_user(
-      bias_deltas, lambda t: tf.reduce_all(tf.math.is_finite(t), axis=1))
+          * tf.math.reduce_euclidean_norm(g, axis=2), axis=1) < limit
+      for i, g in zip(inputs, output_grads)], axis=1), axis=1)
   users = tf.shape(bounded)[0]
   return tf.cond(
-      tf.reduce_all(tf.logical_and(bounded, small_finite)),
+      tf.reduce_all(tf.logical_and(bounded, _users_all_finite(bias_deltas))),
       lambda: tf.ones(tf.stack([users]), tf.bool),
-      lambda: per_user(kernel_deltas + bias_deltas,
-                       lambda t: tf.reduce_all(tf.math.is_finite(t), axis=1)),
+      lambda: _users_all_finite(kernel_deltas + bias_deltas),
   )
+
+
+def _users_all_finite(deltas) -> tf.Tensor:
+  """[users] bool: whether all of each user's values in `deltas` (each
+  [users, ...]) are finite."""
+  return tf.reduce_all(tf.stack([
+      tf.reduce_all(tf.math.is_finite(tf.reshape(d, [tf.shape(d)[0], -1])),
+                    axis=1)
+      for d in deltas], axis=1), axis=1)
 
 
 def _record_step(history, value, step, steps):
@@ -531,10 +531,7 @@ def build_client_work(
     # A user diverged when its update is not finite; the aggregator replaces
     # it with zeros (and counts it too).
     if finite is None:
-      finite = tf.reduce_all(tf.stack([
-          tf.reduce_all(tf.math.is_finite(tf.reshape(d, [tf.shape(d)[0], -1])),
-                        axis=1)
-          for d in deltas]), axis=0)
+      finite = _users_all_finite(deltas)
     return (
         tff.learning.templates.ClientResult(
             update=tf.nest.pack_sequence_as(trainable_specs, deltas),

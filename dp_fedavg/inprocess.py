@@ -300,6 +300,9 @@ class InProcessLearningProcess:
     self._set_model_weights = TfComputation(
         process.set_model_weights, state_type)
     self.state_type = process.state_type
+    # The work's result is <update, secure sums' inputs>, and the latter hold
+    # no tensors: they were replaced by plain sums.
+    self._update_leaves = len(_leaf_types(self._work.type_signature.result[0]))
     # A client graph with variables re-initializes them on every call (TFF
     # names them, so calls share them): its clients run one at a time.
     parallel_clients = parallel_clients or os.cpu_count() or 1
@@ -324,13 +327,10 @@ class InProcessLearningProcess:
     state_tensors = _flatten(state, self._prepare.type_signature.parameter)
     client_input = self._prepare.call_flat(state_tensors)
     data_type = self._work.type_signature.parameter[0]
-    # The work's result is <update, secure sums' inputs>, and the latter hold
-    # no tensors: they were replaced by plain sums.
-    update_leaves = len(_leaf_types(self._work.type_signature.result[0]))
 
     def work(data):
       return self._work.call_flat(
-          _flatten(data, data_type) + client_input)[:update_leaves]
+          _flatten(data, data_type) + client_input)[:self._update_leaves]
 
     # As TFF's worker does, the clients' graphs run at once (TensorFlow
     # releases the GIL): this keeps the cores busy where one client's small

@@ -52,24 +52,25 @@ class _GaussianPrivacyLoss(privacy_loss_mechanism.GaussianPrivacyLoss):
       without_subsampling = epsilons
     else:
       add = self.adjacency_type == _ADD
-      # The library's `log_a_times_exp_b_plus_c(1 / q, b, 1 - 1 / q)`, with
+      # Within `math.isclose` (its default tolerance) of the edge, the
+      # library returns the inverse at +inf (ADD) or -inf (REMOVE) at once.
+      edge = -math.log(1 - q) if add else math.log(1 - q)
+      at_edge = (np.abs(epsilons - edge)
+                 <= 1e-9 * np.maximum(np.abs(epsilons), abs(edge)))
+      # Elsewhere, its `log_a_times_exp_b_plus_c(1 / q, b, 1 - 1 / q)`, with
       # b = -eps (ADD) or eps (REMOVE): here a > 0 and c < 0.
       b = -epsilons if add else epsilons
       d = b + np.log(1 / q)
       log_minus_c = np.log(-(1 - 1 / q))
-      if np.any((b != 0) & (log_minus_c >= d)):
+      if np.any(~at_edge & (b != 0) & (log_minus_c >= d)):
         raise ValueError('a privacy loss outside the subsampled range.')
-      with np.errstate(invalid='ignore', over='ignore'):
+      with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
         log_sum = np.where(
             b == 0, np.log(1 / q + (1 - 1 / q)),
             d + np.log1p(-np.exp(log_minus_c - d)))
-      without_subsampling = -log_sum if add else log_sum
-      # `math.isclose` with its default relative tolerance.
-      edge = -math.log(1 - q) if add else math.log(1 - q)
-      at_edge = (np.abs(epsilons - edge)
-                 <= 1e-9 * np.maximum(np.abs(epsilons), abs(edge)))
       without_subsampling = np.where(
-          at_edge, math.inf if add else -math.inf, without_subsampling)
+          at_edge, math.inf if add else -math.inf,
+          -log_sum if add else log_sum)
     return self.inverse_privacy_loss_without_subsampling(without_subsampling)
 
   def get_delta_for_epsilon(self, epsilon):

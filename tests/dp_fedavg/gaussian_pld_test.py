@@ -66,6 +66,29 @@ class FromGaussianMechanismTest(parameterized.TestCase):
                              delta, delta=1e-12 * max(delta, 1e-300))
 
 
+  @parameterized.product(adjacency=(_ADD, _REMOVE),
+                         sampling_prob=(0.01, 0.3, 0.7, 0.999))
+  def test_inverse_privacy_losses_are_the_librarys_up_to_the_edge(
+      self, adjacency, sampling_prob):
+    library = privacy_loss_mechanism.GaussianPrivacyLoss(
+        1.1, sampling_prob=sampling_prob, adjacency_type=adjacency)
+    ours = gaussian_pld._GaussianPrivacyLoss(  # pylint: disable=protected-access
+        1.1, sampling_prob=sampling_prob, adjacency_type=adjacency)
+    edge = (-math.log(1 - sampling_prob) if adjacency == _ADD
+            else math.log(1 - sampling_prob))
+    # Where the library inverts: below the edge (ADD) or above it (REMOVE),
+    # the edge itself and the float next to it included.
+    inward = -1.0 if adjacency == _ADD else 1.0
+    epsilons = np.array([
+        edge, np.nextafter(edge, inward * math.inf),
+        edge + inward * 1e-12 * abs(edge), edge + inward * 0.5,
+        edge + inward * 3.0, 0.0])
+    expected = [library.inverse_privacy_loss(float(e)) for e in epsilons]
+    np.testing.assert_allclose(
+        ours._inverse_privacy_losses(epsilons),  # pylint: disable=protected-access
+        expected, rtol=1e-12)
+
+
 class PLDAccountantTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

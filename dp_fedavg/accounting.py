@@ -258,8 +258,8 @@ def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
   e^eps Phi(-1/(2z) - eps z). Its inverse is searched to 1e-9 (the returned
   epsilon meets `delta`). Why not `PLDAccountant`: it discretises the same
   loss, 0.1 s (z = 1) to 5 s (z = 0.09) per new z even as `gaussian_pld`
-  builds it, and run-level ledgers ask for a new z up to every round; the discretised value is above this one by under 1e-6 relative
-  for z <= 30.
+  builds it, and run-level ledgers ask for a new z up to every round; the
+  discretised value is above this one by under 1e-6 relative for z <= 30.
   """
   if noise_multiplier == 0:
     return math.inf

@@ -25,8 +25,9 @@ and with subsampling the eps without subsampling is
   REMOVE:  log(e^eps / q + 1 - 1 / q)     (eps > log(1 - q)),
 each computed as the library's `log_a_times_exp_b_plus_c` does; at
 eps = -log(1 - q) (ADD) or log(1 - q) (REMOVE), within `math.isclose`, it is
-+inf or -inf. Then delta(eps) = mu_upper_cdf(x) - e^eps mu_lower_cdf(x - D)
-as in `AdditiveNoisePrivacyLoss.get_delta_for_epsilon`.
++inf or -inf. Then delta(eps) = mu_upper_cdf(x) - e^eps mu_lower_cdf(x),
+with the library's mu_upper and mu_lower (the mixtures its subsampling
+defines), as in `AdditiveNoisePrivacyLoss.get_delta_for_epsilon`.
 """
 
 import math

@@ -69,9 +69,10 @@ and the one-round PLD of each distinct event are computed once (0.25 s and
 0.4 s for the slowest here); a round then costs a vector addition (RDP) or a
 self-composition by the round count (PLD, ~0.1 s at 1,000 rounds).
 Gaussian PLDs are built by `gaussian_pld`: dp-accounting's own construction
-with its per-point Python loop vectorized, the same PMF (1.3 s to 0.09 s at
-z = 1, 27 s to about 1 s at z = 0.1, for q = 0.3), which also makes PLD
-noise calibration, one PLD per trial z, that much faster.
+with its per-point Python loop vectorized, the same PMF (for q = 0.3: 1.3 s
+to 0.07 s at z = 1, 27 s to 1.2-2.9 s at z = 0.1, where the first build in a
+process pays for fresh memory), which also makes PLD noise calibration, one
+PLD per trial z, that much faster.
 A run-level event that is one Gaussian mechanism (tree aggregation and
 matrix factorization) changes with the realised participation, up to every
 round; its PLD epsilon is the Gaussian's exact one (`gaussian_epsilon`),

@@ -13,6 +13,18 @@ _ADD = privacy_loss_mechanism.AdjacencyType.ADD
 _REMOVE = privacy_loss_mechanism.AdjacencyType.REMOVE
 
 
+def _privacy_losses(noise_multiplier, sampling_prob, adjacency):
+  """The library's Gaussian privacy loss, ours, and the subsampling edge
+  (-log(1 - q) for ADD, log(1 - q) for REMOVE; 0 without subsampling)."""
+  library = privacy_loss_mechanism.GaussianPrivacyLoss(
+      noise_multiplier, sampling_prob=sampling_prob, adjacency_type=adjacency)
+  ours = gaussian_pld._GaussianPrivacyLoss(  # pylint: disable=protected-access
+      noise_multiplier, sampling_prob=sampling_prob, adjacency_type=adjacency)
+  edge = ((-math.log(1 - sampling_prob) if adjacency == _ADD
+           else math.log(1 - sampling_prob)) if sampling_prob < 1 else 0.0)
+  return library, ours, edge
+
+
 class FromGaussianMechanismTest(parameterized.TestCase):
   """The PLD is dp-accounting's own: the same PMFs and epsilons."""
 
@@ -49,12 +61,7 @@ class FromGaussianMechanismTest(parameterized.TestCase):
   @parameterized.product(adjacency=(_ADD, _REMOVE), sampling_prob=(0.3, 1.0))
   def test_deltas_match_the_library_at_and_near_the_edges(
       self, adjacency, sampling_prob):
-    library = privacy_loss_mechanism.GaussianPrivacyLoss(
-        0.8, sampling_prob=sampling_prob, adjacency_type=adjacency)
-    ours = gaussian_pld._GaussianPrivacyLoss(  # pylint: disable=protected-access
-        0.8, sampling_prob=sampling_prob, adjacency_type=adjacency)
-    edge = (-math.log(1 - sampling_prob) if adjacency == _ADD
-            else math.log(1 - sampling_prob)) if sampling_prob < 1 else 0.0
+    library, ours, edge = _privacy_losses(0.8, sampling_prob, adjacency)
     epsilons = np.array([
         -3.0, -0.5, 0.0, 0.25, 2.0, 6.0, edge, edge * (1 + 1e-12),
         edge * (1 - 1e-11), edge * (1 - 1e-6), edge * (1 + 1e-6)])
@@ -65,17 +72,11 @@ class FromGaussianMechanismTest(parameterized.TestCase):
       self.assertAlmostEqual(ours.get_delta_for_epsilon(float(epsilon)),
                              delta, delta=1e-12 * max(delta, 1e-300))
 
-
   @parameterized.product(adjacency=(_ADD, _REMOVE),
                          sampling_prob=(0.01, 0.3, 0.7, 0.999))
   def test_inverse_privacy_losses_are_the_librarys_up_to_the_edge(
       self, adjacency, sampling_prob):
-    library = privacy_loss_mechanism.GaussianPrivacyLoss(
-        1.1, sampling_prob=sampling_prob, adjacency_type=adjacency)
-    ours = gaussian_pld._GaussianPrivacyLoss(  # pylint: disable=protected-access
-        1.1, sampling_prob=sampling_prob, adjacency_type=adjacency)
-    edge = (-math.log(1 - sampling_prob) if adjacency == _ADD
-            else math.log(1 - sampling_prob))
+    library, ours, edge = _privacy_losses(1.1, sampling_prob, adjacency)
     # Where the library inverts: below the edge (ADD) or above it (REMOVE),
     # the edge itself and the float next to it included.
     inward = -1.0 if adjacency == _ADD else 1.0

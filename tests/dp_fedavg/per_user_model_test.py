@@ -113,8 +113,14 @@ class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllClose(logits[user], model(features[user]),
                           atol=1e-5, rtol=1e-5)
 
-  @parameterized.named_parameters(*_COVERED)
-  def test_each_user_gets_its_own_models_gradients(self, keras_model_fn):
+  @parameterized.named_parameters(
+      (f'{name}_{mode}', keras_model_fn, in_graph)
+      for name, keras_model_fn in _COVERED
+      # Training runs in a graph, where a custom gradient (the GRU's) takes
+      # another route than in eager mode.
+      for mode, in_graph in (('eager', False), ('graph', True)))
+  def test_each_user_gets_its_own_models_gradients(self, keras_model_fn,
+                                                   in_graph):
     """Training differentiates the forward pass, user by user."""
     _skip_convolutions_without_gradients(self, keras_model_fn)
     forward = per_user_model.build_forward(keras_model_fn)
@@ -123,10 +129,15 @@ class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
         tf.Variable(tf.stack(per_layer))
         for per_layer in zip(*[m.trainable_weights for m in keras_models])
     ]
-    with tf.GradientTape() as tape:
-      # Each user's loss depends on its own weights only.
-      total = tf.reduce_sum(tf.square(forward(stacked_weights, features)))
-    gradients = tape.gradient(total, stacked_weights)
+
+    def differentiate():
+      with tf.GradientTape() as tape:
+        # Each user's loss depends on its own weights only.
+        total = tf.reduce_sum(tf.square(forward(stacked_weights, features)))
+      return tape.gradient(total, stacked_weights)
+
+    gradients = (tf.function(differentiate)() if in_graph
+                 else differentiate())
     for user, model in enumerate(keras_models):
       with tf.GradientTape() as tape:
         loss = tf.reduce_sum(tf.square(model(features[user])))
@@ -141,6 +152,18 @@ class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
           tf.keras.layers.InputLayer(input_shape=(6,), dtype=tf.int32),
           tf.keras.layers.Embedding(5, 4),
           tf.keras.layers.GRU(3, reset_after=False),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('gru_relu_candidate', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(6,), dtype=tf.int32),
+          tf.keras.layers.Embedding(5, 4),
+          tf.keras.layers.GRU(3, activation='relu'),
+          tf.keras.layers.Dense(2),
+      ])),
+      ('gru_hard_sigmoid_gates', lambda: tf.keras.Sequential([
+          tf.keras.layers.InputLayer(input_shape=(6,), dtype=tf.int32),
+          tf.keras.layers.Embedding(5, 4),
+          tf.keras.layers.GRU(3, recurrent_activation='hard_sigmoid'),
           tf.keras.layers.Dense(2),
       ])),
       ('lstm', lambda: tf.keras.Sequential([

@@ -1,13 +1,14 @@
 r"""The per-user GRU's local step: hand-written backpropagation through time
 against autodiff of the recurrence.
 
-  python -m benchmarks.gru_step --output=BENCHMARKS.md --repeats=9
+  python -m benchmarks.gru_step --output=BENCHMARKS.md --repeats=15
 
-One SGD step's gradient (forward and backward) of 25 users of the
-Shakespeare GRU (`tasks.shakespeare.keras_model_fn`: embedding 8, GRU 128,
-Dense over the vocabulary), 16 sequences of 80 tokens each, with
-`dp_fedavg.per_user_model`'s forward pass, two such groups at once on two
-threads (the in-process engine runs a TFF client per core). The baseline is
+One SGD step's gradient (forward and backward) of a group of 25 users of
+the Shakespeare GRU (`tasks.shakespeare.keras_model_fn`: embedding 8, GRU
+128, Dense over the vocabulary), and of 3 users (a round's last steps, where
+only a group's largest users still have batches), 16 sequences of 80 tokens
+each, with `dp_fedavg.per_user_model`'s forward pass; two such groups at
+once on two threads (the in-process engine runs a TFF client per core). The baseline is
 the recurrence `per_user_model` used before: `tf.scan` over the steps,
 differentiated by TensorFlow. Calls of the two variants alternate; the
 report gives each one's median wall time and process CPU time per call (of
@@ -35,10 +36,12 @@ from dp_fedavg.tasks import shakespeare
 _OUTPUT = flags.DEFINE_string('output', 'BENCHMARKS.md', 'Markdown report.')
 _JSON = flags.DEFINE_string(
     'json', 'benchmarks/gru_step_results.json', 'Raw numbers.')
-_REPEATS = flags.DEFINE_integer('repeats', 9, 'Timed calls per variant.')
+_REPEATS = flags.DEFINE_integer('repeats', 15, 'Timed calls per variant.')
 
 BEGIN, END = '<!-- gru step: begin -->', '<!-- gru step: end -->'
-_USERS, _BATCH, _GROUPS = 25, 16, 2
+_HAND = 'hand-written BPTT (per_user_model)'
+_AUTODIFF = 'autodiff of tf.scan (before)'
+_USER_COUNTS, _BATCH, _GROUPS = (25, 3), 16, 2
 
 
 def _autodiff_recurrence(inputs, recurrent_kernel, recurrent_bias):
@@ -60,12 +63,13 @@ def _autodiff_recurrence(inputs, recurrent_kernel, recurrent_bias):
   return tf.scan(step, inputs, initializer=initial)
 
 
-def _gradient_fn(recurrence):
-  """A compiled step's gradient with `recurrence` as the GRU's."""
+def _gradient_fn(recurrence, users):
+  """A compiled step's gradient of `users` users with `recurrence` as the
+  GRU's."""
   with mock.patch.object(per_user_model, '_gru_recurrence', recurrence):
     forward = per_user_model.build_forward(shakespeare.keras_model_fn)
   rng = np.random.default_rng(0)
-  shape = (_USERS, _BATCH, shakespeare.SEQUENCE_LENGTH)
+  shape = (users, _BATCH, shakespeare.SEQUENCE_LENGTH)
   tokens = tf.constant(rng.integers(0, shakespeare.VOCAB_SIZE, size=shape),
                        tf.int32)
   labels = tf.constant(rng.integers(0, shakespeare.VOCAB_SIZE, size=shape),
@@ -83,14 +87,15 @@ def _gradient_fn(recurrence):
   return gradient
 
 
-def _time(repeats):
+def _time(users, repeats):
   model = shakespeare.keras_model_fn()
-  weights = [tf.constant(np.repeat(w[np.newaxis], _USERS, axis=0))
+  weights = [tf.constant(np.repeat(w[np.newaxis], users, axis=0))
              for w in model.get_weights()]
   variants = {
-      'hand-written BPTT (per_user_model)': _gradient_fn(
-          per_user_model._gru_recurrence),  # pylint: disable=protected-access
-      'autodiff of tf.scan (before)': _gradient_fn(_autodiff_recurrence),
+      _HAND: _gradient_fn(
+          per_user_model._gru_recurrence,  # pylint: disable=protected-access
+          users),
+      _AUTODIFF: _gradient_fn(_autodiff_recurrence, users),
   }
   threads = concurrent.futures.ThreadPoolExecutor(_GROUPS)
 
@@ -115,23 +120,28 @@ def _time(repeats):
   return results, relative
 
 
-def _report(results, relative, command):
+def _report(results, command):
   date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')
+  relative = max(r['max_relative_difference'] for r in results.values())
   lines = [
       BEGIN, '## The per-user GRU\'s local step: hand-written BPTT', '',
-      f'`{command}`, {date}: one SGD step\'s gradient of {_USERS} users of '
-      f'the Shakespeare GRU ({_BATCH} sequences of '
+      f'`{command}`, {date}: one SGD step\'s gradient of a group of users '
+      f'of the Shakespeare GRU ({_BATCH} sequences of '
       f'{shakespeare.SEQUENCE_LENGTH} tokens each), {_GROUPS} groups at once '
-      'on as many threads; calls alternate, medians per call. The gradients '
-      f'of the two differ by at most {relative:.1e} of their largest entry.',
-      '', '| recurrence | wall, median ms | CPU, median ms | CPU ratio |',
-      '| --- | --- | --- | --- |',
+      'on as many threads; calls alternate, medians per call of both groups. '
+      'The gradients of the two differ by at most '
+      f'{relative:.1e} of their largest entry.', '',
+      '| users per group | recurrence | wall, median ms | CPU, median ms '
+      '| CPU ratio |',
+      '| --- | --- | --- | --- | --- |',
   ]
-  baseline = statistics.median(results['autodiff of tf.scan (before)']['cpu'])
-  for name, times in results.items():
-    cpu = statistics.median(times['cpu'])
-    lines.append(f'| {name} | {1000 * statistics.median(times["wall"]):.0f} '
-                 f'| {1000 * cpu:.0f} | {cpu / baseline:.2f} |')
+  for users, result in results.items():
+    baseline = statistics.median(result['times'][_AUTODIFF]['cpu'])
+    for name, times in result['times'].items():
+      cpu = statistics.median(times['cpu'])
+      lines.append(
+          f'| {users} | {name} | {1000 * statistics.median(times["wall"]):.0f}'
+          f' | {1000 * cpu:.0f} | {cpu / baseline:.2f} |')
   lines.append(END)
   return '\n'.join(lines) + '\n'
 
@@ -139,16 +149,18 @@ def _report(results, relative, command):
 def main(argv):
   del argv
   command = 'python -m benchmarks.gru_step ' + ' '.join(sys.argv[1:])
-  results, relative = _time(_REPEATS.value)
-  for name, times in results.items():
-    print(f'{name}: wall {1000 * statistics.median(times["wall"]):.0f} ms, '
-          f'CPU {1000 * statistics.median(times["cpu"]):.0f} ms',
-          file=sys.stderr, flush=True)
+  results = {}
+  for users in _USER_COUNTS:
+    times, relative = _time(users, _REPEATS.value)
+    results[users] = dict(times=times, max_relative_difference=relative)
+    for name, values in times.items():
+      print(f'{users} users, {name}: wall '
+            f'{1000 * statistics.median(values["wall"]):.0f} ms, CPU '
+            f'{1000 * statistics.median(values["cpu"]):.0f} ms',
+            file=sys.stderr, flush=True)
   with open(_JSON.value, 'w') as f:
-    json.dump(dict(results=results, max_relative_difference=relative,
-                   command=command), f, indent=1)
-  report.replace_section(_OUTPUT.value, BEGIN, END,
-                         _report(results, relative, command))
+    json.dump(dict(results=results, command=command), f, indent=1)
+  report.replace_section(_OUTPUT.value, BEGIN, END, _report(results, command))
 
 
 if __name__ == '__main__':

@@ -114,17 +114,21 @@ class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
                           atol=1e-5, rtol=1e-5)
 
   @parameterized.named_parameters(
-      (f'{name}_{mode}', keras_model_fn, in_graph)
-      for name, keras_model_fn in _COVERED
-      # Training runs in a graph, where a custom gradient (the GRU's) takes
-      # another route than in eager mode.
-      for mode, in_graph in (('eager', False), ('graph', True)))
+      [(f'{name}_{mode}', keras_model_fn, in_graph, 3)
+       for name, keras_model_fn in _COVERED
+       # Training runs in a graph, where a custom gradient (the GRU's) takes
+       # another route than in eager mode.
+       for mode, in_graph in (('eager', False), ('graph', True))]
+      # The GRU's step products run on another kernel past a few users.
+      + [(f'gru_past_few_users_{mode}', _token_gru(return_sequences=True),
+          in_graph, per_user_model._FEW_USERS + 1)  # pylint: disable=protected-access
+         for mode, in_graph in (('eager', False), ('graph', True))])
   def test_each_user_gets_its_own_models_gradients(self, keras_model_fn,
-                                                   in_graph):
+                                                   in_graph, users):
     """Training differentiates the forward pass, user by user."""
     _skip_convolutions_without_gradients(self, keras_model_fn)
     forward = per_user_model.build_forward(keras_model_fn)
-    keras_models, features = _users(keras_model_fn)
+    keras_models, features = _users(keras_model_fn, users)
     stacked_weights = [
         tf.Variable(tf.stack(per_layer))
         for per_layer in zip(*[m.trainable_weights for m in keras_models])
@@ -146,6 +150,15 @@ class PerUserForwardTest(tf.test.TestCase, parameterized.TestCase):
         # An embedding's gradient comes as IndexedSlices.
         self.assertAllClose(stacked[user], tf.convert_to_tensor(want),
                             atol=1e-4, rtol=1e-4)
+
+  @parameterized.parameters(True, False)
+  def test_step_products_are_matmuls_on_either_kernel(self, few_users):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    b = rng.normal(size=(4, 6, 7)).astype(np.float32)
+    product = tf.function(per_user_model._step_product)(  # pylint: disable=protected-access
+        a, b, tf.constant(few_users))
+    self.assertAllClose(product, np.matmul(a, b), atol=1e-5, rtol=1e-5)
 
   @parameterized.named_parameters(
       ('gru_reset_before', lambda: tf.keras.Sequential([

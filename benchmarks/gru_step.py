@@ -1,5 +1,6 @@
 r"""The per-user GRU's local step: hand-written backpropagation through time
-against autodiff of the recurrence.
+(and, up to 8 users, Eigen's step products) against autodiff of the
+recurrence.
 
   python -m benchmarks.gru_step --output=BENCHMARKS.md --repeats=15
 
@@ -39,7 +40,7 @@ _JSON = flags.DEFINE_string(
 _REPEATS = flags.DEFINE_integer('repeats', 15, 'Timed calls per variant.')
 
 BEGIN, END = '<!-- gru step: begin -->', '<!-- gru step: end -->'
-_HAND = 'hand-written BPTT (per_user_model)'
+_HAND = 'per_user_model: hand-written BPTT, Eigen products up to 8 users'
 _AUTODIFF = 'autodiff of tf.scan (before)'
 _USER_COUNTS, _BATCH, _GROUPS = (25, 3), 16, 2
 

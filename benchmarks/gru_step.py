@@ -9,9 +9,9 @@ the Shakespeare GRU (`tasks.shakespeare.keras_model_fn`: embedding 8, GRU
 128, Dense over the vocabulary), and of 3 users (a round's last steps, where
 only a group's largest users still have batches), 16 sequences of 80 tokens
 each, with `dp_fedavg.per_user_model`'s forward pass; two such groups at
-once on two threads (the in-process engine runs a TFF client per core). The baseline is
-the recurrence `per_user_model` used before: `tf.scan` over the steps,
-differentiated by TensorFlow. Calls of the two variants alternate; the
+once on two threads (the in-process engine runs a TFF client per core). The
+baseline is the recurrence `per_user_model` used before: `tf.scan` over the
+steps, differentiated by TensorFlow. Calls of the two variants alternate; the
 report gives each one's median wall time and process CPU time per call (of
 both groups), and replaces its own section of `--output`.
 """
@@ -40,7 +40,9 @@ _JSON = flags.DEFINE_string(
 _REPEATS = flags.DEFINE_integer('repeats', 15, 'Timed calls per variant.')
 
 BEGIN, END = '<!-- gru step: begin -->', '<!-- gru step: end -->'
-_HAND = 'per_user_model: hand-written BPTT, Eigen products up to 8 users'
+_HAND = ('per_user_model: hand-written BPTT, Eigen products up to '
+         # pylint: disable-next=protected-access
+         f'{per_user_model._FEW_USERS} users')
 _AUTODIFF = 'autodiff of tf.scan (before)'
 _USER_COUNTS, _BATCH, _GROUPS = (25, 3), 16, 2
 
@@ -67,8 +69,8 @@ def _autodiff_recurrence(inputs, recurrent_kernel, recurrent_bias):
 def _gradient_fn(recurrence, users):
   """A compiled step's gradient of `users` users with `recurrence` as the
   GRU's."""
-  with mock.patch.object(per_user_model, '_gru_recurrence', recurrence):
-    forward = per_user_model.build_forward(shakespeare.keras_model_fn)
+  # `forward` looks `_gru_recurrence` up when traced, under the patch below.
+  forward = per_user_model.build_forward(shakespeare.keras_model_fn)
   rng = np.random.default_rng(0)
   shape = (users, _BATCH, shakespeare.SEQUENCE_LENGTH)
   tokens = tf.constant(rng.integers(0, shakespeare.VOCAB_SIZE, size=shape),

@@ -243,9 +243,9 @@ def _gru_recurrence(inputs, recurrent_kernel, recurrent_bias):
   product over one batch of rows, and adds it to an accumulator, every step;
   here each step keeps its gates' gradient, and one batched matmul over all
   steps' rows gives the kernel's (a local step of 25 users took 0.75 to
-  0.85 of autodiff's CPU time in `benchmarks/gru_step.py`'s runs). With the step's recurrent share
-  u = h W + b, pre-activations a_z = x_z + u_z, a_r = x_r + u_r,
-  a_c = x_c + r u_c, and h' = z h + (1 - z) c:
+  0.85 of autodiff's CPU time in `benchmarks/gru_step.py`'s runs). With the
+  step's recurrent share u = h W + b, pre-activations a_z = x_z + u_z,
+  a_r = x_r + u_r, a_c = x_c + r u_c, and h' = z h + (1 - z) c:
     dz = dh' (h - c),  dc = dh' (1 - z),  g := d a_c = dc (1 - c^2),
     dr = g u_c,  d a_{z,r} = d{z,r} {z,r} (1 - {z,r}),
     d x = (d a_z, d a_r, g),  d u = (d a_z, d a_r, g r),

@@ -55,5 +55,5 @@ clean:
 # The in-process engine on a GPU: CUDA libraries for TensorFlow 2.14, then
 # placement and a FEMNIST round, GPU against CPU (benchmarks/gpu_check.py).
 gpu-check: $(INSTALLED)
-	$(UV) pip install --python $(PY) 'tensorflow[and-cuda]==2.14.1'
+	$(UV) pip install --python $(PY) -r requirements/cuda.txt
 	$(PY) -m benchmarks.gpu_check

@@ -1,10 +1,12 @@
 r"""Where the in-process engine's ops run, and a FEMNIST round on GPU vs CPU.
 
-  make gpu-check      # installs tensorflow[and-cuda], then runs this
+  make gpu-check      # installs requirements/cuda.txt, then runs this
   python -m benchmarks.gpu_check [--data_dir=...] [--rounds=5]
 
 One short script for a GPU machine (one is lent only briefly):
-1. lists the GPUs TensorFlow sees, and exits 1 if it sees none;
+1. lists the GPUs TensorFlow sees; if it sees none, exits 1 saying what is
+   missing: the NVIDIA driver (libcuda.so.1) or the CUDA 11.8 libraries
+   where TensorFlow looks for them;
 2. runs one in-process round of the FEMNIST CNN (50 users, our
    gaussian_fixed, users grouped per TFF client) with TensorFlow's device
    placement logged, and counts the placed ops by device: the client
@@ -17,6 +19,7 @@ The TFF worker is never used: it has no GPU kernels (BUILD.md).
 """
 
 import collections
+import ctypes
 import os
 import re
 import statistics
@@ -37,6 +40,52 @@ _USERS = 50
 _WATCHED = ('Conv2D', 'Conv2DBackpropFilter', 'Conv2DBackpropInput', 'MatMul',
             'BatchMatMulV2', 'Einsum', 'StatelessRandomNormalV2',
             'StatelessRandomNormalV3', 'Sqrt', 'Maximum', 'Minimum', 'Sum')
+# The CUDA libraries that TensorFlow 2.14 opens for a GPU, by the folder of
+# site-packages/nvidia where requirements/cuda.txt installs each, which is
+# where TensorFlow's RUNPATH looks (`readelf -d libtensorflow_framework.so.2`).
+_CUDA_LIBRARIES = (('cuda_runtime', 'libcudart.so.11.0'),
+                   ('cublas', 'libcublas.so.11'),
+                   ('cublas', 'libcublasLt.so.11'),
+                   ('cudnn', 'libcudnn.so.8'),
+                   ('cufft', 'libcufft.so.10'),
+                   ('cusolver', 'libcusolver.so.11'),
+                   ('cusparse', 'libcusparse.so.11'))
+_DRIVER = 'libcuda.so.1'
+
+
+def no_gpu_reason(site_packages: str, load_library=ctypes.CDLL) -> str:
+  """Why TensorFlow (installed in `site_packages`) sees no GPU, as far as
+  this machine tells: the NVIDIA driver, the CUDA libraries, or neither."""
+  reasons = []
+  try:
+    load_library(_DRIVER)
+  except OSError as e:
+    reasons.append(f'no NVIDIA driver here ({_DRIVER} does not load: {e})')
+  missing = [name for folder, name in _CUDA_LIBRARIES if not os.path.exists(
+      os.path.join(site_packages, 'nvidia', folder, 'lib', name))]
+  if missing:
+    reasons.append(
+        f'CUDA 11.8 libraries missing from {site_packages}/nvidia: '
+        f'{", ".join(missing)} (install requirements/cuda.txt: make gpu-check)')
+  if not reasons:
+    reasons.append('the NVIDIA driver and the CUDA libraries are there; '
+                   'TensorFlow\'s log above says why it opened no GPU')
+  return '; '.join(reasons)
+
+
+def placed_ops(log_lines) -> collections.Counter:
+  """(op type, device type) -> how often TensorFlow's placement log (of
+  `tf.debugging.set_log_device_placement`) places an op of `_WATCHED`.
+
+  TensorFlow's placer prints each placement to stdout ("name: (type):
+  device") and logs it again with a timestamp; only the first is counted.
+  """
+  placed = collections.Counter()
+  for line in log_lines:
+    match = re.match(r'\S+: \((\w+)\): /job:\S*device:(\w+):\d', line)
+    if match and match.group(1) in _WATCHED:
+      placed[(match.group(1), match.group(2))] += 1
+  return placed
 
 
 def _round_timer():
@@ -88,13 +137,17 @@ def main(argv):
     seconds, _ = _median_round_seconds()
     print(f'cpu_seconds={seconds}')
     return
+  # TensorFlow 2.14's GPU code goes up to compute capability 8.0, as PTX:
+  # newer GPUs (an H100) compile it at first use. CUDA caches that on disk
+  # for this script's child processes; its largest cache, 4 GiB, holds it.
+  os.environ.setdefault('CUDA_CACHE_MAXSIZE', str(4 << 30))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gpus = tf.config.list_physical_devices('GPU')
   print(f'TensorFlow {tf.__version__}, built with CUDA: '
         f'{tf.test.is_built_with_cuda()}; GPUs: {gpus}')
   if not gpus:
-    sys.exit('gpu_check: TensorFlow sees no GPU (install the CUDA extras: '
-             'make gpu-check).')
+    sys.exit('gpu_check: TensorFlow sees no GPU: ' + no_gpu_reason(
+        os.path.dirname(os.path.dirname(tf.__file__))))
   # Placement of one round's ops, from TensorFlow's own placement log.
   log = tempfile.NamedTemporaryFile(suffix='.log', delete=False)
   result = subprocess.run(
@@ -103,12 +156,8 @@ def main(argv):
        'import sys; from absl import flags; flags.FLAGS(sys.argv[:1]);'
        'from benchmarks import gpu_check; gpu_check._round_timer()[0]()'],
       stdout=log, stderr=subprocess.STDOUT, check=False)
-  placed = collections.Counter()
   with open(log.name, errors='replace') as f:
-    for line in f:
-      match = re.search(r'\((\w+)\): /job:[^ ]*device:(\w+):\d', line)
-      if match and match.group(1) in _WATCHED:
-        placed[(match.group(1), match.group(2))] += 1
+    placed = placed_ops(f)
   print('placed ops of one round (op, device): count; log in', log.name)
   for (op, device), count in sorted(placed.items()):
     print(f'  {op:28s} {device}: {count}')

@@ -18,8 +18,6 @@ One short script for a GPU machine (one is lent only briefly):
 The TFF worker is never used: it has no GPU kernels (BUILD.md).
 """
 
-import collections
-import ctypes
 import os
 import re
 import statistics
@@ -31,63 +29,13 @@ import time
 from absl import app
 from absl import flags
 
+from benchmarks import gpu_report
+
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds per device.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'FEMNIST data directory.')
 _CPU_ONLY = flags.DEFINE_bool(
     'cpu_only', False, 'Internal: the child process that times the CPU.')
 _USERS = 50
-# Op types of the client training and of the clipping and noise.
-_WATCHED = ('Conv2D', 'Conv2DBackpropFilter', 'Conv2DBackpropInput', 'MatMul',
-            'BatchMatMulV2', 'Einsum', 'StatelessRandomNormalV2',
-            'StatelessRandomNormalV3', 'Sqrt', 'Maximum', 'Minimum', 'Sum')
-# The CUDA libraries that TensorFlow 2.14 opens for a GPU, by the folder of
-# site-packages/nvidia where requirements/cuda.txt installs each, which is
-# where TensorFlow's RUNPATH looks (`readelf -d libtensorflow_framework.so.2`).
-_CUDA_LIBRARIES = (('cuda_runtime', 'libcudart.so.11.0'),
-                   ('cublas', 'libcublas.so.11'),
-                   ('cublas', 'libcublasLt.so.11'),
-                   ('cudnn', 'libcudnn.so.8'),
-                   ('cufft', 'libcufft.so.10'),
-                   ('cusolver', 'libcusolver.so.11'),
-                   ('cusparse', 'libcusparse.so.11'))
-_DRIVER = 'libcuda.so.1'
-
-
-def no_gpu_reason(site_packages: str, load_library=ctypes.CDLL) -> str:
-  """Why TensorFlow (installed in `site_packages`) sees no GPU, as far as
-  this machine tells: the NVIDIA driver, the CUDA libraries, or neither."""
-  reasons = []
-  try:
-    load_library(_DRIVER)
-  except OSError as e:
-    reasons.append(f'no NVIDIA driver here ({_DRIVER} does not load: {e})')
-  missing = [name for folder, name in _CUDA_LIBRARIES if not os.path.exists(
-      os.path.join(site_packages, 'nvidia', folder, 'lib', name))]
-  if missing:
-    reasons.append(
-        f'CUDA 11.8 libraries missing from {site_packages}/nvidia: '
-        f'{", ".join(missing)} (install requirements/cuda.txt: make gpu-check)')
-  if not reasons:
-    reasons.append('the NVIDIA driver and the CUDA libraries are there; '
-                   'TensorFlow\'s log above says why it opened no GPU')
-  return '; '.join(reasons)
-
-
-def placed_ops(log_lines) -> collections.Counter:
-  """(op type, device type) -> how often TensorFlow's placement log (of
-  `tf.debugging.set_log_device_placement`) places an op of `_WATCHED`.
-
-  TensorFlow's placer prints each placement to stdout ("name: (type):
-  device") and logs it again with a timestamp; only the first is counted.
-  """
-  placed = collections.Counter()
-  for line in log_lines:
-    match = re.match(r'\S+: \((\w+)\): /job:\S*device:(\w+):\d', line)
-    if match and match.group(1) in _WATCHED:
-      placed[(match.group(1), match.group(2))] += 1
-  return placed
-
-
 def _round_timer():
   """(one-round function, label) of the FEMNIST CNN, else the MLP."""
   # Imported here, after CUDA_VISIBLE_DEVICES is set for the child.
@@ -146,7 +94,7 @@ def main(argv):
   print(f'TensorFlow {tf.__version__}, built with CUDA: '
         f'{tf.test.is_built_with_cuda()}; GPUs: {gpus}')
   if not gpus:
-    sys.exit('gpu_check: TensorFlow sees no GPU: ' + no_gpu_reason(
+    sys.exit('gpu_check: TensorFlow sees no GPU: ' + gpu_report.no_gpu_reason(
         os.path.dirname(os.path.dirname(tf.__file__))))
   # Placement of one round's ops, from TensorFlow's own placement log.
   log = tempfile.NamedTemporaryFile(suffix='.log', delete=False)
@@ -157,7 +105,7 @@ def main(argv):
        'from benchmarks import gpu_check; gpu_check._round_timer()[0]()'],
       stdout=log, stderr=subprocess.STDOUT, check=False)
   with open(log.name, errors='replace') as f:
-    placed = placed_ops(f)
+    placed = gpu_report.placed_ops(f)
   print('placed ops of one round (op, device): count; log in', log.name)
   for (op, device), count in sorted(placed.items()):
     print(f'  {op:28s} {device}: {count}')

@@ -4,7 +4,7 @@ import os
 from absl.testing import absltest
 from packaging import requirements
 
-from benchmarks import gpu_check
+from benchmarks import gpu_report
 
 _CUDA_REQUIREMENTS = os.path.join(
     os.path.dirname(__file__), '..', '..', 'requirements', 'cuda.txt')
@@ -45,10 +45,10 @@ class NoGpuReasonTest(absltest.TestCase):
     return site_packages
 
   def test_names_the_missing_driver_and_libraries(self):
-    libraries = list(gpu_check._CUDA_LIBRARIES)
+    libraries = list(gpu_report.CUDA_LIBRARIES)
     cudnn = ('cudnn', 'libcudnn.so.8')
     libraries.remove(cudnn)
-    reason = gpu_check.no_gpu_reason(
+    reason = gpu_report.no_gpu_reason(
         self._site_packages(libraries), load_library=_missing_driver)
     self.assertIn('no NVIDIA driver here (libcuda.so.1 does not load', reason)
     self.assertIn('CUDA 11.8 libraries missing', reason)
@@ -56,15 +56,15 @@ class NoGpuReasonTest(absltest.TestCase):
     self.assertNotIn('libcublas.so.11', reason)
 
   def test_driver_there_libraries_missing(self):
-    reason = gpu_check.no_gpu_reason(
+    reason = gpu_report.no_gpu_reason(
         self._site_packages([]), load_library=lambda name: None)
     self.assertNotIn('driver here', reason)
-    for _, name in gpu_check._CUDA_LIBRARIES:
+    for _, name in gpu_report.CUDA_LIBRARIES:
       self.assertIn(name, reason)
 
   def test_everything_there_points_at_tensorflows_log(self):
-    reason = gpu_check.no_gpu_reason(
-        self._site_packages(gpu_check._CUDA_LIBRARIES),
+    reason = gpu_report.no_gpu_reason(
+        self._site_packages(gpu_report.CUDA_LIBRARIES),
         load_library=lambda name: None)
     self.assertIn('TensorFlow\'s log above says why', reason)
 
@@ -86,7 +86,7 @@ class PlacedOpsTest(absltest.TestCase):
         'execute.cc:1736] Executing op Conv2D in device /job:localhost/'
         'replica:0/task:0/device:GPU:0\n',
     ]
-    self.assertEqual(gpu_check.placed_ops(log), {
+    self.assertEqual(gpu_report.placed_ops(log), {
         ('Conv2D', 'GPU'): 1,
         ('Sqrt', 'GPU'): 1,
         ('StatelessRandomNormalV2', 'CPU'): 1,

@@ -36,6 +36,8 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'FEMNIST data directory.')
 _CPU_ONLY = flags.DEFINE_bool(
     'cpu_only', False, 'Internal: the child process that times the CPU.')
 _USERS = 50
+
+
 def _round_timer():
   """(one-round function, label) of the FEMNIST CNN, else the MLP."""
   # Imported here, after CUDA_VISIBLE_DEVICES is set for the child.
@@ -85,9 +87,10 @@ def main(argv):
     seconds, _ = _median_round_seconds()
     print(f'cpu_seconds={seconds}')
     return
-  # TensorFlow 2.14's GPU code goes up to compute capability 8.0, as PTX:
-  # newer GPUs (an H100) compile it at first use. CUDA caches that on disk
-  # for this script's child processes; its largest cache, 4 GiB, holds it.
+  # TensorFlow 2.14 ships GPU binaries up to compute capability 7.5 and PTX
+  # for 8.0: an A100 or H100 compiles that PTX at first use. CUDA caches the
+  # result on disk for this script's child processes, up to
+  # CUDA_CACHE_MAXSIZE, here the largest it allows (4 GiB).
   os.environ.setdefault('CUDA_CACHE_MAXSIZE', str(4 << 30))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gpus = tf.config.list_physical_devices('GPU')

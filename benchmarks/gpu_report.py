@@ -15,12 +15,12 @@ _WATCHED = ('Conv2D', 'Conv2DBackpropFilter', 'Conv2DBackpropInput', 'MatMul',
 # site-packages/nvidia where requirements/cuda.txt installs each, which is
 # where TensorFlow's RUNPATH looks (`readelf -d libtensorflow_framework.so.2`).
 CUDA_LIBRARIES = (('cuda_runtime', 'libcudart.so.11.0'),
-                   ('cublas', 'libcublas.so.11'),
-                   ('cublas', 'libcublasLt.so.11'),
-                   ('cudnn', 'libcudnn.so.8'),
-                   ('cufft', 'libcufft.so.10'),
-                   ('cusolver', 'libcusolver.so.11'),
-                   ('cusparse', 'libcusparse.so.11'))
+                  ('cublas', 'libcublas.so.11'),
+                  ('cublas', 'libcublasLt.so.11'),
+                  ('cudnn', 'libcudnn.so.8'),
+                  ('cufft', 'libcufft.so.10'),
+                  ('cusolver', 'libcusolver.so.11'),
+                  ('cusparse', 'libcusparse.so.11'))
 _DRIVER = 'libcuda.so.1'
 
 
